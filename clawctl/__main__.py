@@ -1,0 +1,5 @@
+"""`python -m clawctl` runs the CLI."""
+
+from clawctl.cli import main
+
+main()

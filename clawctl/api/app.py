@@ -1,0 +1,58 @@
+"""The FastAPI application factory. The lifespan owns the services' start and stop; nothing here
+is module-level state, so tests build as many apps as they like."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from clawctl import __version__
+from clawctl.api import admin_routes, openai_routes
+from clawctl.api.errors import envelope, install_error_handlers
+from clawctl.api.peer import transport_of
+from clawctl.services import Services
+
+
+class TcpTokenGuard:
+    """Unix-socket callers are trusted by socket permissions; TCP callers need the bearer token.
+
+    A plain ASGI middleware (not BaseHTTPMiddleware) so streaming responses pass through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and transport_of(dict(scope.get("state", {}))) == "tcp":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if self.expected is None or not hmac.compare_digest(given, self.expected):
+                response = envelope(
+                    401, "missing or wrong bearer token", "authentication_error", "invalid_api_key"
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(services: Services) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        services.manager.start()
+        try:
+            yield
+        finally:
+            await services.manager.stop(services.config.graceful_timeout_seconds)
+
+    app = FastAPI(title="clawd", version=__version__, lifespan=lifespan)
+    app.state.services = services
+    install_error_handlers(app)
+
+    app.add_middleware(TcpTokenGuard, token=services.config.tcp_token)
+    app.include_router(openai_routes.router)
+    app.include_router(admin_routes.router)
+    return app

@@ -1,0 +1,236 @@
+"""OpenAI-compatible endpoints: thin translation between wire types and a `GenerationRun`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from clawctl.api.errors import validation_error
+from clawctl.api.generation import GenerationRun
+from clawctl.api.peer import peer_of
+from clawctl.engines.base import ChatTurn, Prompt, SamplingParams
+from clawctl.errors import ClawError
+from clawctl.schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    ChunkDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorBody,
+    ErrorEnvelope,
+    ModelCard,
+    ModelList,
+    _SamplingRequest,
+)
+from clawctl.services import Services
+
+router = APIRouter()
+Body = TypeVar("Body", ChatCompletionRequest, CompletionRequest)
+
+
+def json_body(model: type[Body]) -> Callable[[Request], Awaitable[Body]]:
+    """Parse the body as JSON whatever its Content-Type (curl -d sends form encoding), as
+    llama.cpp's and OpenAI's servers do."""
+
+    async def parse(request: Request) -> Body:
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise validation_error(exc.errors()) from None
+
+    return parse
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _sampling(body: _SamplingRequest, max_tokens: int | None) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repeat_penalty=body.repeat_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        stop=tuple(body.stop_list()),
+    )
+
+
+def _sse(payload: str) -> bytes:
+    return f"data: {payload}\n\n".encode()
+
+
+def _sse_error(exc: ClawError) -> bytes:
+    body = ErrorEnvelope(
+        error=ErrorBody(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
+    )
+    return _sse(body.model_dump_json())
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(
+    request: Request, body: ChatCompletionRequest = Depends(json_body(ChatCompletionRequest))
+) -> ChatCompletion | StreamingResponse:
+    prompt = Prompt(chat=tuple(ChatTurn(m.role, m.text()) for m in body.messages))
+    run = GenerationRun(
+        _services(request),
+        "chat",
+        body.model,
+        prompt,
+        _sampling(body, body.token_limit()),
+        body.claw,
+        peer_of(dict(request.scope["state"])),
+    )
+    await run.start()
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _chat_stream(run, include_usage), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+    text = "".join([piece async for piece in run.text()])
+    assert run.finished is not None
+    return ChatCompletion(
+        id=f"chatcmpl-{run.id}",
+        created=run.created,
+        model=run.model,
+        choices=[
+            ChatChoice(
+                message=AssistantMessage(content=text), finish_reason=run.finished.finish_reason
+            )
+        ],
+        usage=run.usage(),
+        claw=run.info(),
+    )
+
+
+async def _chat_stream(run: GenerationRun, include_usage: bool) -> AsyncIterator[bytes]:
+    def chunk(delta: ChunkDelta, **extra: object) -> bytes:
+        finish = extra.pop("finish_reason", None)
+        body = ChatCompletionChunk(
+            id=f"chatcmpl-{run.id}",
+            created=run.created,
+            model=run.model,
+            choices=[ChunkChoice(delta=delta, finish_reason=finish)],
+            **extra,
+        )
+        return _sse(body.model_dump_json(exclude_none=True))
+
+    yield chunk(ChunkDelta(role="assistant", content=""))
+    try:
+        async for piece in run.text():
+            yield chunk(ChunkDelta(content=piece))
+    except ClawError as exc:
+        yield _sse_error(exc)
+        return
+    assert run.finished is not None
+    yield chunk(ChunkDelta(), finish_reason=run.finished.finish_reason, claw=run.info())
+    if include_usage:
+        usage = ChatCompletionChunk(
+            id=f"chatcmpl-{run.id}",
+            created=run.created,
+            model=run.model,
+            choices=[],
+            usage=run.usage(),
+        )
+        yield _sse(usage.model_dump_json(exclude_none=True))
+    yield _sse("[DONE]")
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(
+    request: Request, body: CompletionRequest = Depends(json_body(CompletionRequest))
+) -> Completion | StreamingResponse:
+    if isinstance(body.prompt, str):
+        prompt = Prompt(text=body.prompt)
+    elif isinstance(body.prompt[0], str):
+        prompt = Prompt(text=str(body.prompt[0]))
+    else:
+        prompt = Prompt(tokens=tuple(int(t) for t in body.prompt))
+    run = GenerationRun(
+        _services(request),
+        "completions",
+        body.model,
+        prompt,
+        _sampling(body, body.max_tokens),
+        body.claw,
+        peer_of(dict(request.scope["state"])),
+    )
+    await run.start()
+    prefix = prompt.text if body.echo and prompt.text is not None else ""
+    if body.stream:
+        return StreamingResponse(
+            _completion_stream(
+                run, prefix, bool(body.stream_options and body.stream_options.include_usage)
+            ),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    text = "".join([piece async for piece in run.text()])
+    assert run.finished is not None
+    return Completion(
+        id=f"cmpl-{run.id}",
+        created=run.created,
+        model=run.model,
+        choices=[CompletionChoice(text=prefix + text, finish_reason=run.finished.finish_reason)],
+        usage=run.usage(),
+        claw=run.info(),
+    )
+
+
+async def _completion_stream(
+    run: GenerationRun, prefix: str, include_usage: bool
+) -> AsyncIterator[bytes]:
+    def chunk(text: str, **extra: object) -> bytes:
+        finish = extra.pop("finish_reason", None)
+        body = Completion(
+            id=f"cmpl-{run.id}",
+            created=run.created,
+            model=run.model,
+            choices=[CompletionChoice(text=text, finish_reason=finish)],
+            **extra,
+        )
+        return _sse(body.model_dump_json(exclude_none=True))
+
+    if prefix:
+        yield chunk(prefix)
+    try:
+        async for piece in run.text():
+            yield chunk(piece)
+    except ClawError as exc:
+        yield _sse_error(exc)
+        return
+    assert run.finished is not None
+    usage = run.usage() if include_usage else None
+    yield chunk("", finish_reason=run.finished.finish_reason, claw=run.info(), usage=usage)
+    yield _sse("[DONE]")
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    manifests = _services(request).store.installed()
+    return ModelList(
+        data=[ModelCard(id=m.name, created=int(m.created_at.timestamp())) for m in manifests]
+    )
+
+
+@router.get("/v1/models/{name}")
+async def get_model(name: str, request: Request) -> ModelCard:
+    manifest = _services(request).store.get(name)
+    return ModelCard(id=manifest.name, created=int(manifest.created_at.timestamp()))

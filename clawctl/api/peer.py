@@ -1,0 +1,30 @@
+"""Who is calling: the connection facts clawd attaches to each request's ASGI state.
+
+clawd's uvicorn protocol puts these in the per-connection state (see clawd/protocol.py); routes and
+middleware read them here. Unix-socket callers are identified by SO_PEERCRED; TCP callers by token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+PEER_KEY = "claw_peer"
+TRANSPORT_KEY = "claw_transport"
+Transport = Literal["unix", "tcp"]
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_of(state: dict[str, Any]) -> PeerCred | None:
+    peer = state.get(PEER_KEY)
+    return peer if isinstance(peer, PeerCred) else None
+
+
+def transport_of(state: dict[str, Any]) -> Transport:
+    return "tcp" if state.get(TRANSPORT_KEY) == "tcp" else "unix"

@@ -1,0 +1,174 @@
+"""`clawctl models`: the local model store (pull, add, list, show, rm, verify, quantize)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from clawctl.cli._console import RichProgress, emit_json, err, human_bytes, out, table
+from clawctl.cli._options import JsonOption
+
+if TYPE_CHECKING:
+    from clawctl.store.models import ModelStore
+
+app = typer.Typer(
+    help="Manage local models: pull, add, list, show, rm, verify, quantize.", no_args_is_help=True
+)
+
+
+def _store() -> ModelStore:
+    from clawctl.config import load_paths
+    from clawctl.store.models import ModelStore
+
+    return ModelStore(load_paths())
+
+
+@app.command("list")
+def list_models(json_: JsonOption = False) -> None:
+    """List installed models.
+
+    Example: clawctl models list --json
+    """
+    manifests = _store().installed()
+    if json_:
+        emit_json(manifests)
+        return
+    grid = table("NAME", "ARCH", "QUANT", "SIZE", "DIGEST", "SOURCE")
+    for m in manifests:
+        grid.add_row(
+            m.name, m.gguf.architecture, m.gguf.quant, human_bytes(m.size), m.digest[:12], m.source
+        )
+    out.print(grid if manifests else "no models installed; try 'clawctl models pull smollm2-135m'")
+
+
+@app.command()
+def show(name: str, json_: JsonOption = False) -> None:
+    """Show one installed model's manifest and GGUF metadata.
+
+    Example: clawctl models show smollm2-135m
+    """
+    manifest = _store().get(name)
+    if json_:
+        emit_json(manifest)
+        return
+    info = manifest.gguf
+    grid = table("FIELD", "VALUE")
+    rows = {
+        "name": manifest.name,
+        "digest": f"sha256:{manifest.digest}",
+        "size": human_bytes(manifest.size),
+        "source": manifest.source,
+        "architecture": info.architecture,
+        "model": info.model_name,
+        "quant": info.quant,
+        "parameters": f"{info.n_params / 1e6:.0f}M",
+        "context length": str(info.context_length),
+        "chat template": "yes" if info.chat_template else "no (plain prompt format)",
+        "parent": manifest.parent or "-",
+    }
+    for key, value in rows.items():
+        grid.add_row(key, value)
+    out.print(grid)
+
+
+@app.command()
+def pull(
+    ref: Annotated[str, typer.Argument(help="Catalog name (e.g. smollm2-135m) or http(s) URL.")],
+    sha256: Annotated[str | None, typer.Option(help="Expected sha256 of a URL's file.")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Fetch a catalog model or a GGUF URL into the store (instant if already there).
+
+    Example: clawctl models pull smollm2-135m
+    """
+    with RichProgress() as progress:
+        manifest, fetched = _store().pull(ref, sha256=sha256, progress=progress)
+    if json_:
+        emit_json(manifest)
+        return
+    verb = "pulled" if fetched else "already present:"
+    err.print(
+        f"{verb} {manifest.name} ({human_bytes(manifest.size)}, sha256:{manifest.digest[:12]})"
+    )
+
+
+@app.command()
+def add(
+    path: Annotated[Path, typer.Argument(help="A local GGUF file.")],
+    name: Annotated[str | None, typer.Option(help="Name in the store.")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Import a local GGUF file (checked and hashed) into the store.
+
+    Example: clawctl models add ./my-model.Q4_0.gguf --name my-model
+    """
+    with RichProgress() as progress:
+        manifest = _store().add(path, name=name, progress=progress)
+    if json_:
+        emit_json(manifest)
+        return
+    err.print(
+        f"added {manifest.name} ({manifest.gguf.architecture} {manifest.gguf.quant}, "
+        f"{human_bytes(manifest.size)})"
+    )
+
+
+@app.command()
+def rm(name: str) -> None:
+    """Remove a model (its blob too, once no other name uses it).
+
+    Example: clawctl models rm smollm2-135m-q2_k
+    """
+    manifest = _store().remove(name)
+    err.print(f"removed {manifest.name}")
+
+
+@app.command()
+def verify(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Models to check (default: all).")
+    ] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Re-hash model blobs and compare with their manifests.
+
+    Example: clawctl models verify
+    """
+    from clawctl.errors import IntegrityError
+
+    results = _store().verify(names or None)
+    if json_:
+        emit_json(results)
+    else:
+        grid = table("NAME", "DIGEST", "STATUS")
+        for r in results:
+            grid.add_row(r.name, r.digest[:12], "ok" if r.ok else "[red]MISMATCH[/red]")
+        out.print(grid)
+    bad = [r.name for r in results if not r.ok]
+    if bad:
+        raise IntegrityError(f"damaged: {', '.join(bad)}; pull or add them again")
+
+
+@app.command()
+def quantize(
+    name: Annotated[str, typer.Argument(help="Installed source model.")],
+    to: Annotated[str, typer.Option("--to", help="Target type, e.g. q4_0, q4_k_m, q2_0, q2_k.")],
+    new_name: Annotated[str | None, typer.Option("--name", help="Name of the result.")] = None,
+    imatrix: Annotated[Path | None, typer.Option(help="Importance matrix (GGUF).")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Quantize an installed model with llama.cpp's quantizer, in-process.
+
+    Example: clawctl models quantize smollm2-135m --to q2_0
+    """
+    from clawctl.quantize import quantize_model
+
+    manifest = quantize_model(_store(), name, to, new_name=new_name, imatrix=imatrix)
+    if json_:
+        emit_json(manifest)
+        return
+    err.print(
+        f"quantized {name} → {manifest.name} ({manifest.gguf.quant}, {human_bytes(manifest.size)})"
+    )

@@ -1,0 +1,233 @@
+"""The only reader of environment variables and configuration files.
+
+Everything else receives a frozen `ClientConfig` or `DaemonConfig`. `ENV_VARS` documents every
+variable; the CLI shows it in `--help` and `clawctl env`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from clawctl.envvars import ENV_VARS, EnvVar
+from clawctl.errors import BadInput
+from clawctl.paths import SYSTEM_SOCKET, Paths
+from clawctl.resources import default_daemon_config
+
+__all__ = ["ENV_VARS", "EnvVar", "load_client_config", "load_daemon_config", "load_paths"]
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonSection(_Strict):
+    socket: str = ""
+    socket_mode: str = "0660"
+    socket_group: str = ""
+    profile: str = "auto"
+    default_model: str = "smollm2-135m"
+    keep_alive_seconds: float = Field(300.0, ge=0)
+    graceful_timeout_seconds: float = Field(30.0, ge=0)
+    max_queue: int = Field(64, ge=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _octal(cls, value: str) -> str:
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            raise ValueError("socket_mode must be an octal string such as '0660'") from None
+        if mode & ~0o777:
+            raise ValueError("socket_mode must be within 0777")
+        return value
+
+
+class TcpSection(_Strict):
+    listen: str = ""
+    token_file: str = ""
+
+
+class ConfigFile(_Strict):
+    daemon: DaemonSection = DaemonSection()
+    tcp: TcpSection = TcpSection()
+
+
+@dataclass(frozen=True)
+class SystemdEnv:
+    notify_socket: str | None
+    watchdog_usec: int | None
+    listen_fds: int
+    listen_pid: int | None
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    paths: Paths
+    socket_path: Path
+    socket_mode: int
+    socket_group: str | None
+    tcp_host: str | None
+    tcp_port: int | None
+    tcp_token: str | None
+    profile: str
+    default_model: str
+    keep_alive_seconds: float
+    graceful_timeout_seconds: float
+    max_queue: int
+    log_level: str
+    config_file: Path
+    systemd: SystemdEnv
+
+    def redacted(self) -> dict[str, str]:
+        """The effective settings for the start-up log, with secrets hidden."""
+        return {
+            "socket": str(self.socket_path),
+            "socket_mode": oct(self.socket_mode),
+            "socket_group": self.socket_group or "-",
+            "tcp": f"{self.tcp_host}:{self.tcp_port}" if self.tcp_host else "off",
+            "tcp_token": "***" if self.tcp_token else "-",
+            "profile": self.profile,
+            "default_model": self.default_model,
+            "data_dir": str(self.paths.data_dir),
+            "config_file": str(self.config_file),
+        }
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    paths: Paths
+    socket_path: Path
+    url: str | None
+    token: str | None
+    profile: str
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def load_paths() -> Paths:
+    home = _env("CLAW_HOME")
+    cache = _env("CLAW_DOWNLOAD_CACHE")
+    return Paths.build(
+        Path(home).expanduser() if home else None, Path(cache).expanduser() if cache else None
+    )
+
+
+def _config_path(paths: Paths) -> Path:
+    explicit = _env("CLAW_CONFIG")
+    if explicit:
+        return Path(explicit).expanduser()
+    if paths.config_file.is_file():
+        return paths.config_file
+    return default_daemon_config()
+
+
+def read_config_file(path: Path) -> ConfigFile:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return ConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise BadInput(f"{path}: {where}: {first['msg']}") from None
+
+
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise BadInput(f"tcp.listen must look like '127.0.0.1:11435', got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _socket_path(paths: Paths, configured: str) -> Path:
+    explicit = _env("CLAW_SOCKET")
+    if explicit:
+        return Path(explicit)
+    if configured:
+        return Path(configured)
+    return paths.default_socket
+
+
+def load_daemon_config(socket: Path | None = None, profile: str | None = None) -> DaemonConfig:
+    """The daemon's settings; `socket` and `profile` are overrides from `clawctl serve`."""
+    paths = load_paths()
+    config_path = _config_path(paths)
+    file = read_config_file(config_path)
+    host = port = None
+    token = _env("CLAW_TOKEN")
+    if file.tcp.listen:
+        host, port = _parse_listen(file.tcp.listen)
+        if file.tcp.token_file:
+            token = Path(file.tcp.token_file).read_text(encoding="utf-8").strip()
+        if not token:
+            raise BadInput("tcp.listen is set but no token: set tcp.token_file or CLAW_TOKEN")
+    watchdog = _env("WATCHDOG_USEC")
+    listen_pid = _env("LISTEN_PID")
+    return DaemonConfig(
+        paths=paths,
+        socket_path=socket or _socket_path(paths, file.daemon.socket),
+        socket_mode=int(file.daemon.socket_mode, 8),
+        socket_group=file.daemon.socket_group or None,
+        tcp_host=host,
+        tcp_port=port,
+        tcp_token=token,
+        profile=profile or _env("CLAW_PROFILE") or file.daemon.profile,
+        default_model=file.daemon.default_model,
+        keep_alive_seconds=file.daemon.keep_alive_seconds,
+        graceful_timeout_seconds=file.daemon.graceful_timeout_seconds,
+        max_queue=file.daemon.max_queue,
+        log_level=_env("CLAW_LOG_LEVEL") or file.daemon.log_level,
+        config_file=config_path,
+        systemd=SystemdEnv(
+            notify_socket=_env("NOTIFY_SOCKET"),
+            watchdog_usec=int(watchdog) if watchdog and watchdog.isdigit() else None,
+            listen_fds=int(_env("LISTEN_FDS") or 0),
+            listen_pid=int(listen_pid) if listen_pid and listen_pid.isdigit() else None,
+        ),
+    )
+
+
+def load_client_config() -> ClientConfig:
+    """Client side: find the socket the same way clawd does, plus the system service's socket."""
+    paths = load_paths()
+    configured = ""
+    config_path = _config_path(paths)
+    if config_path.is_file():
+        try:
+            configured = read_config_file(config_path).daemon.socket
+        except BadInput:
+            configured = ""
+    socket_path = _socket_path(paths, configured)
+    if (
+        not _env("CLAW_SOCKET")
+        and not _env("CLAW_HOME")
+        and not socket_path.exists()
+        and SYSTEM_SOCKET.exists()
+    ):
+        socket_path = SYSTEM_SOCKET
+    return ClientConfig(
+        paths=paths,
+        socket_path=socket_path,
+        url=_env("CLAW_URL"),
+        token=_env("CLAW_TOKEN"),
+        profile=_env("CLAW_PROFILE") or "auto",
+    )

@@ -1,0 +1,111 @@
+"""The one interface the daemon uses to run a model, and the values that cross it.
+
+The scheduler drives engines only through `Engine`, always from the model's own thread, so engine
+implementations need no locking. Values are frozen dataclasses in clawctl's own terms; OpenAI
+shapes live only in `schemas/` and `api/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to load one model (from the model store and the edge profile)."""
+
+    model_path: Path
+    n_ctx: int
+    n_batch: int
+    n_threads: int
+    kv_cache_type: str = "f16"
+    flash_attn: bool = False
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Exactly one of: chat turns (templated by the model), raw text, or token ids."""
+
+    chat: tuple[ChatTurn, ...] | None = None
+    text: str | None = None
+    tokens: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Text produced by one decode step (may be empty while a stop string is being matched)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_seconds: float
+    decode_seconds: float
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    tokens: list[int]
+    stop: tuple[str, ...] = field(default=())
+
+
+class Engine(Protocol):
+    """A loaded model. Every method is called from the model's dedicated thread only."""
+
+    @property
+    def n_ctx(self) -> int: ...
+
+    def prepare(self, prompt: Prompt) -> PreparedPrompt:
+        """Template (for chat) and tokenize a prompt."""
+        ...
+
+    def generate(
+        self, prompt: PreparedPrompt, params: SamplingParams, cancelled: Callable[[], bool]
+    ) -> Iterator[TokenEvent | Finished]:
+        """Stream the continuation; the last item is always `Finished`."""
+        ...
+
+    def memory_bytes(self) -> int:
+        """Resident memory this engine holds (weights plus KV cache), for the budget."""
+        ...
+
+    def close(self) -> None: ...
+
+
+LoadEngine = Callable[[EngineSettings], Engine]
+
+KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def estimate_kv_bytes(n_layer: int, n_ctx: int, n_embd_kv: int, kv_cache_type: str) -> int:
+    """Bytes of a full K+V cache: what a loaded model adds to its weights in memory."""
+    return int(2 * n_layer * n_ctx * n_embd_kv * KV_BYTES_PER_ELEMENT.get(kv_cache_type, 2.0))

@@ -1,0 +1,176 @@
+"""GGUF models through llama-cpp-python: the only module that imports `llama_cpp`.
+
+Chat prompts are rendered with the GGUF's own `tokenizer.chat_template` (the same Jinja formatter
+llama-cpp-python uses). Generation goes through `Llama.create_completion(stream=True)` so stop
+strings and UTF-8 boundaries are handled as in-process users expect; a stopping criterion counts
+sampled tokens and observes cancellation between decode steps.
+
+Concurrency: an instance is created, used and closed on one dedicated thread (see scheduler.py);
+llama-cpp-python's OpenMP build slows ~4x once a second thread has called a model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from clawctl.engines.base import (
+    EngineSettings,
+    Finished,
+    FinishReason,
+    PreparedPrompt,
+    Prompt,
+    SamplingParams,
+    TokenEvent,
+    estimate_kv_bytes,
+)
+from clawctl.errors import BadInput, EngineError
+
+KV_TYPES = {
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+}
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class LlamaEngine:
+    """One GGUF model loaded with llama-cpp-python."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        kv_type = KV_TYPES.get(settings.kv_cache_type)
+        if kv_type is None:
+            raise BadInput(f"unsupported KV cache type {settings.kv_cache_type!r}")
+        try:
+            self._llama = llama_cpp.Llama(
+                model_path=str(settings.model_path),
+                n_ctx=settings.n_ctx,
+                n_batch=settings.n_batch,
+                n_ubatch=settings.n_batch,
+                n_threads=settings.n_threads,
+                n_threads_batch=settings.n_threads,
+                type_k=kv_type,
+                type_v=kv_type,
+                flash_attn=settings.flash_attn or settings.kv_cache_type != "f16",
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise EngineError(
+                f"llama.cpp could not load {settings.model_path.name}: {exc}"
+            ) from None
+        self._formatter = self._build_formatter()
+
+    def _build_formatter(self) -> Jinja2ChatFormatter:
+        llama = self._llama
+        metadata = llama.metadata
+        template = metadata.get("tokenizer.chat_template") or FALLBACK_TEMPLATE
+        eos, bos = llama.token_eos(), llama.token_bos()
+        model = llama._model  # the tokenizer's text for special tokens
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "",
+        )
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self._llama.n_ctx())
+
+    def prepare(self, prompt: Prompt) -> PreparedPrompt:
+        if prompt.tokens is not None:
+            n_vocab = self._llama.n_vocab()
+            if any(t < 0 or t >= n_vocab for t in prompt.tokens):
+                raise BadInput(f"prompt token ids must be in [0, {n_vocab})", param="prompt")
+            return PreparedPrompt(list(prompt.tokens))
+        if prompt.chat is not None:
+            messages: list[Any] = [{"role": t.role, "content": t.content} for t in prompt.chat]
+            try:
+                rendered = self._formatter(messages=messages)
+            except Exception as exc:  # jinja raises whatever the template raises
+                raise BadInput(f"the model's chat template rejected the messages: {exc}") from None
+            stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop or ""]
+            tokens = self._llama.tokenize(
+                rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
+            )
+            return PreparedPrompt(tokens, tuple(s for s in stops if s))
+        assert prompt.text is not None
+        return PreparedPrompt(self._llama.tokenize(prompt.text.encode("utf-8"), add_bos=True))
+
+    def generate(
+        self, prompt: PreparedPrompt, params: SamplingParams, cancelled: Callable[[], bool]
+    ) -> Iterator[TokenEvent | Finished]:
+        sampled = 0
+
+        def observe(_ids: npt.NDArray[np.intc], _logits: npt.NDArray[np.single]) -> bool:
+            nonlocal sampled
+            sampled += 1
+            return cancelled()
+
+        room = self.n_ctx - len(prompt.tokens)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        started = time.perf_counter()
+        first: float | None = None
+        reason: FinishReason = "stop"
+        stream: Iterator[Any] = self._llama.create_completion(  # type: ignore[assignment]
+            prompt=prompt.tokens,
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            repeat_penalty=params.repeat_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            seed=params.seed,
+            stop=[*prompt.stop, *params.stop],
+            stream=True,
+            stopping_criteria=llama_cpp.StoppingCriteriaList([observe]),
+        )
+        for chunk in stream:
+            if first is None:
+                first = time.perf_counter()
+            choice = chunk["choices"][0]
+            if choice["text"]:
+                yield TokenEvent(choice["text"])
+            if choice["finish_reason"] is not None:
+                reason = "length" if choice["finish_reason"] == "length" else "stop"
+        ended = time.perf_counter()
+        if cancelled():
+            reason = "cancelled"
+        first = first or ended
+        yield Finished(
+            finish_reason=reason,
+            prompt_tokens=len(prompt.tokens),
+            completion_tokens=sampled,
+            prompt_seconds=first - started,
+            decode_seconds=ended - first,
+        )
+
+    def memory_bytes(self) -> int:
+        meta = self._llama.metadata
+        arch = meta.get("general.architecture", "llama")
+        n_embd = int(meta.get(f"{arch}.embedding_length", "0"))
+        heads = int(meta.get(f"{arch}.attention.head_count", "1")) or 1
+        kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", str(heads)))
+        n_layer = int(meta.get(f"{arch}.block_count", "0"))
+        kv = estimate_kv_bytes(
+            n_layer, self.n_ctx, n_embd * kv_heads // heads, self.settings.kv_cache_type
+        )
+        return self.settings.model_path.stat().st_size + kv
+
+    def close(self) -> None:
+        self._llama.close()
+
+
+def load_llama_engine(settings: EngineSettings) -> LlamaEngine:
+    return LlamaEngine(settings)

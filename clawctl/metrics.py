@@ -1,0 +1,59 @@
+"""Prometheus metrics for clawd, on a registry of its own (injected, never the global one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    registry: CollectorRegistry
+    requests: Counter
+    prompt_tokens: Counter
+    completion_tokens: Counter
+    request_seconds: Histogram
+    first_token_seconds: Histogram
+    loaded_models: Gauge
+    in_flight: Gauge
+
+    @classmethod
+    def create(cls) -> Metrics:
+        registry = CollectorRegistry()
+        return cls(
+            registry=registry,
+            requests=Counter(
+                "clawd_requests",
+                "Requests by endpoint and outcome.",
+                ["endpoint", "status"],
+                registry=registry,
+            ),
+            prompt_tokens=Counter(
+                "clawd_prompt_tokens", "Prompt tokens evaluated.", ["model"], registry=registry
+            ),
+            completion_tokens=Counter(
+                "clawd_completion_tokens", "Tokens generated.", ["model"], registry=registry
+            ),
+            request_seconds=Histogram(
+                "clawd_request_seconds",
+                "Generation request latency.",
+                ["model"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            first_token_seconds=Histogram(
+                "clawd_first_token_seconds",
+                "Time to first token.",
+                ["model"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            loaded_models=Gauge("clawd_loaded_models", "Models resident.", registry=registry),
+            in_flight=Gauge("clawd_in_flight_requests", "Requests running.", registry=registry),
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
