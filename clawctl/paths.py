@@ -7,6 +7,7 @@ the package joins paths to find where things live.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,9 @@ class Paths:
             data = Path(platformdirs.user_data_dir(APP_NAME))
             cache = Path(platformdirs.user_cache_dir(APP_NAME))
             config = Path(platformdirs.user_config_dir(APP_NAME))
-            runtime = Path(platformdirs.user_runtime_dir(APP_NAME))
+            with warnings.catch_warnings():  # no XDG_RUNTIME_DIR: its /tmp fallback is fine
+                warnings.simplefilter("ignore")
+                runtime = Path(platformdirs.user_runtime_dir(APP_NAME))
         return cls(data, cache, config, runtime, download_cache or cache / "downloads")
 
     @property

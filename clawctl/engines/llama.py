@@ -151,7 +151,8 @@ class LlamaEngine:
         yield Finished(
             finish_reason=reason,
             prompt_tokens=len(prompt.tokens),
-            completion_tokens=sampled,
+            # llama-cpp-python consults the criterion once more than it samples: subtract it.
+            completion_tokens=min(max(0, sampled - 1), max_tokens),
             prompt_seconds=first - started,
             decode_seconds=ended - first,
         )

@@ -1,0 +1,147 @@
+"""Shared fixtures: an isolated CLAW_HOME per test, the real default model fetched once into the
+user cache, and a real clawd subprocess on a short temporary socket that always stops itself."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from clawctl.paths import Paths
+from clawctl.store.models import ModelStore
+
+# Downloads are cached where a developer's own clawctl keeps them, so test runs share them.
+DOWNLOAD_CACHE = Paths.build().download_cache
+CLAW_VARS = ("CLAW_HOME", "CLAW_SOCKET", "CLAW_CONFIG", "CLAW_PROFILE", "CLAW_URL", "CLAW_TOKEN",
+             "CLAW_LOG_LEVEL", "NOTIFY_SOCKET", "WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID")  # fmt: skip
+TEST_PROFILE = "x86-small"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def claw_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in CLAW_VARS:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("CLAW_HOME", str(home))
+    monkeypatch.setenv("CLAW_DOWNLOAD_CACHE", str(DOWNLOAD_CACHE))
+    return home
+
+
+@pytest.fixture(scope="session")
+def session_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CLAW_HOME with the default model installed, shared by the whole session."""
+    home = tmp_path_factory.mktemp("session-home")
+    store = ModelStore(Paths.build(home, DOWNLOAD_CACHE))
+    store.pull("smollm2-135m")
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(session_home: Path) -> Path:
+    store = ModelStore(Paths.build(session_home, DOWNLOAD_CACHE))
+    return store.model_file("smollm2-135m")
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: AF_UNIX socket paths must stay under ~100 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in CLAW_VARS}
+    env["CLAW_DOWNLOAD_CACHE"] = str(DOWNLOAD_CACHE)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    home: Path
+    log: Path
+
+    def client(self, timeout: float = 120.0) -> httpx.Client:
+        return httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://clawd",
+            timeout=timeout,
+        )  # fmt: skip
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def wait_healthy(daemon: Daemon, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.proc.poll() is not None:
+            raise RuntimeError(f"clawd exited {daemon.proc.returncode}:\n{daemon.log_text()}")
+        if daemon.socket.exists():
+            with contextlib.suppress(httpx.TransportError), daemon.client(5) as client:
+                if client.get("/health").status_code == 200:
+                    return
+        time.sleep(0.1)
+    raise RuntimeError(f"clawd did not become healthy:\n{daemon.log_text()}")
+
+
+@contextlib.contextmanager
+def run_daemon(
+    home: Path, socket: Path, log_dir: Path, wait: bool = True, **env: str
+) -> Iterator[Daemon]:
+    log = log_dir / f"clawd-{time.monotonic_ns()}.log"
+    full_env = clean_env(CLAW_HOME=str(home), CLAW_SOCKET=str(socket), CLAW_PROFILE=TEST_PROFILE,
+                         **env)  # fmt: skip
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([str(BIN / "clawd")], env=full_env, stdout=sink, stderr=sink)
+    daemon = Daemon(proc, socket, home, log)
+    try:
+        if wait:
+            wait_healthy(daemon)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A real clawd serving the real default model, shared by a test module."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
+    try:
+        with run_daemon(session_home, sock_dir / "d.sock", tmp_path_factory.mktemp("log")) as d:
+            yield d
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, input_text: str | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run `clawctl` as a subprocess with the test's environment."""
+    return subprocess.run(
+        [str(BIN / "clawctl"), *args], capture_output=True, text=True, timeout=timeout,
+        env=env or dict(os.environ), input=input_text, check=False,
+    )  # fmt: skip
