@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -96,12 +97,22 @@ class Daemon:
         return self.proc.returncode
 
 
+def _accepts(path: Path) -> bool:
+    """Probe with a plain socket: httpx leaks its socket when a connect is refused."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def wait_healthy(daemon: Daemon, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if daemon.proc.poll() is not None:
             raise RuntimeError(f"clawd exited {daemon.proc.returncode}:\n{daemon.log_text()}")
-        if daemon.socket.exists():
+        if _accepts(daemon.socket):
             with contextlib.suppress(httpx.TransportError), daemon.client(5) as client:
                 if client.get("/health").status_code == 200:
                     return

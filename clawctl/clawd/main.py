@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -46,10 +47,17 @@ class ClawServer(uvicorn.Server):
             log.info("ready: %s", self.status)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Drain on SIGTERM/SIGINT and exit 0 (a second SIGINT forces exit).
+
+        uvicorn's own handler re-raises the signal after shutdown, which would make a clean,
+        systemd-requested stop look like a crash; we do not record it.
+        """
         if not self.should_exit:
             log.info("signal %d: finishing in-flight requests, then exiting", sig)
             self.notifier.stopping()
-        super().handle_exit(sig, frame)
+            self.should_exit = True
+        elif sig == signal.SIGINT:
+            self.force_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self._watchdog is not None:

@@ -1,0 +1,208 @@
+"""clawd as a process: socket ownership, SIGTERM drain, sd_notify, TCP with a token, socket
+activation, cancellation on disconnect, keep-alive unloading."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import BIN, TEST_PROFILE, clean_env, run_daemon, wait_healthy, Daemon
+
+pytestmark = pytest.mark.integration
+MODEL = "smollm2-135m"
+
+
+def _chat(client: httpx.Client, content: str, **extra: object) -> httpx.Response:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], **extra}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_second_daemon_refuses_live_socket(session_home: Path, short_dir: Path,
+                                           tmp_path: Path) -> None:  # fmt: skip
+    sock = short_dir / "s.sock"
+    with run_daemon(session_home, sock, tmp_path):
+        second = subprocess.run(
+            [str(BIN / "clawd")], capture_output=True, text=True, timeout=60,
+            env=clean_env(CLAW_HOME=str(session_home), CLAW_SOCKET=str(sock)),
+        )  # fmt: skip
+        assert second.returncode == 3
+        assert "already serving" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert sock.exists()
+
+
+def test_stale_socket_is_replaced(session_home: Path, short_dir: Path, tmp_path: Path) -> None:
+    sock = short_dir / "s.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock))
+    stale.close()  # the file stays, nobody listens: what a crashed daemon leaves
+    with run_daemon(session_home, sock, tmp_path) as daemon, daemon.client() as client:
+        assert client.get("/health").status_code == 200
+
+
+def test_sigterm_finishes_in_flight_request_then_exits_zero(
+    session_home: Path, short_dir: Path, tmp_path: Path
+) -> None:
+    with run_daemon(session_home, short_dir / "s.sock", tmp_path) as daemon:
+        with daemon.client() as client:  # load the model first so the request is mid-decode
+            assert _chat(client, "hi", max_tokens=2).status_code == 200
+        result: dict[str, httpx.Response] = {}
+
+        def long_request() -> None:
+            with daemon.client() as client:
+                result["r"] = _chat(client, "Write a long story about a robot.", max_tokens=200,
+                                    temperature=0)  # fmt: skip
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        time.sleep(0.5)
+        daemon.proc.send_signal(signal.SIGTERM)
+        worker.join(60)
+        assert daemon.proc.wait(60) == 0
+        response = result["r"]
+        assert response.status_code == 200
+        assert response.json()["usage"]["completion_tokens"] > 20
+        assert not daemon.socket.exists()
+
+
+def test_sd_notify_ready_watchdog_stopping(session_home: Path, short_dir: Path,
+                                           tmp_path: Path) -> None:  # fmt: skip
+    notify_path = short_dir / "notify"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(30)
+    messages: list[str] = []
+    try:
+        with run_daemon(session_home, short_dir / "s.sock", tmp_path,
+                        NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="400000") as daemon:  # fmt: skip
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not any("WATCHDOG=1" in m for m in messages):
+                messages.append(listener.recv(4096).decode())
+            daemon.proc.send_signal(signal.SIGTERM)
+            assert daemon.proc.wait(30) == 0
+            while not any("STOPPING=1" in m for m in messages):
+                messages.append(listener.recv(4096).decode())
+    finally:
+        listener.close()
+    joined = "\n".join(messages)
+    assert "READY=1" in joined
+    assert "STATUS=serving on" in joined
+    assert joined.index("READY=1") < joined.index("STOPPING=1")
+    assert "WATCHDOG=1" in joined
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_tcp_is_opt_in_and_needs_the_token(session_home: Path, short_dir: Path,
+                                           tmp_path: Path) -> None:  # fmt: skip
+    port = _free_port()
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    config = tmp_path / "clawd.toml"
+    config.write_text(f'[tcp]\nlisten = "127.0.0.1:{port}"\ntoken_file = "{token_file}"\n')
+    with run_daemon(session_home, short_dir / "s.sock", tmp_path, CLAW_CONFIG=str(config)) as d:
+        url = f"http://127.0.0.1:{port}"
+        missing = httpx.get(f"{url}/v1/models")
+        wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"})
+        right = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer s3cret-token"})
+        assert missing.status_code == 401
+        assert wrong.status_code == 401
+        assert missing.json()["error"]["code"] == "invalid_api_key"
+        assert right.status_code == 200
+        with d.client() as unix:  # the socket needs no token
+            assert unix.get("/v1/models").status_code == 200
+
+
+def test_tcp_without_token_refuses_to_start(session_home: Path, short_dir: Path,
+                                            tmp_path: Path) -> None:  # fmt: skip
+    config = tmp_path / "clawd.toml"
+    config.write_text(f'[tcp]\nlisten = "127.0.0.1:{_free_port()}"\n')
+    done = subprocess.run(
+        [str(BIN / "clawd")], capture_output=True, text=True, timeout=60,
+        env=clean_env(CLAW_HOME=str(session_home), CLAW_SOCKET=str(short_dir / "s.sock"),
+                      CLAW_CONFIG=str(config)),
+    )  # fmt: skip
+    assert done.returncode == 2  # a bad config is bad input
+    assert "token" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_socket_activation(session_home: Path, short_dir: Path, tmp_path: Path) -> None:
+    path = short_dir / "act.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    os.set_inheritable(listener.fileno(), True)
+    # As systemd does: the socket on fd 3, LISTEN_PID set to the pid that exec keeps.
+    launcher = (
+        f"import os; os.dup2({listener.fileno()}, 3); os.environ['LISTEN_PID'] = str(os.getpid());"
+        f" os.environ['LISTEN_FDS'] = '1'; os.execv({str(BIN / 'clawd')!r}, ['clawd'])"
+    )
+    env = clean_env(CLAW_HOME=str(session_home), CLAW_SOCKET=str(short_dir / "unused.sock"),
+                    CLAW_PROFILE=TEST_PROFILE)  # fmt: skip
+    log = tmp_path / "act.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-c", launcher], env=env, stdout=sink, stderr=sink,
+                                pass_fds=(listener.fileno(),))  # fmt: skip
+    listener.close()
+    daemon = Daemon(proc, path, session_home, log)
+    try:
+        wait_healthy(daemon)
+        assert not (short_dir / "unused.sock").exists()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_disconnect_cancels_generation(daemon_with_short_keepalive: Daemon) -> None:
+    daemon = daemon_with_short_keepalive
+    body = {"model": MODEL, "stream": True, "max_tokens": 2000, "temperature": 0.9,
+            "messages": [{"role": "user", "content": "Tell me an endless story."}]}  # fmt: skip
+    with daemon.client() as client:
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            for i, _ in enumerate(response.iter_lines()):
+                if i > 5:
+                    break
+        time.sleep(1.5)
+        metrics = client.get("/metrics").text
+    assert 'clawd_requests_total{endpoint="chat",status="499"}' in metrics
+    assert "cancelled" in daemon.log_text()
+
+
+def test_keep_alive_zero_unloads_after_request(daemon_with_short_keepalive: Daemon) -> None:
+    with daemon_with_short_keepalive.client() as client:
+        reply = _chat(client, "hi", max_tokens=2, claw={"keep_alive": 0})
+        assert reply.status_code == 200
+        deadline = time.monotonic() + 10
+        while client.get("/health").json()["loaded"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.get("/health").json()["loaded"] == []
+
+
+@pytest.fixture
+def daemon_with_short_keepalive(session_home: Path, short_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    config = tmp_path / "clawd.toml"
+    config.write_text("[daemon]\nkeep_alive_seconds = 60\n")
+    with run_daemon(session_home, short_dir / "s.sock", tmp_path, CLAW_CONFIG=str(config)) as d:
+        yield d
+
+
+def test_health_reports_json_shape(daemon_with_short_keepalive: Daemon) -> None:
+    with daemon_with_short_keepalive.client() as client:
+        health = client.get("/health").json()
+    assert health["version"]
+    assert health["pid"] == daemon_with_short_keepalive.proc.pid
+    assert json.dumps(health)
