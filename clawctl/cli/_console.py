@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def emit_json(value: BaseModel | Sequence[BaseModel] | dict[str, Any]) -> None:
