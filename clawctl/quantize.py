@@ -9,6 +9,7 @@ to run without one; the matrix is read from llama-imatrix's GGUF output with the
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ def _imatrix_array(
 
 def quantize_file(source: Path, target: Path, qtype: QuantType, imatrix: Path | None) -> None:
     import llama_cpp
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's per-tensor log
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = qtype.ftype

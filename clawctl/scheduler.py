@@ -114,6 +114,9 @@ class ModelWorker:
     def stop(self) -> None:
         self._jobs.put(None)
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
@@ -213,6 +216,7 @@ class ModelManager:
         self.max_queue = max_queue
         self.budget_bytes = profile.memory_budget_mb * MIB
         self._workers: dict[str, ModelWorker] = {}
+        self._retiring: list[ModelWorker] = []  # told to stop; joined at shutdown
         self._reaper: asyncio.Task[None] | None = None
 
     def settings_for(self, manifest: ModelManifest) -> EngineSettings:
@@ -261,6 +265,7 @@ class ModelManager:
         log.info("unloading %s (%s)", worker.name, why)
         self._workers.pop(worker.name, None)
         worker.stop()
+        self._retiring = [w for w in self._retiring if w.is_alive()] + [worker]
 
     def _worker_for(self, manifest: ModelManifest) -> ModelWorker:
         worker = self._workers.get(manifest.name)
@@ -314,11 +319,10 @@ class ModelManager:
     async def stop(self, timeout: float = 10.0) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        workers = list(self._workers.values())
-        for worker in workers:
+        for worker in list(self._workers.values()):
             self._unload(worker, "shutdown")
         deadline = time.monotonic() + timeout
-        for worker in workers:
+        for worker in self._retiring:
             await asyncio.to_thread(worker.join, max(0.0, deadline - time.monotonic()))
 
     def loaded(self) -> list[LoadedModel]:

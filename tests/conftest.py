@@ -24,8 +24,19 @@ from clawctl.store.models import ModelStore
 
 # Downloads are cached where a developer's own clawctl keeps them, so test runs share them.
 DOWNLOAD_CACHE = Paths.build().download_cache
-CLAW_VARS = ("CLAW_HOME", "CLAW_SOCKET", "CLAW_CONFIG", "CLAW_PROFILE", "CLAW_URL", "CLAW_TOKEN",
-             "CLAW_LOG_LEVEL", "NOTIFY_SOCKET", "WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID")  # fmt: skip
+CLAW_VARS = (
+    "CLAW_HOME",
+    "CLAW_SOCKET",
+    "CLAW_CONFIG",
+    "CLAW_PROFILE",
+    "CLAW_URL",
+    "CLAW_TOKEN",
+    "CLAW_LOG_LEVEL",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+)
 TEST_PROFILE = "x86-small"
 BIN = Path(sys.executable).parent
 
@@ -79,9 +90,10 @@ class Daemon:
 
     def client(self, timeout: float = 120.0) -> httpx.Client:
         return httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://clawd",
+            transport=httpx.HTTPTransport(uds=str(self.socket)),
+            base_url="http://clawd",
             timeout=timeout,
-        )  # fmt: skip
+        )
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -125,8 +137,9 @@ def run_daemon(
     home: Path, socket: Path, log_dir: Path, wait: bool = True, **env: str
 ) -> Iterator[Daemon]:
     log = log_dir / f"clawd-{time.monotonic_ns()}.log"
-    full_env = clean_env(CLAW_HOME=str(home), CLAW_SOCKET=str(socket), CLAW_PROFILE=TEST_PROFILE,
-                         **env)  # fmt: skip
+    full_env = clean_env(
+        CLAW_HOME=str(home), CLAW_SOCKET=str(socket), CLAW_PROFILE=TEST_PROFILE, **env
+    )
     with log.open("wb") as sink:
         proc = subprocess.Popen([str(BIN / "clawd")], env=full_env, stdout=sink, stderr=sink)
     daemon = Daemon(proc, socket, home, log)
@@ -149,10 +162,19 @@ def daemon(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, input_text: str | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    input_text: str | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
     """Run `clawctl` as a subprocess with the test's environment."""
     return subprocess.run(
-        [str(BIN / "clawctl"), *args], capture_output=True, text=True, timeout=timeout,
-        env=env or dict(os.environ), input=input_text, check=False,
-    )  # fmt: skip
+        [str(BIN / "clawctl"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or dict(os.environ),
+        input=input_text,
+        check=False,
+    )

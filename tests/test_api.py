@@ -33,8 +33,9 @@ def test_socket_is_group_only(daemon: Daemon) -> None:
 
 
 def test_chat_completion_non_streaming(oai: openai.OpenAI) -> None:
-    reply = oai.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16,
-                                        temperature=0)  # fmt: skip
+    reply = oai.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=16, temperature=0
+    )
     assert reply.object == "chat.completion"
     assert reply.model == MODEL
     assert "Paris" in (reply.choices[0].message.content or "")
@@ -51,8 +52,11 @@ def test_chat_completion_non_streaming(oai: openai.OpenAI) -> None:
 def test_chat_completion_streaming_matches_non_streaming(oai: openai.OpenAI) -> None:
     kwargs = {"model": MODEL, "messages": QUESTION, "max_tokens": 24, "temperature": 0}
     whole = oai.chat.completions.create(**kwargs)  # type: ignore[call-overload]
-    stream = oai.chat.completions.create(**kwargs, stream=True,  # type: ignore[call-overload]
-                                         stream_options={"include_usage": True})  # fmt: skip
+    stream = oai.chat.completions.create(
+        **kwargs,
+        stream=True,  # type: ignore[call-overload]
+        stream_options={"include_usage": True},
+    )
     pieces, finish, usage, claw = [], None, None, None
     for chunk in stream:
         for choice in chunk.choices:
@@ -69,20 +73,23 @@ def test_chat_completion_streaming_matches_non_streaming(oai: openai.OpenAI) -> 
 
 
 def test_completions_endpoint(oai: openai.OpenAI) -> None:
-    result = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
-                                    temperature=0)  # fmt: skip
+    result = oai.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     assert result.object == "text_completion"
     assert "Paris" in result.choices[0].text
     assert result.usage is not None
     assert result.usage.completion_tokens <= 8
-    streamed = oai.completions.create(model=MODEL, prompt="The capital of France is",
-                                      max_tokens=8, temperature=0, stream=True)  # fmt: skip
+    streamed = oai.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == result.choices[0].text
 
 
 def test_stop_sequence_and_max_tokens(oai: openai.OpenAI) -> None:
-    text = oai.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30,
-                                  temperature=0, stop=[" 7"]).choices[0]  # fmt: skip
+    text = oai.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[" 7"]
+    ).choices[0]
     assert text.finish_reason == "stop"
     assert "7" not in text.text
     assert "5" in text.text
@@ -97,9 +104,11 @@ def test_models_list_and_get(oai: openai.OpenAI) -> None:
 def test_eight_concurrent_clients_all_answered(oai: openai.OpenAI) -> None:
     def ask(i: int) -> str:
         reply = oai.chat.completions.create(
-            model=MODEL, temperature=0, max_tokens=12,
+            model=MODEL,
+            temperature=0,
+            max_tokens=12,
             messages=[{"role": "user", "content": f"What is {i} plus {i}?"}],
-        )  # fmt: skip
+        )
         return reply.choices[0].message.content or ""
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -109,8 +118,9 @@ def test_eight_concurrent_clients_all_answered(oai: openai.OpenAI) -> None:
 
 
 def test_health_metrics_and_caller_logged(daemon: Daemon, oai: openai.OpenAI) -> None:
-    oai.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4,
-                                extra_body={"claw": {"app": "pytest-app"}})  # fmt: skip
+    oai.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=4, extra_body={"claw": {"app": "pytest-app"}}
+    )
     with daemon.client() as client:
         health = client.get("/health").json()
         assert health["status"] == "ok"
@@ -135,26 +145,49 @@ def _error(response: httpx.Response) -> dict[str, str]:
     [
         (b"{not json", 400, "not valid JSON"),
         (b'{"messages": "hello"}', 400, "messages"),
-        (b'{"model": "smollm2-135m", "messages": [{"role": "wizard", "content": "x"}]}', 400,
-         "role"),
-        (b'{"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}', 404,
-         "no-such-model"),
-        (b'{"model": "smollm2-135m", "max_tokens": 0, "messages": [{"role": "user", '
-         b'"content": "x"}]}', 400, "max_tokens"),
-        (b'{"model": "smollm2-135m", "max_tokens": "many", "messages": [{"role": "user", '
-         b'"content": "x"}]}', 400, "max_tokens"),
-        (b'{"model": "smollm2-135m", "claw": {"teleport": true}, "messages": [{"role": "user",'
-         b' "content": "x"}]}', 400, "claw.teleport"),
-        (b'{"model": "smollm2-135m", "temperature": 9, "messages": [{"role": "user", '
-         b'"content": "x"}]}', 400, "temperature"),
+        (
+            b'{"model": "smollm2-135m", "messages": [{"role": "wizard", "content": "x"}]}',
+            400,
+            "role",
+        ),
+        (
+            b'{"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "no-such-model",
+        ),
+        (
+            b'{"model": "smollm2-135m", "max_tokens": 0, "messages": [{"role": "user", '
+            b'"content": "x"}]}',
+            400,
+            "max_tokens",
+        ),
+        (
+            b'{"model": "smollm2-135m", "max_tokens": "many", "messages": [{"role": "user", '
+            b'"content": "x"}]}',
+            400,
+            "max_tokens",
+        ),
+        (
+            b'{"model": "smollm2-135m", "claw": {"teleport": true}, "messages": [{"role": "user",'
+            b' "content": "x"}]}',
+            400,
+            "claw.teleport",
+        ),
+        (
+            b'{"model": "smollm2-135m", "temperature": 9, "messages": [{"role": "user", '
+            b'"content": "x"}]}',
+            400,
+            "temperature",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_chat_input_gets_openai_error(
     daemon: Daemon, body: bytes, status: int, fragment: str
 ) -> None:
     with daemon.client() as client:
-        response = client.post("/v1/chat/completions", content=body,
-                               headers={"content-type": "application/json"})  # fmt: skip
+        response = client.post(
+            "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
     assert response.status_code == status
     error = _error(response)
     assert fragment in error["message"]
@@ -164,10 +197,14 @@ def test_bad_chat_input_gets_openai_error(
 def test_prompt_longer_than_context_names_token_counts(daemon: Daemon) -> None:
     long = "word " * 6000
     with daemon.client() as client:
-        response = client.post("/v1/chat/completions", json={
-            "model": MODEL, "messages": [{"role": "user", "content": long}]})  # fmt: skip
-        streamed = client.post("/v1/chat/completions", json={
-            "model": MODEL, "stream": True, "messages": [{"role": "user", "content": long}]})  # fmt: skip
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": long}]},
+        )
+        streamed = client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": long}]},
+        )
     for reply in (response, streamed):
         assert reply.status_code == 400
         error = _error(reply)
@@ -186,7 +223,10 @@ def test_body_without_json_content_type_is_accepted(daemon: Daemon) -> None:
     """`curl --unix-socket … -d '{…}'` sends form encoding; OpenAI-style servers accept it."""
     body = json.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": 4})
     with daemon.client() as client:
-        response = client.post("/v1/chat/completions", content=body,
-                               headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+        response = client.post(
+            "/v1/chat/completions",
+            content=body,
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"]

@@ -17,10 +17,7 @@ HEAVY = ("llama_cpp", "numpy", "fastapi", "onnxruntime", "uvicorn", "openai", "g
 
 
 def test_help_imports_nothing_heavy() -> None:
-    code = (
-        "import sys, clawctl.cli\n"
-        f"print([m for m in {HEAVY!r} if m in sys.modules])"
-    )
+    code = f"import sys, clawctl.cli\nprint([m for m in {HEAVY!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
     help_text = run_cli("--help")
@@ -100,8 +97,15 @@ def test_env_shows_paths_under_claw_home(claw_home: Path) -> None:
 @pytest.mark.integration
 def test_chat_status_ps_against_real_daemon(daemon: Daemon) -> None:
     env = dict(os.environ, CLAW_SOCKET=str(daemon.socket))
-    reply = run_cli("chat", "What is the capital of France? Answer in one word.", "--max-tokens", "12",
-                    "--temperature", "0", env=env)  # fmt: skip
+    reply = run_cli(
+        "chat",
+        "What is the capital of France? Answer in one word.",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        env=env,
+    )
     assert reply.returncode == 0, reply.stderr
     assert "Paris" in reply.stdout
     as_json = json.loads(run_cli("chat", "Say yes.", "--max-tokens", "4", "--json", env=env).stdout)
@@ -119,8 +123,15 @@ def test_chat_status_ps_against_real_daemon(daemon: Daemon) -> None:
 @pytest.mark.integration
 def test_interactive_chat_reads_stdin(daemon: Daemon) -> None:
     env = dict(os.environ, CLAW_SOCKET=str(daemon.socket))
-    done = run_cli("chat", "--max-tokens", "8", "--temperature", "0", env=env,
-                   input_text="What is the capital of France? Answer in one word.\n/bye\n")  # fmt: skip
+    done = run_cli(
+        "chat",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        env=env,
+        input_text="What is the capital of France? Answer in one word.\n/bye\n",
+    )
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
 
@@ -148,9 +159,11 @@ def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
             if unit.target.suffix in (".service", ".socket"):
                 (unit_dir / unit.target.name).write_text(unit.text)
                 paths.append(str(unit_dir / unit.target.name))
-        done = subprocess.run(["systemd-analyze", "verify", *paths], capture_output=True,
-                              text=True, check=False)  # fmt: skip
-        problems = [line for line in done.stderr.splitlines()
-                    if unit_dir.name in line or "clawd" in line]  # fmt: skip
+        done = subprocess.run(
+            ["systemd-analyze", "verify", *paths], capture_output=True, text=True, check=False
+        )
+        problems = [
+            line for line in done.stderr.splitlines() if unit_dir.name in line or "clawd" in line
+        ]
         assert done.returncode == 0, done.stderr
         assert problems == [], problems

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import BIN, TEST_PROFILE, clean_env, run_daemon, wait_healthy, Daemon
+from tests.conftest import BIN, TEST_PROFILE, Daemon, clean_env, run_daemon, wait_healthy
 
 pytestmark = pytest.mark.integration
 MODEL = "smollm2-135m"
@@ -27,14 +27,18 @@ def _chat(client: httpx.Client, content: str, **extra: object) -> httpx.Response
     return client.post("/v1/chat/completions", json=body)
 
 
-def test_second_daemon_refuses_live_socket(session_home: Path, short_dir: Path,
-                                           tmp_path: Path) -> None:  # fmt: skip
+def test_second_daemon_refuses_live_socket(
+    session_home: Path, short_dir: Path, tmp_path: Path
+) -> None:
     sock = short_dir / "s.sock"
     with run_daemon(session_home, sock, tmp_path):
         second = subprocess.run(
-            [str(BIN / "clawd")], capture_output=True, text=True, timeout=60,
+            [str(BIN / "clawd")],
+            capture_output=True,
+            text=True,
+            timeout=60,
             env=clean_env(CLAW_HOME=str(session_home), CLAW_SOCKET=str(sock)),
-        )  # fmt: skip
+        )
         assert second.returncode == 3
         assert "already serving" in second.stderr
         assert "Traceback" not in second.stderr
@@ -60,8 +64,9 @@ def test_sigterm_finishes_in_flight_request_then_exits_zero(
 
         def long_request() -> None:
             with daemon.client() as client:
-                result["r"] = _chat(client, "Write a long story about a robot.", max_tokens=200,
-                                    temperature=0)  # fmt: skip
+                result["r"] = _chat(
+                    client, "Write a long story about a robot.", max_tokens=200, temperature=0
+                )
 
         worker = threading.Thread(target=long_request)
         worker.start()
@@ -75,16 +80,22 @@ def test_sigterm_finishes_in_flight_request_then_exits_zero(
         assert not daemon.socket.exists()
 
 
-def test_sd_notify_ready_watchdog_stopping(session_home: Path, short_dir: Path,
-                                           tmp_path: Path) -> None:  # fmt: skip
+def test_sd_notify_ready_watchdog_stopping(
+    session_home: Path, short_dir: Path, tmp_path: Path
+) -> None:
     notify_path = short_dir / "notify"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(notify_path))
     listener.settimeout(30)
     messages: list[str] = []
     try:
-        with run_daemon(session_home, short_dir / "s.sock", tmp_path,
-                        NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="400000") as daemon:  # fmt: skip
+        with run_daemon(
+            session_home,
+            short_dir / "s.sock",
+            tmp_path,
+            NOTIFY_SOCKET=str(notify_path),
+            WATCHDOG_USEC="400000",
+        ) as daemon:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and not any("WATCHDOG=1" in m for m in messages):
                 messages.append(listener.recv(4096).decode())
@@ -107,8 +118,9 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_tcp_is_opt_in_and_needs_the_token(session_home: Path, short_dir: Path,
-                                           tmp_path: Path) -> None:  # fmt: skip
+def test_tcp_is_opt_in_and_needs_the_token(
+    session_home: Path, short_dir: Path, tmp_path: Path
+) -> None:
     port = _free_port()
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token\n")
@@ -127,15 +139,22 @@ def test_tcp_is_opt_in_and_needs_the_token(session_home: Path, short_dir: Path,
             assert unix.get("/v1/models").status_code == 200
 
 
-def test_tcp_without_token_refuses_to_start(session_home: Path, short_dir: Path,
-                                            tmp_path: Path) -> None:  # fmt: skip
+def test_tcp_without_token_refuses_to_start(
+    session_home: Path, short_dir: Path, tmp_path: Path
+) -> None:
     config = tmp_path / "clawd.toml"
     config.write_text(f'[tcp]\nlisten = "127.0.0.1:{_free_port()}"\n')
     done = subprocess.run(
-        [str(BIN / "clawd")], capture_output=True, text=True, timeout=60,
-        env=clean_env(CLAW_HOME=str(session_home), CLAW_SOCKET=str(short_dir / "s.sock"),
-                      CLAW_CONFIG=str(config)),
-    )  # fmt: skip
+        [str(BIN / "clawd")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(
+            CLAW_HOME=str(session_home),
+            CLAW_SOCKET=str(short_dir / "s.sock"),
+            CLAW_CONFIG=str(config),
+        ),
+    )
     assert done.returncode == 2  # a bad config is bad input
     assert "token" in done.stderr
     assert "Traceback" not in done.stderr
@@ -152,12 +171,20 @@ def test_socket_activation(session_home: Path, short_dir: Path, tmp_path: Path) 
         f"import os; os.dup2({listener.fileno()}, 3); os.environ['LISTEN_PID'] = str(os.getpid());"
         f" os.environ['LISTEN_FDS'] = '1'; os.execv({str(BIN / 'clawd')!r}, ['clawd'])"
     )
-    env = clean_env(CLAW_HOME=str(session_home), CLAW_SOCKET=str(short_dir / "unused.sock"),
-                    CLAW_PROFILE=TEST_PROFILE)  # fmt: skip
+    env = clean_env(
+        CLAW_HOME=str(session_home),
+        CLAW_SOCKET=str(short_dir / "unused.sock"),
+        CLAW_PROFILE=TEST_PROFILE,
+    )
     log = tmp_path / "act.log"
     with log.open("wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-c", launcher], env=env, stdout=sink, stderr=sink,
-                                pass_fds=(listener.fileno(),))  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", launcher],
+            env=env,
+            stdout=sink,
+            stderr=sink,
+            pass_fds=(listener.fileno(),),
+        )
     listener.close()
     daemon = Daemon(proc, path, session_home, log)
     try:
@@ -169,8 +196,13 @@ def test_socket_activation(session_home: Path, short_dir: Path, tmp_path: Path) 
 
 def test_disconnect_cancels_generation(daemon_with_short_keepalive: Daemon) -> None:
     daemon = daemon_with_short_keepalive
-    body = {"model": MODEL, "stream": True, "max_tokens": 2000, "temperature": 0.9,
-            "messages": [{"role": "user", "content": "Tell me an endless story."}]}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "max_tokens": 2000,
+        "temperature": 0.9,
+        "messages": [{"role": "user", "content": "Tell me an endless story."}],
+    }
     with daemon.client() as client:
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             for i, _ in enumerate(response.iter_lines()):

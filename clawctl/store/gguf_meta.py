@@ -6,6 +6,7 @@ metadata we check that every tensor's bytes lie inside the file.
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,37 @@ from clawctl.errors import BadInput
 from clawctl.store.quant_types import quant_name_for_ftype
 
 GGUF_MAGIC = b"GGUF"
+# ggml tensor types newer than the `gguf` package: value -> (name, block size, bytes per block),
+# the constants of ggml's type traits (llama.cpp as vendored by llama-cpp-python 0.3.36).
+NEWER_GGML_TYPES = {41: ("Q1_0", 128, 18), 42: ("Q2_0", 64, 18)}
+
+
+def _teach_gguf_newer_types() -> None:
+    """Let gguf's reader size tensors of types it predates (our own Q2_0 quants use type 42).
+
+    Unknown enum values become pseudo-members instead of raising, and their block sizes are added
+    to gguf's size table. Types gguf already knows are left untouched.
+    """
+    from gguf import constants
+
+    enum = constants.GGMLQuantizationType
+    if getattr(enum, "_claw_extended", False):
+        return
+
+    def _missing_(cls: type[Any], value: object) -> Any:
+        if not isinstance(value, numbers.Integral) or int(value) not in NEWER_GGML_TYPES:
+            return None  # numpy integers are Integral but not int
+        member = int.__new__(cls, int(value))
+        member._name_ = NEWER_GGML_TYPES[int(value)][0]
+        member._value_ = int(value)
+        return member
+
+    enum._missing_ = classmethod(_missing_)  # type: ignore[method-assign, assignment]
+    for value, (_, block, size) in NEWER_GGML_TYPES.items():
+        known = {int(k) for k in constants.GGML_QUANT_SIZES}
+        if value not in known:
+            constants.GGML_QUANT_SIZES[enum(value)] = (block, size)
+    enum._claw_extended = True  # type: ignore[attr-defined]
 
 
 class GgufInfo(BaseModel):
@@ -51,6 +83,7 @@ def read_gguf_info(path: Path) -> GgufInfo:
         raise BadInput(f"{path} is not a GGUF file (magic {magic!r})")
     from gguf import GGUFReader
 
+    _teach_gguf_newer_types()
     try:
         reader = GGUFReader(path)
     except Exception as exc:  # the reader raises assorted errors on damaged files
