@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
 from clawctl import __version__
 from clawctl.config import DaemonConfig
 from clawctl.engines.base import LoadEngine
+from clawctl.engines.registry import LazyLoader
 from clawctl.metrics import Metrics
 from clawctl.profiles import EdgeProfile, load_profile
 from clawctl.scheduler import ModelManager
@@ -26,10 +28,7 @@ class Services:
 
     @classmethod
     def build(cls, config: DaemonConfig, load_engine: LoadEngine | None = None) -> Services:
-        if load_engine is None:
-            from clawctl.engines.llama import load_llama_engine
-
-            load_engine = load_llama_engine
+        load_engine = load_engine or LazyLoader("gguf")
         profile = load_profile(config.paths, config.profile)
         store = ModelStore(config.paths)
         manager = ModelManager(
@@ -38,8 +37,6 @@ class Services:
         return cls(config, profile, store, manager, Metrics.create())
 
     def health(self) -> Health:
-        import os
-
         loaded = self.manager.loaded()
         self.metrics.loaded_models.set(len(loaded))
         return Health(

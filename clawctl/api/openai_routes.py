@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from clawctl.api.errors import validation_error
 from clawctl.api.generation import GenerationRun
 from clawctl.api.peer import peer_of
+from clawctl.api.sse import DONE, TokenFrames, error_frame, frame
 from clawctl.engines.base import ChatTurn, Prompt, SamplingParams
 from clawctl.errors import ClawError
 from clawctl.schemas.openai import (
@@ -25,8 +26,6 @@ from clawctl.schemas.openai import (
     Completion,
     CompletionChoice,
     CompletionRequest,
-    ErrorBody,
-    ErrorEnvelope,
     ModelCard,
     ModelList,
     _SamplingRequest,
@@ -70,17 +69,6 @@ def _sampling(body: _SamplingRequest, max_tokens: int | None) -> SamplingParams:
     )
 
 
-def _sse(payload: str) -> bytes:
-    return f"data: {payload}\n\n".encode()
-
-
-def _sse_error(exc: ClawError) -> bytes:
-    body = ErrorEnvelope(
-        error=ErrorBody(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
-    )
-    return _sse(body.model_dump_json())
-
-
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -121,36 +109,37 @@ async def chat_completions(
 
 
 async def _chat_stream(run: GenerationRun, include_usage: bool) -> AsyncIterator[bytes]:
-    def chunk(delta: ChunkDelta, **extra: object) -> bytes:
+    def chunk(delta: ChunkDelta, **extra: Any) -> ChatCompletionChunk:
         finish = extra.pop("finish_reason", None)
-        body = ChatCompletionChunk(
+        return ChatCompletionChunk(
             id=f"chatcmpl-{run.id}",
             created=run.created,
             model=run.model,
             choices=[ChunkChoice(delta=delta, finish_reason=finish)],
             **extra,
         )
-        return _sse(body.model_dump_json(exclude_none=True))
 
-    yield chunk(ChunkDelta(role="assistant", content=""))
+    token = TokenFrames(chunk(ChunkDelta(content=TokenFrames.marker)))
+    yield frame(chunk(ChunkDelta(role="assistant", content="")))
     try:
         async for piece in run.text():
-            yield chunk(ChunkDelta(content=piece))
+            yield token(piece)
     except ClawError as exc:
-        yield _sse_error(exc)
+        yield error_frame(exc)
         return
     assert run.finished is not None
-    yield chunk(ChunkDelta(), finish_reason=run.finished.finish_reason, claw=run.info())
+    yield frame(chunk(ChunkDelta(), finish_reason=run.finished.finish_reason, claw=run.info()))
     if include_usage:
-        usage = ChatCompletionChunk(
-            id=f"chatcmpl-{run.id}",
-            created=run.created,
-            model=run.model,
-            choices=[],
-            usage=run.usage(),
+        yield frame(
+            ChatCompletionChunk(
+                id=f"chatcmpl-{run.id}",
+                created=run.created,
+                model=run.model,
+                choices=[],
+                usage=run.usage(),
+            )
         )
-        yield _sse(usage.model_dump_json(exclude_none=True))
-    yield _sse("[DONE]")
+    yield DONE
 
 
 @router.post("/v1/completions", response_model=None)
@@ -197,29 +186,29 @@ async def completions(
 async def _completion_stream(
     run: GenerationRun, prefix: str, include_usage: bool
 ) -> AsyncIterator[bytes]:
-    def chunk(text: str, **extra: object) -> bytes:
+    def chunk(text: str, **extra: Any) -> Completion:
         finish = extra.pop("finish_reason", None)
-        body = Completion(
+        return Completion(
             id=f"cmpl-{run.id}",
             created=run.created,
             model=run.model,
             choices=[CompletionChoice(text=text, finish_reason=finish)],
             **extra,
         )
-        return _sse(body.model_dump_json(exclude_none=True))
 
+    token = TokenFrames(chunk(TokenFrames.marker))
     if prefix:
-        yield chunk(prefix)
+        yield token(prefix)
     try:
         async for piece in run.text():
-            yield chunk(piece)
+            yield token(piece)
     except ClawError as exc:
-        yield _sse_error(exc)
+        yield error_frame(exc)
         return
     assert run.finished is not None
     usage = run.usage() if include_usage else None
-    yield chunk("", finish_reason=run.finished.finish_reason, claw=run.info(), usage=usage)
-    yield _sse("[DONE]")
+    yield frame(chunk("", finish_reason=run.finished.finish_reason, claw=run.info(), usage=usage))
+    yield DONE
 
 
 @router.get("/v1/models")

@@ -1,0 +1,44 @@
+"""Server-sent events in OpenAI's streaming format ("data: {json}\n\n", ending "data: [DONE]").
+
+Per-token frames are the hot path of a streaming response: instead of building and serializing a
+pydantic chunk for every token, `TokenFrames` serializes the chunk model once around a marker and
+then splices each token's JSON string into it, so the wire shape still comes from the schema.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel
+
+from clawctl.errors import ClawError
+from clawctl.schemas.openai import ErrorBody, ErrorEnvelope
+
+DONE = b"data: [DONE]\n\n"
+_MARKER = "\x00claw-token\x00"
+
+
+def frame(model: BaseModel) -> bytes:
+    return b"data: " + model.model_dump_json(exclude_none=True).encode() + b"\n\n"
+
+
+def error_frame(exc: ClawError) -> bytes:
+    body = ErrorBody(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
+    return frame(ErrorEnvelope(error=body))
+
+
+class TokenFrames:
+    """Frames for a chunk model whose one text field varies per token."""
+
+    marker = _MARKER
+
+    def __init__(self, template: BaseModel) -> None:
+        text = template.model_dump_json(exclude_none=True)
+        before, found, after = text.partition(json.dumps(_MARKER))
+        if not found:
+            raise ValueError("the template chunk must carry TokenFrames.marker as its text")
+        self._before = b"data: " + before.encode()
+        self._after = after.encode() + b"\n\n"
+
+    def __call__(self, text: str) -> bytes:
+        return self._before + json.dumps(text, ensure_ascii=False).encode() + self._after
