@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from clawctl.store.snapshot_format import StateIdentity
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -25,6 +27,7 @@ class EngineSettings:
     n_threads: int
     kv_cache_type: str = "f16"
     flash_attn: bool = False
+    model_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,29 @@ class Engine(Protocol):
 
     def memory_bytes(self) -> int:
         """Resident memory this engine holds (weights plus KV cache), for the budget."""
+        ...
+
+    # --- state: what snapshots, sessions and the prefix pool are built on ---------------------
+
+    def identity(self) -> StateIdentity:
+        """What a saved state must match to be restored into this context."""
+        ...
+
+    def cached_tokens(self) -> list[int]:
+        """The token ids whose keys and values the context holds now."""
+        ...
+
+    def prefill(self, tokens: list[int]) -> int:
+        """Make the context hold exactly `tokens`, reusing the common prefix; returns how many
+        tokens were evaluated."""
+        ...
+
+    def capture_state(self) -> tuple[bytearray, list[int]]:
+        """A copy of the raw state (KV cache etc.) and the tokens it holds."""
+        ...
+
+    def restore_state(self, raw: bytearray, tokens: list[int]) -> None:
+        """Replace the context's state with a captured one (already verified)."""
         ...
 
     def close(self) -> None: ...

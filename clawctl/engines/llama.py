@@ -11,6 +11,7 @@ llama-cpp-python's OpenMP build slows ~4x once a second thread has called a mode
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,12 +32,17 @@ from clawctl.engines.base import (
     estimate_kv_bytes,
 )
 from clawctl.errors import BadInput, EngineError
+from clawctl.store.snapshot_format import StateIdentity
 
 KV_TYPES = {
     "f16": llama_cpp.GGML_TYPE_F16,
     "q8_0": llama_cpp.GGML_TYPE_Q8_0,
     "q4_0": llama_cpp.GGML_TYPE_Q4_0,
 }
+# What a raw llama.cpp state depends on besides the identity fields: the library that wrote it.
+STATE_FORMAT = (
+    f"llama-cpp-python/{llama_cpp.__version__}/session-v{llama_cpp.LLAMA_SESSION_VERSION}"
+)
 FALLBACK_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -61,13 +67,15 @@ class LlamaEngine:
                 n_threads_batch=settings.n_threads,
                 type_k=kv_type,
                 type_v=kv_type,
-                flash_attn=settings.flash_attn or settings.kv_cache_type != "f16",
+                flash_attn=settings.flash_attn
+                or settings.kv_cache_type != "f16",  # quantized V needs it
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
             raise EngineError(
                 f"llama.cpp could not load {settings.model_path.name}: {exc}"
             ) from None
+        self._flash_attn = settings.flash_attn or settings.kv_cache_type != "f16"
         self._formatter = self._build_formatter()
 
     def _build_formatter(self) -> Jinja2ChatFormatter:
@@ -169,8 +177,69 @@ class LlamaEngine:
         )
         return self.settings.model_path.stat().st_size + kv
 
+    # --- state ----------------------------------------------------------------------------
+
+    def identity(self) -> StateIdentity:
+        kv = self.settings.kv_cache_type
+        return StateIdentity(
+            model_sha256=self.settings.model_digest,
+            state_format=STATE_FORMAT,
+            n_ctx=self.n_ctx,
+            type_k=kv,
+            type_v=kv,
+            flash_attn=self._flash_attn,
+        )
+
+    def cached_tokens(self) -> list[int]:
+        llama = self._llama
+        return [int(t) for t in llama.input_ids[: llama.n_tokens]]
+
+    def _common_prefix(self, tokens: list[int]) -> int:
+        llama = self._llama
+        n = min(llama.n_tokens, len(tokens))
+        if n == 0:
+            return 0
+        differs = np.nonzero(llama.input_ids[:n] != np.asarray(tokens[:n], dtype=np.intc))[0]
+        return int(differs[0]) if len(differs) else n
+
+    def prefill(self, tokens: list[int]) -> int:
+        llama = self._llama
+        keep = self._common_prefix(tokens)
+        llama.n_tokens = keep
+        llama._ctx.kv_cache_seq_rm(-1, keep, -1)  # drop cells past the shared prefix
+        if keep < len(tokens):
+            llama.eval(tokens[keep:])
+        return len(tokens) - keep
+
+    def capture_state(self) -> tuple[bytearray, list[int]]:
+        ctx = self._llama._ctx.ctx
+        size = int(llama_cpp.llama_state_get_size(ctx))
+        raw = bytearray(size)
+        written = int(llama_cpp.llama_state_get_data(ctx, _c_bytes(raw), size))
+        if written > size:
+            raise EngineError("llama.cpp wrote more state than it announced")
+        del raw[written:]
+        return raw, self.cached_tokens()
+
+    def restore_state(self, raw: bytearray, tokens: list[int]) -> None:
+        llama = self._llama
+        if len(tokens) > self.n_ctx:
+            raise EngineError("the saved state holds more tokens than this context")
+        read = int(llama_cpp.llama_state_set_data(llama._ctx.ctx, _c_bytes(raw), len(raw)))
+        if read != len(raw):
+            llama.n_tokens = 0
+            raise EngineError("llama.cpp rejected the saved state")
+        llama.input_ids[: len(tokens)] = tokens
+        llama.n_tokens = len(tokens)
+        llama._requires_eval = True  # re-decode the last token before sampling, as load_state does
+
     def close(self) -> None:
         self._llama.close()
+
+
+def _c_bytes(buffer: bytearray) -> Any:
+    """A ctypes view of a bytearray, without copying it."""
+    return (ctypes.c_uint8 * len(buffer)).from_buffer(buffer)
 
 
 def load_llama_engine(settings: EngineSettings) -> LlamaEngine:

@@ -1,0 +1,263 @@
+"""The snapshot file format: llama.cpp state, compressed, integrity-checked, never executable.
+
+Layout (all integers little-endian; see docs/snapshot-format.md):
+
+    magic "CLAWSNAP" | u16 version | u32 header length | header (JSON) | sha256(header) | chunks
+
+The header names what the state belongs to (`StateIdentity`: model, adapters, llama.cpp state
+format, context size, KV types, flash attention) and the token ids it holds, then describes the
+payload: the raw state is cut into fixed-size chunks, each optionally byte-shuffled (f16 KV
+compresses better as two byte planes) and compressed as an independent zstd frame with its own
+content checksum, plus an xxh3-128 of the raw chunk. Chunks are compressed and decompressed in
+parallel threads (zstd and numpy release the GIL). numpy, zstandard and xxhash are imported on
+first use so `clawctl snapshot list` (headers only) stays light.
+
+A reader checks magic, version, the header digest and the identity before decompressing anything,
+and every chunk's size and checksum before returning a byte, so truncated, bit-flipped or foreign
+files never reach llama.cpp. The format is plain data: nothing in it can run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from clawctl.errors import BadInput, IntegrityError
+from clawctl.fsutil import atomic_writer
+
+MAGIC = b"CLAWSNAP"
+VERSION = 1
+PREFIX = struct.Struct("<8sHI")
+DIGEST_SIZE = 32
+CHUNK_BYTES = 4 << 20
+MAX_HEADER_BYTES = 16 << 20
+Filter = Literal["none", "shuffle2"]
+Kind = Literal["named", "session", "pool"]
+
+
+class SnapshotMismatch(BadInput):
+    """A snapshot exists but belongs to another model, adapter set, KV type or state format."""
+
+    code = "snapshot_mismatch"
+
+
+class AdapterRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    sha256: str
+    scale: float
+
+
+class StateIdentity(BaseModel):
+    """Everything that must match for a saved state to be valid in a context."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_sha256: str
+    adapters: tuple[AdapterRef, ...] = ()
+    state_format: str
+    n_ctx: int
+    type_k: str
+    type_v: str
+    flash_attn: bool
+
+    def key(self) -> str:
+        """A short stable digest: names the pool directory of this identity."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:20]
+
+    def mismatch(self, other: StateIdentity) -> str | None:
+        for field in type(self).model_fields:
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine != theirs:
+                return f"{field} is {_short(theirs)} in the snapshot but {_short(mine)} here"
+        return None
+
+
+def _short(value: object) -> str:
+    text = str(value)
+    return text[:12] + "…" if len(text) > 16 and " " not in text else text
+
+
+class ChunkInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    raw_size: int
+    stored_size: int
+    xxh3_128: str
+
+
+class SnapshotHeader(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: Kind
+    name: str
+    created_at: datetime
+    identity: StateIdentity
+    tokens: list[int]
+    raw_size: int
+    filter: Filter
+    level: int
+    chunks: list[ChunkInfo]
+
+    @property
+    def stored_size(self) -> int:
+        return sum(chunk.stored_size for chunk in self.chunks)
+
+
+def shuffle2(chunk: bytes | memoryview) -> bytes:
+    """Byte planes of 16-bit values: all low bytes, then all high bytes (odd tail kept as is)."""
+    import numpy as np
+
+    data = np.frombuffer(chunk, dtype=np.uint8)
+    pairs = len(data) // 2
+    out = np.empty_like(data)
+    out[:pairs] = data[0 : 2 * pairs : 2]
+    out[pairs : 2 * pairs] = data[1 : 2 * pairs : 2]
+    out[2 * pairs :] = data[2 * pairs :]
+    return out.tobytes()
+
+
+def unshuffle2(chunk: bytes) -> bytes:
+    import numpy as np
+
+    data = np.frombuffer(chunk, dtype=np.uint8)
+    pairs = len(data) // 2
+    out = np.empty_like(data)
+    out[0 : 2 * pairs : 2] = data[:pairs]
+    out[1 : 2 * pairs : 2] = data[pairs : 2 * pairs]
+    out[2 * pairs :] = data[2 * pairs :]
+    return out.tobytes()
+
+
+def _threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _encode_chunk(chunk: memoryview, filter_: Filter, level: int) -> tuple[bytes, ChunkInfo]:
+    import xxhash
+    import zstandard
+
+    digest = xxhash.xxh3_128_hexdigest(chunk)
+    data = shuffle2(chunk) if filter_ == "shuffle2" else chunk
+    stored = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
+    return stored, ChunkInfo(raw_size=len(chunk), stored_size=len(stored), xxh3_128=digest)
+
+
+def encode(
+    raw: bytes | bytearray | memoryview, *, kind: Kind, name: str, identity: StateIdentity,
+    tokens: Sequence[int], filter_: Filter = "shuffle2", level: int = 3,
+) -> tuple[SnapshotHeader, list[bytes]]:  # fmt: skip
+    """Compress a raw state into chunks (in parallel) and describe it."""
+    view = memoryview(raw)
+    pieces = [view[i : i + CHUNK_BYTES] for i in range(0, len(view), CHUNK_BYTES)]
+    with ThreadPoolExecutor(_threads()) as pool:
+        encoded = list(pool.map(lambda c: _encode_chunk(c, filter_, level), pieces))
+    header = SnapshotHeader(
+        kind=kind, name=name, created_at=datetime.now(timezone.utc), identity=identity,
+        tokens=list(tokens), raw_size=len(view), filter=filter_, level=level,
+        chunks=[info for _, info in encoded],
+    )  # fmt: skip
+    return header, [stored for stored, _ in encoded]
+
+
+def write_snapshot(path: Path, header: SnapshotHeader, chunks: list[bytes]) -> None:
+    """Write atomically: a reader sees the old file, the new one, or none; never a partial."""
+    header_bytes = header.model_dump_json().encode()
+    with atomic_writer(path, mode=0o600) as out:
+        out.write(PREFIX.pack(MAGIC, VERSION, len(header_bytes)))
+        out.write(header_bytes)
+        out.write(hashlib.sha256(header_bytes).digest())
+        for chunk in chunks:
+            out.write(chunk)
+
+
+def _read_header(handle: BinaryIO, path: Path) -> tuple[SnapshotHeader, int]:
+    prefix = handle.read(PREFIX.size)
+    if len(prefix) < PREFIX.size:
+        raise IntegrityError(f"{path.name}: truncated snapshot (no header)")
+    magic, version, length = PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise IntegrityError(f"{path.name} is not a clawctl snapshot (bad magic)")
+    if version != VERSION:
+        raise IntegrityError(f"{path.name}: snapshot format version {version}, expected {VERSION}")
+    if length > MAX_HEADER_BYTES:
+        raise IntegrityError(f"{path.name}: implausible header length {length}")
+    header_bytes = handle.read(length)
+    digest = handle.read(DIGEST_SIZE)
+    if len(header_bytes) < length or len(digest) < DIGEST_SIZE:
+        raise IntegrityError(f"{path.name}: truncated snapshot header")
+    if hashlib.sha256(header_bytes).digest() != digest:
+        raise IntegrityError(f"{path.name}: snapshot header checksum mismatch (damaged file)")
+    try:
+        header = SnapshotHeader.model_validate(json.loads(header_bytes))
+    except (ValueError, ValidationError):
+        raise IntegrityError(f"{path.name}: unreadable snapshot header") from None
+    return header, PREFIX.size + length + DIGEST_SIZE
+
+
+def read_header(path: Path) -> SnapshotHeader:
+    with path.open("rb") as handle:
+        header, _ = _read_header(handle, path)
+    return header
+
+
+def _decode_chunk(stored: bytes, info: ChunkInfo, filter_: Filter, where: str) -> bytes:
+    import xxhash
+    import zstandard
+
+    try:
+        data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=info.raw_size)
+    except zstandard.ZstdError:
+        raise IntegrityError(f"{where}: damaged snapshot payload") from None
+    if len(data) != info.raw_size:
+        raise IntegrityError(f"{where}: snapshot chunk has the wrong size")
+    raw = unshuffle2(data) if filter_ == "shuffle2" else data
+    if xxhash.xxh3_128_hexdigest(raw) != info.xxh3_128:
+        raise IntegrityError(f"{where}: snapshot chunk checksum mismatch")
+    return raw
+
+
+def read_snapshot(
+    path: Path, expected: StateIdentity | None = None
+) -> tuple[SnapshotHeader, bytearray]:
+    """Read, check and decompress a snapshot; the identity is checked before the payload."""
+    with path.open("rb") as handle:
+        header, _ = _read_header(handle, path)
+        if expected is not None:
+            problem = expected.mismatch(header.identity)
+            if problem is not None:
+                raise SnapshotMismatch(f"snapshot {header.name!r} does not fit: {problem}")
+        payload = handle.read()
+    if len(payload) != header.stored_size:
+        raise IntegrityError(
+            f"{path.name}: snapshot payload is {len(payload)} bytes, header says "
+            f"{header.stored_size} (truncated or padded)"
+        )
+    offsets, position = [], 0
+    for info in header.chunks:
+        offsets.append((position, info))
+        position += info.stored_size
+    with ThreadPoolExecutor(_threads()) as pool:
+        parts = list(pool.map(
+            lambda item: _decode_chunk(
+                payload[item[0] : item[0] + item[1].stored_size], item[1], header.filter, path.name
+            ),
+            offsets,
+        ))  # fmt: skip
+    raw = bytearray(header.raw_size)
+    position = 0
+    for part in parts:
+        raw[position : position + len(part)] = part
+        position += len(part)
+    if position != header.raw_size:
+        raise IntegrityError(f"{path.name}: snapshot raw size mismatch")
+    return header, raw

@@ -1,0 +1,300 @@
+"""Where snapshots live, and the prefix pool's index.
+
+    <data>/snapshots/named/<name>.snap        explicit saves (`claw.snapshot.save`, CLI); kept
+    <data>/snapshots/sessions/<id>.snap       the latest state of each `claw.session`
+    <data>/snapshots/pool/<identity>/<h>.snap automatic shared prefixes
+
+Pool lookups do not scan snapshots: a prompt's tokens are cut into fixed-size blocks and hashed
+as a chain (each block's hash covers everything before it, seeded with the state identity), and
+every pool file is indexed under each of its block hashes. The longest chain hash of a prompt
+found in the index names a snapshot sharing that many blocks with it. The index is rebuilt from
+the headers on first use, so it survives restarts. Pool and session files share a disk budget
+with least-recently-used eviction; named snapshots are only removed on request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from clawctl.errors import BadInput, ClawError, NotFound
+from clawctl.paths import Paths
+from clawctl.store.snapshot_format import (
+    Kind,
+    SnapshotHeader,
+    StateIdentity,
+    read_header,
+    read_snapshot,
+)
+
+SUFFIX = ".snap"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TOKEN = struct.Struct("<i")
+KINDS: tuple[Kind, ...] = ("named", "session", "pool")
+
+
+def validate_snapshot_name(name: str, what: str = "snapshot") -> str:
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise BadInput(
+            f"invalid {what} name {name!r}: 1-128 letters, digits, '.', '_' or '-', starting with "
+            "a letter or digit",
+            param=what,
+        )
+    return name
+
+
+def block_hashes(identity: StateIdentity, tokens: Sequence[int], block: int) -> list[str]:
+    """Chain hashes of the prompt's full blocks: entry i covers tokens[: (i + 1) * block]."""
+    digest = hashlib.sha256(identity.key().encode())
+    hashes = []
+    for start in range(0, len(tokens) - block + 1, block):
+        digest.update(b"".join(_TOKEN.pack(t) for t in tokens[start : start + block]))
+        hashes.append(digest.copy().hexdigest()[:32])
+    return hashes
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class SnapshotInfo(BaseModel):
+    """One snapshot file as `clawctl snapshot list` shows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Kind
+    name: str
+    path: str
+    tokens: int
+    raw_size: int
+    stored_size: int
+    model_sha256: str
+    kv_type: str
+    created_at: float
+    last_used: float
+
+
+class VerifyReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: Kind
+    name: str
+    ok: bool
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class PoolHit:
+    path: Path
+    tokens: int  # how many leading prompt tokens the snapshot holds (block aligned)
+
+
+class SnapshotStore:
+    def __init__(self, paths: Paths, budget_bytes: int, block_tokens: int = 256) -> None:
+        self.root = paths.data_dir / "snapshots"
+        self.budget_bytes = budget_bytes
+        self.block_tokens = block_tokens
+        self._lock = threading.Lock()
+        self._index: dict[str, dict[str, Path]] = {}  # identity key -> chain hash -> file
+
+    # --- locations -------------------------------------------------------------------------
+
+    def dir_for(self, kind: Kind) -> Path:
+        return self.root / {"named": "named", "session": "sessions", "pool": "pool"}[kind]
+
+    def path_for(self, kind: Kind, name: str) -> Path:
+        if kind == "pool":
+            raise ValueError("pool paths come from pool_path()")
+        return self.dir_for(kind) / f"{validate_snapshot_name(name, kind)}{SUFFIX}"
+
+    def pool_path(self, identity: StateIdentity, chain_hash: str) -> Path:
+        return self.dir_for("pool") / identity.key() / f"{chain_hash}{SUFFIX}"
+
+    def _files(self, kind: Kind | None = None) -> list[tuple[Kind, Path]]:
+        found: list[tuple[Kind, Path]] = []
+        for k in [kind] if kind else list(KINDS):
+            directory = self.dir_for(k)
+            if directory.is_dir():
+                pattern = f"*/*{SUFFIX}" if k == "pool" else f"*{SUFFIX}"
+                found.extend((k, p) for p in sorted(directory.glob(pattern)))
+        return found
+
+    def find(self, name: str, kind: Kind | None = None) -> tuple[Kind, Path]:
+        """A snapshot by name: named first, then sessions, then pool files by hash."""
+        for k in [kind] if kind else list(KINDS):
+            if k == "pool":
+                matches = list(self.dir_for("pool").glob(f"*/{name}{SUFFIX}"))
+                if matches:
+                    return k, matches[0]
+            else:
+                path = self.path_for(k, name)
+                if path.is_file():
+                    return k, path
+        raise NotFound(f"no snapshot named {name!r}; see 'clawctl snapshot list'", param="snapshot")
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def info(self, kind: Kind, path: Path) -> SnapshotInfo:
+        header = read_header(path)
+        stat = path.stat()
+        return SnapshotInfo(
+            kind=kind, name=header.name if kind != "pool" else path.stem, path=str(path),
+            tokens=len(header.tokens), raw_size=header.raw_size, stored_size=stat.st_size,
+            model_sha256=header.identity.model_sha256, kv_type=header.identity.type_k,
+            created_at=header.created_at.timestamp(), last_used=stat.st_mtime,
+        )  # fmt: skip
+
+    def entries(self, kind: Kind | None = None) -> list[SnapshotInfo]:
+        infos = []
+        for k, path in self._files(kind):
+            with contextlib.suppress(ClawError, OSError):
+                infos.append(self.info(k, path))
+        return infos
+
+    def load(self, path: Path, expected: StateIdentity | None) -> tuple[SnapshotHeader, bytearray]:
+        header, raw = read_snapshot(path, expected)
+        self.touch(path)
+        return header, raw
+
+    @staticmethod
+    def touch(path: Path) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+    def verify(self) -> list[VerifyReport]:
+        reports = []
+        for kind, path in self._files():
+            name = path.stem
+            try:
+                header, _ = read_snapshot(path)
+                name = header.name if kind != "pool" else name
+            except ClawError as exc:
+                reports.append(VerifyReport(kind=kind, name=name, ok=False, problem=exc.message))
+            else:
+                reports.append(VerifyReport(kind=kind, name=name, ok=True))
+        return reports
+
+    # --- the pool index ----------------------------------------------------------------------
+
+    def _pool_index(self, identity: StateIdentity) -> dict[str, Path]:
+        key = identity.key()
+        if key not in self._index:
+            index: dict[str, Path] = {}
+            directory = self.dir_for("pool") / key
+            for path in sorted(directory.glob(f"*{SUFFIX}")) if directory.is_dir() else []:
+                with contextlib.suppress(ClawError, OSError):
+                    header = read_header(path)
+                    for chain in block_hashes(identity, header.tokens, self.block_tokens):
+                        index[chain] = path
+            self._index[key] = index
+        return self._index[key]
+
+    def pool_lookup(self, identity: StateIdentity, hashes: Sequence[str]) -> PoolHit | None:
+        with self._lock:
+            index = self._pool_index(identity)
+            for i in range(len(hashes) - 1, -1, -1):
+                path = index.get(hashes[i])
+                if path is not None and path.is_file():
+                    return PoolHit(path, (i + 1) * self.block_tokens)
+        return None
+
+    def pool_has(self, identity: StateIdentity, chain_hash: str) -> bool:
+        with self._lock:
+            path = self._pool_index(identity).get(chain_hash)
+            return path is not None and path.is_file()
+
+    def pool_added(self, identity: StateIdentity, path: Path, tokens: Sequence[int]) -> None:
+        with self._lock:
+            index = self._pool_index(identity)
+            for chain in block_hashes(identity, tokens, self.block_tokens):
+                index[chain] = path
+
+    # --- removing ----------------------------------------------------------------------------
+
+    def remove(self, name: str, kind: Kind | None = None) -> Path:
+        _, path = self.find(name, kind)
+        path.unlink()
+        self._forget(path)
+        return path
+
+    def _forget(self, path: Path) -> None:
+        with self._lock:
+            for index in self._index.values():
+                for chain in [c for c, p in index.items() if p == path]:
+                    del index[chain]
+
+    def prune(
+        self, max_bytes: int | None = None, older_than: float | None = None,
+        kinds: Sequence[Kind] = ("session", "pool"),
+    ) -> list[Path]:  # fmt: skip
+        """Remove snapshots unused for `older_than` seconds, then least recently used ones until
+        the rest fit in `max_bytes`."""
+        files = []
+        for kind in kinds:
+            for _, path in self._files(kind):
+                with contextlib.suppress(OSError):
+                    stat = path.stat()
+                    files.append((stat.st_mtime, stat.st_size, path))
+        files.sort()
+        removed = []
+        now = time.time()
+        total = sum(size for _, size, _ in files)
+        for used, size, path in files:
+            too_old = older_than is not None and now - used > older_than
+            too_big = max_bytes is not None and total > max_bytes
+            if not (too_old or too_big):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            self._forget(path)
+            removed.append(path)
+            total -= size
+        return removed
+
+    def enforce_budget(self) -> list[Path]:
+        return self.prune(max_bytes=self.budget_bytes)
+
+    # --- moving ------------------------------------------------------------------------------
+
+    def export(self, name: str, dest: Path) -> Path:
+        _, path = self.find(name)
+        read_snapshot(path)  # never export a damaged file
+        shutil.copyfile(path, dest)
+        return dest
+
+    def import_(self, source: Path, name: str | None = None) -> SnapshotInfo:
+        """Copy a verified snapshot file in as a named snapshot."""
+        if not source.is_file():
+            raise BadInput(f"no such file: {source}")
+        header, _ = read_snapshot(source)
+        target = self.path_for("named", validate_snapshot_name(name or header.name))
+        if target.exists():
+            raise BadInput(f"snapshot {target.stem!r} already exists; rm it or pass --name")
+        from clawctl.fsutil import atomic_writer
+
+        with atomic_writer(target, mode=0o600) as out, source.open("rb") as src:
+            shutil.copyfileobj(src, out)
+        return self.info("named", target)
+
+    def sweep_temps(self) -> None:
+        """Remove temp files left by a writer that was killed mid-write."""
+        if self.root.is_dir():
+            for tmp in self.root.rglob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
