@@ -59,9 +59,17 @@ class TcpSection(_Strict):
     token_file: str = ""
 
 
+class SnapshotSection(_Strict):
+    pool: bool = True
+    pool_min_tokens: int = Field(512, ge=16)
+    block_tokens: int = Field(256, ge=16)
+    budget_mb: int = Field(0, ge=0)
+
+
 class ConfigFile(_Strict):
     daemon: DaemonSection = DaemonSection()
     tcp: TcpSection = TcpSection()
+    snapshots: SnapshotSection = SnapshotSection()
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,7 @@ class DaemonConfig:
     log_level: str
     config_file: Path
     systemd: SystemdEnv
+    snapshots: SnapshotSection
 
     def redacted(self) -> dict[str, str]:
         """The effective settings for the start-up log, with secrets hidden."""
@@ -197,6 +206,7 @@ def load_daemon_config(socket: Path | None = None, profile: str | None = None) -
         max_queue=file.daemon.max_queue,
         log_level=_env("CLAW_LOG_LEVEL") or file.daemon.log_level,
         config_file=config_path,
+        snapshots=file.snapshots,
         systemd=SystemdEnv(
             notify_socket=_env("NOTIFY_SOCKET"),
             watchdog_usec=int(watchdog) if watchdog and watchdog.isdigit() else None,

@@ -54,6 +54,7 @@ class EdgeProfile(BaseModel):
     flash_attn: bool = False
     memory_budget_mb: int = Field(ge=64)
     max_loaded_models: int = Field(ge=1)
+    snapshot_budget_mb: int = Field(2048, ge=16)
     int4_quant: str
     int2_quant: str
     match: ProfileMatch = ProfileMatch()

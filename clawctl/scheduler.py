@@ -33,6 +33,7 @@ from clawctl.engines.base import (
 from clawctl.errors import ClawError, ContextOverflow, EngineError, Overloaded
 from clawctl.profiles import EdgeProfile
 from clawctl.schemas.admin import LoadedModel
+from clawctl.statekeeper import StateKeeper, StateOutcome, StateRequest
 from clawctl.store.models import ModelManifest
 
 log = logging.getLogger("clawd.scheduler")
@@ -45,13 +46,17 @@ class ManifestLookup(Protocol):
     def blob_path(self, digest: str) -> object: ...
 
 
+NO_STATE = StateOutcome(0, None)
+
+
 @dataclass(frozen=True)
 class Started:
-    """The job left the queue: the prompt is tokenized and fits the context."""
+    """The job left the queue: the prompt is tokenized, fits the context, and its state is ready."""
 
     prompt_tokens: int
     queue_seconds: float
     load_seconds: float
+    state: StateOutcome = NO_STATE
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class Job:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[JobEvent]
+    state: StateRequest = field(default_factory=StateRequest)
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
 
@@ -86,8 +92,10 @@ class ModelWorker:
         load_engine: LoadEngine,
         estimate: int,
         keep_alive: float,
+        keeper: StateKeeper | None = None,
     ) -> None:
         self.manifest = manifest
+        self.keeper = keeper
         self.settings = settings
         self.memory_bytes = estimate
         self.keep_alive = keep_alive
@@ -156,11 +164,16 @@ class ModelWorker:
                     param="messages",
                 )
             waited_for_load = job.enqueued_at < load_started + self.load_seconds
+            queued = time.perf_counter() - job.enqueued_at
+            outcome = NO_STATE
+            if self.keeper is not None:
+                outcome = self.keeper.before(engine, prepared.tokens, job.state)
             job.emit(
                 Started(
                     prompt_tokens=len(prepared.tokens),
-                    queue_seconds=time.perf_counter() - job.enqueued_at,
+                    queue_seconds=queued,
                     load_seconds=self.load_seconds if waited_for_load else 0.0,
+                    state=outcome,
                 )
             )
             for event in engine.generate(prepared, job.params, job.cancel.is_set):
@@ -170,6 +183,12 @@ class ModelWorker:
         except Exception as exc:
             log.exception("generation failed on %s", self.name)
             job.emit(Failed(EngineError(f"generation failed: {exc}")))
+        else:
+            if self.keeper is not None:
+                try:  # after the response: freezing the session never delays it
+                    self.keeper.after(engine, job.state)
+                except Exception:
+                    log.exception("could not freeze session %s", job.state.session)
 
 
 class JobHandle:
@@ -208,8 +227,10 @@ class ModelManager:
         load_engine: LoadEngine,
         keep_alive: float,
         max_queue: int,
+        keeper: StateKeeper | None = None,
     ) -> None:
         self.store = store
+        self.keeper = keeper
         self.profile = profile
         self.load_engine = load_engine
         self.keep_alive = keep_alive
@@ -230,6 +251,7 @@ class ModelManager:
             n_threads=self.profile.effective_threads(),
             kv_cache_type=self.profile.kv_cache_type,
             flash_attn=self.profile.flash_attn,
+            model_digest=manifest.digest,
         )
 
     def estimate(self, manifest: ModelManifest, settings: EngineSettings) -> int:
@@ -277,12 +299,19 @@ class ModelManager:
             settings = self.settings_for(manifest)
             need = self.estimate(manifest, settings)
             self._make_room(need, manifest.name)
-            worker = ModelWorker(manifest, settings, self.load_engine, need, self.keep_alive)
+            worker = ModelWorker(
+                manifest, settings, self.load_engine, need, self.keep_alive, self.keeper
+            )
             self._workers[manifest.name] = worker
         return worker
 
     def submit(
-        self, model: str, prompt: Prompt, params: SamplingParams, keep_alive: float | None = None
+        self,
+        model: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        keep_alive: float | None = None,
+        state: StateRequest | None = None,
     ) -> JobHandle:
         manifest = self.store.get(model)
         worker = self._worker_for(manifest)
@@ -290,7 +319,9 @@ class ModelManager:
             raise Overloaded(f"{model} has {worker.outstanding} requests waiting; retry shortly")
         if keep_alive is not None:
             worker.keep_alive = keep_alive
-        job = Job(prompt, params, asyncio.get_running_loop(), asyncio.Queue())
+        job = Job(
+            prompt, params, asyncio.get_running_loop(), asyncio.Queue(), state or StateRequest()
+        )
         worker.outstanding += 1
         worker.last_used = time.monotonic()
         worker.submit(job)

@@ -14,7 +14,9 @@ from clawctl.metrics import Metrics
 from clawctl.profiles import EdgeProfile, load_profile
 from clawctl.scheduler import ModelManager
 from clawctl.schemas.admin import Health
+from clawctl.statekeeper import SnapshotWriter, StateKeeper
 from clawctl.store.models import ModelStore
+from clawctl.store.snapshots import SnapshotStore
 
 
 @dataclass
@@ -24,6 +26,8 @@ class Services:
     store: ModelStore
     manager: ModelManager
     metrics: Metrics
+    snapshots: SnapshotStore
+    writer: SnapshotWriter
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -31,10 +35,21 @@ class Services:
         load_engine = load_engine or LazyLoader("gguf")
         profile = load_profile(config.paths, config.profile)
         store = ModelStore(config.paths)
+        snap = config.snapshots
+        budget_mb = snap.budget_mb or profile.snapshot_budget_mb
+        snapshots = SnapshotStore(config.paths, budget_mb * (1 << 20), snap.block_tokens)
+        snapshots.sweep_temps()
+        writer = SnapshotWriter(snapshots, "shuffle2" if profile.kv_cache_type == "f16" else "none")
+        keeper = StateKeeper(snapshots, writer, snap.pool, snap.pool_min_tokens)
         manager = ModelManager(
-            store, profile, load_engine, config.keep_alive_seconds, config.max_queue
+            store, profile, load_engine, config.keep_alive_seconds, config.max_queue, keeper
         )
-        return cls(config, profile, store, manager, Metrics.create())
+        return cls(config, profile, store, manager, Metrics.create(), snapshots, writer)
+
+    async def stop(self) -> None:
+        """Finish generations, then the snapshot writes they queued."""
+        await self.manager.stop(self.config.graceful_timeout_seconds)
+        self.writer.stop()
 
     def health(self) -> Health:
         loaded = self.manager.loaded()

@@ -46,7 +46,7 @@ def create_app(services: Services) -> FastAPI:
         try:
             yield
         finally:
-            await services.manager.stop(services.config.graceful_timeout_seconds)
+            await services.stop()
 
     app = FastAPI(title="clawd", version=__version__, lifespan=lifespan)
     app.state.services = services

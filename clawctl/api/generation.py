@@ -18,6 +18,7 @@ from clawctl.errors import ClawError
 from clawctl.scheduler import Failed, JobHandle, Started
 from clawctl.schemas.openai import ClawInfo, ClawRequest, Timings, Usage
 from clawctl.services import Services
+from clawctl.statekeeper import StateRequest
 
 log = logging.getLogger("clawd.requests")
 
@@ -53,8 +54,14 @@ class GenerationRun:
         """Submit the job and wait until it has started (or failed)."""
         metrics = self.services.metrics
         try:
+            snapshot = self.claw.snapshot
+            state = StateRequest(
+                load=snapshot.load if snapshot else None,
+                save=snapshot.save if snapshot else None,
+                session=self.claw.session,
+            )
             self._handle = self.services.manager.submit(
-                self.model, self.prompt, self.params, self.claw.keep_alive
+                self.model, self.prompt, self.params, self.claw.keep_alive, state
             )
             self._events = self._handle.events()
             first = await anext(self._events)
@@ -155,4 +162,8 @@ class GenerationRun:
                 prompt_tokens_per_s=rate(done.prompt_tokens, done.prompt_seconds),
                 decode_tokens_per_s=rate(done.completion_tokens - 1, done.decode_seconds),
             ),
+            prefill_tokens_saved=started.state.reused_tokens,
+            prefix_source=started.state.source,
+            snapshot_saved=started.state.saved,
+            session=self.claw.session,
         )

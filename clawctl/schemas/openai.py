@@ -19,8 +19,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+SNAPSHOT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class SnapshotRequest(_Strict):
+    """Freeze the prompt's state under a name, and/or hydrate from a named snapshot."""
+
+    save: str | None = Field(None, pattern=SNAPSHOT_NAME)
+    load: str | None = Field(None, pattern=SNAPSHOT_NAME)
+
+
 class ClawRequest(_Strict):
     """The `claw` extension in a request body (`extra_body={"claw": {...}}`)."""
+
+    snapshot: SnapshotRequest | None = None
+    session: str | None = Field(
+        None, pattern=SNAPSHOT_NAME, description="Freeze state after each turn under this id."
+    )
 
     app: str | None = Field(None, max_length=128, description="Caller label for logs and ledger.")
     keep_alive: float | None = Field(
@@ -128,6 +143,10 @@ class ClawInfo(BaseModel):
     profile: str
     request_id: str
     timings: Timings
+    prefill_tokens_saved: int = 0
+    prefix_source: str | None = None
+    snapshot_saved: str | None = None
+    session: str | None = None
 
 
 FinishReason = Literal["stop", "length", "cancelled"]

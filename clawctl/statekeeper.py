@@ -1,0 +1,194 @@
+"""Freezing and hydrating llama.cpp state around each generation, on the model's own thread.
+
+Before a generation `StateKeeper.before` makes the context hold as much of the prompt as it can
+without recomputing it: what the context already holds, a named snapshot (`claw.snapshot.load`),
+the request's session (`claw.session`), or the longest matching entry of the prefix pool. It also
+freezes new long prefixes into the pool and, on `claw.snapshot.save`, the whole prompt. After the
+generation, `after` freezes the session. Pool and session writes are write-behind: the model
+thread only copies the raw state (milliseconds); compression and the atomic write happen on the
+`SnapshotWriter` thread, so responses are not delayed. Snapshots never touch another thread's
+model: engines are only called here, from the worker that owns them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from clawctl.engines.base import Engine
+from clawctl.errors import ClawError
+from clawctl.store.snapshot_format import (
+    Filter,
+    Kind,
+    StateIdentity,
+    encode,
+    read_header,
+    write_snapshot,
+)
+from clawctl.store.snapshots import SnapshotStore, block_hashes, common_prefix
+
+log = logging.getLogger("clawd.snapshots")
+
+
+@dataclass(frozen=True)
+class StateRequest:
+    load: str | None = None
+    save: str | None = None
+    session: str | None = None
+
+
+@dataclass(frozen=True)
+class StateOutcome:
+    reused_tokens: int  # prompt tokens whose prefill was avoided
+    source: str | None  # "memory", "snapshot", "session", "pool" or None
+    saved: str | None = None  # named snapshot written for this request
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    path: Path
+    kind: Kind
+    name: str
+    identity: StateIdentity
+    raw: bytearray
+    tokens: list[int]
+
+
+class SnapshotWriter:
+    """One background thread compressing and writing snapshots (never touches a model)."""
+
+    def __init__(self, store: SnapshotStore, filter_: Filter, level: int = 1) -> None:
+        self.store = store
+        self.filter = filter_
+        self.level = level
+        self._jobs: queue.Queue[WriteJob | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="snapshot-writer", daemon=True)
+        self._thread.start()
+
+    def write_now(self, job: WriteJob) -> None:
+        header, chunks = encode(
+            job.raw, kind=job.kind, name=job.name, identity=job.identity, tokens=job.tokens,
+            filter_=self.filter, level=self.level,
+        )  # fmt: skip
+        write_snapshot(job.path, header, chunks)
+        if job.kind == "pool":
+            self.store.pool_added(job.identity, job.path, job.tokens)
+        if job.kind != "named":
+            self.store.enforce_budget()
+
+    def submit(self, job: WriteJob) -> None:
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self.write_now(job)
+            except Exception:
+                log.exception("could not write snapshot %s", job.path)
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def flush(self) -> None:
+        self._jobs.join()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+
+class StateKeeper:
+    def __init__(
+        self, store: SnapshotStore, writer: SnapshotWriter, pool: bool = True,
+        pool_min_tokens: int = 512,
+    ) -> None:  # fmt: skip
+        self.store = store
+        self.writer = writer
+        self.pool = pool
+        self.pool_min_tokens = pool_min_tokens
+
+    def _restore(self, engine: Engine, path: Path, identity: StateIdentity) -> list[int]:
+        header, raw = self.store.load(path, identity)
+        engine.restore_state(raw, header.tokens)
+        return header.tokens
+
+    def before(self, engine: Engine, tokens: list[int], request: StateRequest) -> StateOutcome:
+        identity = engine.identity()
+        held = common_prefix(engine.cached_tokens(), tokens)
+        source: str | None = "memory" if held else None
+        hashes: list[str] = []
+        if request.load:
+            _, path = self.store.find(request.load, "named")
+            held = common_prefix(self._restore(engine, path, identity), tokens)
+            source = "snapshot"
+        elif request.session and self.store.path_for("session", request.session).is_file():
+            path = self.store.path_for("session", request.session)
+            try:
+                header = read_header(path)
+                usable = header.identity == identity
+                if usable and common_prefix(header.tokens, tokens) > held:
+                    held = common_prefix(self._restore(engine, path, identity), tokens)
+                    source = "session"
+            except ClawError as exc:  # a damaged session costs a recompute, not the request
+                log.warning("session %s not restored: %s", request.session, exc.message)
+        elif self.pool and len(tokens) >= self.pool_min_tokens:
+            hashes = block_hashes(identity, tokens, self.store.block_tokens)
+            hit = self.store.pool_lookup(identity, hashes)
+            if hit is not None and hit.tokens > held:
+                try:
+                    held = common_prefix(self._restore(engine, hit.path, identity), tokens)
+                    source = "pool"
+                except ClawError as exc:
+                    log.warning("pool entry %s not restored: %s", hit.path.name, exc.message)
+        reused = min(held, max(0, len(tokens) - 1))
+        if hashes:
+            self._grow_pool(engine, identity, tokens, hashes, held)
+        saved = None
+        if request.save:
+            engine.prefill(tokens)
+            raw, held_tokens = engine.capture_state()
+            path = self.store.path_for("named", request.save)
+            self.writer.write_now(WriteJob(path, "named", request.save, identity, raw, held_tokens))
+            saved = request.save
+        return StateOutcome(reused, source if reused else None, saved)
+
+    def _grow_pool(
+        self,
+        engine: Engine,
+        identity: StateIdentity,
+        tokens: list[int],
+        hashes: list[str],
+        shared: int,
+    ) -> None:
+        """Freeze a block-aligned prefix of the prompt if the pool lacks it.
+
+        When the prompt shares a long prefix with what the context held (the previous request),
+        that shared part is what later requests will share too (a system prompt, a document), so
+        it is what we freeze; a prompt seen for the first time is frozen up to its last full
+        block, whose own tail may be private to it but whose blocks index every shared prefix.
+        """
+        block = self.store.block_tokens
+        blocks = min(len(hashes), (len(tokens) - 1) // block)
+        if shared >= self.pool_min_tokens:
+            blocks = min(blocks, shared // block)
+        length = blocks * block
+        if blocks == 0 or length < self.pool_min_tokens:
+            return
+        chain = hashes[blocks - 1]
+        if self.store.pool_has(identity, chain):
+            return
+        engine.prefill(tokens[:length])  # tokens the request evaluates anyway
+        raw, held = engine.capture_state()
+        path = self.store.pool_path(identity, chain)
+        self.writer.submit(WriteJob(path, "pool", chain, identity, raw, held))
+
+    def after(self, engine: Engine, request: StateRequest) -> None:
+        if request.session:
+            raw, held = engine.capture_state()
+            path = self.store.path_for("session", request.session)
+            self.writer.submit(
+                WriteJob(path, "session", request.session, engine.identity(), raw, held)
+            )
