@@ -17,7 +17,7 @@ import httpx
 from clawctl.config import ClientConfig
 from clawctl.errors import ClawError, DaemonUnavailable, error_class_for
 from clawctl.schemas.admin import Health
-from clawctl.schemas.openai import ChatCompletionChunk, ClawInfo, ModelList, Usage
+from clawctl.schemas.openai import ChatCompletionChunk, ClawInfo, Completion, ModelList, Usage
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,15 @@ class ClawClient:
 
     def models(self) -> ModelList:
         return ModelList.model_validate(self._get("/v1/models"))
+
+    def complete(self, body: dict[str, Any]) -> Completion:
+        """A non-streaming /v1/completions call (snapshot save/load from the CLI)."""
+        try:
+            response = self._http.post("/v1/completions", json={**body, "stream": False})
+        except (httpx.ConnectError, FileNotFoundError):
+            raise self._unavailable() from None
+        self._raise_for(response)
+        return Completion.model_validate(response.json())
 
     def chat_stream(
         self,

@@ -148,7 +148,9 @@ class StateKeeper:
             self._grow_pool(engine, identity, tokens, hashes, held)
         saved = None
         if request.save:
-            engine.prefill(tokens)
+            # From an empty context, as a cold request computes it, so hydrating reproduces a cold
+            # run exactly; the last token is always decoded with the generation.
+            engine.prefill(tokens[:-1], reuse=False)
             raw, held_tokens = engine.capture_state()
             path = self.store.path_for("named", request.save)
             self.writer.write_now(WriteJob(path, "named", request.save, identity, raw, held_tokens))

@@ -60,6 +60,15 @@ def session_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+@pytest.fixture
+def fresh_home(session_home: Path, tmp_path: Path) -> Path:
+    """A CLAW_HOME of its own with the default model installed (blobs hard-linked: instant)."""
+    home = tmp_path / "fresh-home"
+    source = session_home / "data" / "models"
+    shutil.copytree(source, home / "data" / "models", copy_function=os.link)
+    return home
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf(session_home: Path) -> Path:
     store = ModelStore(Paths.build(session_home, DOWNLOAD_CACHE))
@@ -138,7 +147,7 @@ def run_daemon(
 ) -> Iterator[Daemon]:
     log = log_dir / f"clawd-{time.monotonic_ns()}.log"
     full_env = clean_env(
-        CLAW_HOME=str(home), CLAW_SOCKET=str(socket), CLAW_PROFILE=TEST_PROFILE, **env
+        **{"CLAW_HOME": str(home), "CLAW_SOCKET": str(socket), "CLAW_PROFILE": TEST_PROFILE, **env}
     )
     with log.open("wb") as sink:
         proc = subprocess.Popen([str(BIN / "clawd")], env=full_env, stdout=sink, stderr=sink)

@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from clawctl import __version__
-from clawctl.cli import chat, daemon, models, profile, service
+from clawctl.cli import chat, daemon, models, profile, service, snapshot
 from clawctl.cli._console import err
 from clawctl.errors import ClawError
 
@@ -49,6 +49,7 @@ app = typer.Typer(
 app.add_typer(models.app, name="models")
 app.add_typer(profile.app, name="profile")
 app.add_typer(service.app, name="service")
+app.add_typer(snapshot.app, name="snapshot")
 chat.register(app)
 daemon.register(app)
 

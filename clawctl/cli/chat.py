@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
+from clawctl.cli._client import daemon_client
 from clawctl.cli._console import err, out
 from clawctl.cli._options import JsonOption, ModelOption
-
-if TYPE_CHECKING:
-    from clawctl.client import ClawClient
-
-
-def _client() -> ClawClient:
-    from clawctl.client import ClawClient
-    from clawctl.config import load_client_config
-
-    return ClawClient(load_client_config())
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +33,7 @@ def register(app: typer.Typer) -> None:
 
         history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         interactive = message is None
-        with _client() as client:
+        with daemon_client() as client:
             client.health()  # fail fast with exit code 3 if the daemon is down
             while True:
                 if interactive:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from clawctl.cli._client import daemon_client
 from clawctl.cli._console import emit_json, human_bytes, out, table
 from clawctl.cli._options import JsonOption
 
@@ -33,10 +34,7 @@ def register(app: typer.Typer) -> None:
 
         Example: clawctl status --json
         """
-        from clawctl.client import ClawClient
-        from clawctl.config import load_client_config
-
-        with ClawClient(load_client_config()) as client:
+        with daemon_client() as client:
             health = client.health()
         if json_:
             emit_json(health)
@@ -57,10 +55,7 @@ def register(app: typer.Typer) -> None:
 
         Example: clawctl ps
         """
-        from clawctl.client import ClawClient
-        from clawctl.config import load_client_config
-
-        with ClawClient(load_client_config()) as client:
+        with daemon_client() as client:
             loaded = client.health().loaded
         if json_:
             emit_json(loaded)

@@ -111,9 +111,9 @@ class Engine(Protocol):
         """The token ids whose keys and values the context holds now."""
         ...
 
-    def prefill(self, tokens: list[int]) -> int:
-        """Make the context hold exactly `tokens`, reusing the common prefix; returns how many
-        tokens were evaluated."""
+    def prefill(self, tokens: list[int], reuse: bool = True) -> int:
+        """Make the context hold exactly `tokens`, reusing the common prefix unless `reuse` is
+        false; returns how many tokens were evaluated."""
         ...
 
     def capture_state(self) -> tuple[bytearray, list[int]]:

@@ -39,6 +39,9 @@ KV_TYPES = {
     "q8_0": llama_cpp.GGML_TYPE_Q8_0,
     "q4_0": llama_cpp.GGML_TYPE_Q4_0,
 }
+# Shorter shared prefixes (a BOS token, a chat header) are recomputed: saving them is worth
+# nothing, and prefilling from position 0 keeps batch boundaries, hence rounding, canonical.
+MIN_REUSE = 32
 # What a raw llama.cpp state depends on besides the identity fields: the library that wrote it.
 STATE_FORMAT = (
     f"llama-cpp-python/{llama_cpp.__version__}/session-v{llama_cpp.LLAMA_SESSION_VERSION}"
@@ -127,6 +130,11 @@ class LlamaEngine:
         room = self.n_ctx - len(prompt.tokens)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         started = time.perf_counter()
+        # Every prompt's last token is decoded on its own, after the rest: then a prompt hydrated
+        # from a snapshot (which holds all but that token) goes through exactly the decode calls
+        # of a cold prefill, and greedy continuations match token for token. (A one-token batch
+        # rounds differently from a many-token one.)
+        self.prefill(prompt.tokens[:-1])
         first: float | None = None
         reason: FinishReason = "stop"
         stream: Iterator[Any] = self._llama.create_completion(  # type: ignore[assignment]
@@ -202,9 +210,11 @@ class LlamaEngine:
         differs = np.nonzero(llama.input_ids[:n] != np.asarray(tokens[:n], dtype=np.intc))[0]
         return int(differs[0]) if len(differs) else n
 
-    def prefill(self, tokens: list[int]) -> int:
+    def prefill(self, tokens: list[int], reuse: bool = True) -> int:
         llama = self._llama
-        keep = self._common_prefix(tokens)
+        keep = self._common_prefix(tokens) if reuse else 0
+        if keep < MIN_REUSE:
+            keep = 0  # start batches at position 0: the canonical, reproducible prefill
         llama.n_tokens = keep
         llama._ctx.kv_cache_seq_rm(-1, keep, -1)  # drop cells past the shared prefix
         if keep < len(tokens):
@@ -231,7 +241,7 @@ class LlamaEngine:
             raise EngineError("llama.cpp rejected the saved state")
         llama.input_ids[: len(tokens)] = tokens
         llama.n_tokens = len(tokens)
-        llama._requires_eval = True  # re-decode the last token before sampling, as load_state does
+        llama._requires_eval = True  # logits are not part of a usable restored state
 
     def close(self) -> None:
         self._llama.close()
