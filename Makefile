@@ -31,7 +31,8 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 bench: model
-	$(PY) bench/run.py
+	$(PY) bench/foundation.py
+	$(PY) bench/snapshots.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build

@@ -196,3 +196,34 @@ def test_sigkill_during_saves_leaves_no_partial_snapshot(tmp_path: Path) -> None
     store.sweep_temps()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert read_header(next(tmp_path.glob("*.snap"))).identity == IDENTITY
+
+
+def test_budget_evicts_least_recently_used_pool_and_sessions_but_keeps_named(
+    tmp_path: Path,
+) -> None:
+    store = SnapshotStore(load_paths(), budget_bytes=1 << 30)
+    raw = _raw(200_000, seed=5)
+    paths = {
+        "named": store.path_for("named", "keep-me"),
+        "old-session": store.path_for("session", "old"),
+        "new-session": store.path_for("session", "new"),
+        "pool": store.pool_path(IDENTITY, "c" * 32),
+    }
+    for age, (label, path) in enumerate(paths.items()):
+        header, chunks = encode(
+            raw, kind="named", name=label, identity=IDENTITY, tokens=list(range(300))
+        )
+        write_snapshot(path, header, chunks)
+        os.utime(path, (1_000_000 + age * 1000, 1_000_000 + age * 1000))
+    store.pool_added(IDENTITY, paths["pool"], list(range(300)))
+    one = paths["pool"].stat().st_size
+    store.budget_bytes = one  # room for one of the three prunable files
+    removed = store.enforce_budget()
+    assert sorted(p.name for p in removed) == ["new.snap", "old.snap"]
+    assert paths["named"].exists()
+    assert paths["pool"].exists()
+    assert store.pool_lookup(IDENTITY, block_hashes(IDENTITY, list(range(300)), 256)) is not None
+    store.touch(paths["pool"])
+    assert [e.kind for e in store.entries()] == ["named", "pool"]
+    assert store.prune(older_than=0.0) == [paths["pool"]]
+    assert store.pool_lookup(IDENTITY, block_hashes(IDENTITY, list(range(300)), 256)) is None

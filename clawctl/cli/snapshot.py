@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from clawctl.cli._client import daemon_client
-from clawctl.cli._console import emit_json, err, human_bytes, out, table
+from clawctl.cli._console import RichProgress, emit_json, err, human_bytes, out, table
 from clawctl.cli._options import JsonOption, ModelOption
 from clawctl.errors import BadInput
 
@@ -252,7 +252,8 @@ def export(name: str, dest: Path) -> None:
 
     Example: clawctl snapshot export manual /media/usb/manual.snap
     """
-    path = _store().export(name, dest)
+    with RichProgress() as progress:
+        path = _store().export(name, dest, progress)
     err.print(f"exported {name} to {path}")
 
 
@@ -266,7 +267,8 @@ def import_(
 
     Example: clawctl snapshot import /media/usb/manual.snap --name manual
     """
-    info = _store().import_(source, name)
+    with RichProgress() as progress:
+        info = _store().import_(source, name, progress)
     if json_:
         emit_json(info)
         return

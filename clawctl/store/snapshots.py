@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import os
 import re
-import shutil
 import struct
 import threading
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from clawctl.errors import BadInput, ClawError, NotFound
+from clawctl.fsutil import atomic_writer, copy_hashing
 from clawctl.paths import Paths
 from clawctl.store.snapshot_format import (
     Kind,
@@ -37,6 +37,7 @@ from clawctl.store.snapshot_format import (
     read_header,
     read_snapshot,
 )
+from clawctl.store.sources import NullProgress, ProgressSink
 
 SUFFIX = ".snap"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -103,6 +104,13 @@ class VerifyReport(BaseModel):
 class PoolHit:
     path: Path
     tokens: int  # how many leading prompt tokens the snapshot holds (block aligned)
+
+
+def _copy(source: Path, target: Path, progress: ProgressSink, description: str) -> None:
+    """Atomic copy with progress (snapshots of long contexts run to hundreds of MB)."""
+    progress.start(description, source.stat().st_size)
+    with atomic_writer(target, mode=0o600) as out, source.open("rb") as src:
+        copy_hashing(src, out, hashlib.sha256(), progress.advance)
 
 
 class SnapshotStore:
@@ -272,13 +280,15 @@ class SnapshotStore:
 
     # --- moving ------------------------------------------------------------------------------
 
-    def export(self, name: str, dest: Path) -> Path:
+    def export(self, name: str, dest: Path, progress: ProgressSink | None = None) -> Path:
         _, path = self.find(name)
         read_snapshot(path)  # never export a damaged file
-        shutil.copyfile(path, dest)
+        _copy(path, dest, progress or NullProgress(), f"exporting {name}")
         return dest
 
-    def import_(self, source: Path, name: str | None = None) -> SnapshotInfo:
+    def import_(
+        self, source: Path, name: str | None = None, progress: ProgressSink | None = None
+    ) -> SnapshotInfo:
         """Copy a verified snapshot file in as a named snapshot."""
         if not source.is_file():
             raise BadInput(f"no such file: {source}")
@@ -286,10 +296,7 @@ class SnapshotStore:
         target = self.path_for("named", validate_snapshot_name(name or header.name))
         if target.exists():
             raise BadInput(f"snapshot {target.stem!r} already exists; rm it or pass --name")
-        from clawctl.fsutil import atomic_writer
-
-        with atomic_writer(target, mode=0o600) as out, source.open("rb") as src:
-            shutil.copyfileobj(src, out)
+        _copy(source, target, progress or NullProgress(), f"importing {target.stem}")
         return self.info("named", target)
 
     def sweep_temps(self) -> None:

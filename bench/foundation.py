@@ -26,6 +26,9 @@ from pathlib import Path
 import httpx
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import RESULTS, write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PROFILE = "x86-small"  # n_ctx 4096, n_batch 512, 2 threads, f16 KV: used by all three contenders
@@ -249,7 +252,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     from clawctl.config import load_paths
@@ -289,11 +292,11 @@ def write_results(
     rows = list(results.items())
     ours = results["clawd over Unix socket"]
     lines = [
-        "# Benchmark results",
+        "## Foundation: clawd vs in-process llama-cpp-python vs llama_cpp.server",
         "",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- Machine: {machine()}",
-        f"- Command: `make bench` (`python bench/run.py --runs {args.runs}`)",
+        f"- Command: `make bench` (`python bench/foundation.py --runs {args.runs}`)",
         f"- Model: smollm2-135m (SmolLM2-135M-Instruct Q4_1), n_ctx {N_CTX}, n_batch {N_BATCH}, "
         f"profile {PROFILE}; streaming chat, {MAX_TOKENS} tokens max, temperature 0; "
         f"median of {args.runs} interleaved rounds after one warm-up each; "
@@ -301,7 +304,7 @@ def write_results(
         "- All three generate with llama-cpp-python; one client at a time; both servers are read "
         "by the same lean SSE client (httpx + json.loads)",
         "",
-        "## Streaming decode and time to first token",
+        "### Streaming decode and time to first token",
         "",
         "| contender | decode tok/s (median) | min-max | vs anchor | TTFT ms | tokens |",
         "|---|---:|---:|---:|---:|---:|",
@@ -317,7 +320,7 @@ def write_results(
     help_s = statistics.median(helps)
     lines += [
         "",
-        "## Targets",
+        "### Targets",
         "",
         "| target | measured | met |",
         "|---|---:|---|",
@@ -328,7 +331,7 @@ def write_results(
         "",
     ]
     lines += [
-        "## Notes",
+        "### Notes",
         "",
         "- Decode speed on this shared 2-core machine varies by about ±10% between runs (see "
         "min-max); contenders are interleaved round by round so the noise falls on all alike.",
@@ -338,7 +341,7 @@ def write_results(
         "shows when requests land on different worker threads (see the batching benchmark).",
         "",
     ]
-    args.out.write_text("\n".join(lines))
+    write_section("foundation", "\n".join(lines), args.out)
     print("\n".join(lines))
 
 
