@@ -33,6 +33,7 @@ lint: install
 bench: model
 	$(PY) bench/foundation.py
 	$(PY) bench/snapshots.py
+	$(PY) bench/adapters.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from clawctl.engines.base import (
+    AdapterSpec,
     Engine,
     EngineSettings,
     Finished,
@@ -74,6 +75,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[JobEvent]
     state: StateRequest = field(default_factory=StateRequest)
+    adapters: tuple[AdapterSpec, ...] = ()
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
 
@@ -156,6 +158,7 @@ class ModelWorker:
             job.emit(Failed(ClawError("cancelled before it started")))
             return
         try:
+            engine.set_adapters(job.adapters)
             prepared = engine.prepare(job.prompt)
             if len(prepared.tokens) >= engine.n_ctx:
                 raise ContextOverflow(
@@ -189,6 +192,8 @@ class ModelWorker:
                     self.keeper.after(engine, job.state)
                 except Exception:
                     log.exception("could not freeze session %s", job.state.session)
+        finally:
+            engine.release_adapters()  # frees adapters removed while this job used them
 
 
 class JobHandle:
@@ -312,6 +317,7 @@ class ModelManager:
         params: SamplingParams,
         keep_alive: float | None = None,
         state: StateRequest | None = None,
+        adapters: tuple[AdapterSpec, ...] = (),
     ) -> JobHandle:
         manifest = self.store.get(model)
         worker = self._worker_for(manifest)
@@ -320,7 +326,12 @@ class ModelManager:
         if keep_alive is not None:
             worker.keep_alive = keep_alive
         job = Job(
-            prompt, params, asyncio.get_running_loop(), asyncio.Queue(), state or StateRequest()
+            prompt,
+            params,
+            asyncio.get_running_loop(),
+            asyncio.Queue(),
+            state or StateRequest(),
+            adapters=adapters,
         )
         worker.outstanding += 1
         worker.last_used = time.monotonic()

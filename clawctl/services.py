@@ -8,13 +8,16 @@ from dataclasses import dataclass, field
 
 from clawctl import __version__
 from clawctl.config import DaemonConfig
-from clawctl.engines.base import LoadEngine
+from clawctl.engines.base import AdapterSpec, LoadEngine
 from clawctl.engines.registry import LazyLoader
+from clawctl.errors import BadInput
 from clawctl.metrics import Metrics
 from clawctl.profiles import EdgeProfile, load_profile
 from clawctl.scheduler import ModelManager
 from clawctl.schemas.admin import Health
+from clawctl.schemas.openai import AdapterChoice
 from clawctl.statekeeper import SnapshotWriter, StateKeeper
+from clawctl.store.adapters import AdapterStore
 from clawctl.store.models import ModelStore
 from clawctl.store.snapshots import SnapshotStore
 
@@ -28,6 +31,7 @@ class Services:
     metrics: Metrics
     snapshots: SnapshotStore
     writer: SnapshotWriter
+    adapters: AdapterStore
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -44,12 +48,30 @@ class Services:
         manager = ModelManager(
             store, profile, load_engine, config.keep_alive_seconds, config.max_queue, keeper
         )
-        return cls(config, profile, store, manager, Metrics.create(), snapshots, writer)
+        adapters = AdapterStore(store)
+        return cls(config, profile, store, manager, Metrics.create(), snapshots, writer, adapters)
 
     async def stop(self) -> None:
         """Finish generations, then the snapshot writes they queued."""
         await self.manager.stop(self.config.graceful_timeout_seconds)
         self.writer.stop()
+
+    def adapter_specs(self, model: str, choices: list[AdapterChoice]) -> tuple[AdapterSpec, ...]:
+        """Resolve a request's adapters against the store (installed for this base model)."""
+        if not choices:
+            return ()
+        base = self.store.get(model)
+        specs = []
+        for choice in choices:
+            manifest = self.adapters.get(model, choice.name)
+            if manifest.base_digest != base.digest:
+                raise BadInput(
+                    f"adapter {choice.name!r} was installed for other bytes of {model};"
+                    " install it again",
+                    param="adapters",
+                )
+            specs.append(AdapterSpec(manifest.digest, self.adapters.file(manifest), choice.scale))
+        return tuple(specs)
 
     def health(self) -> Health:
         loaded = self.manager.loaded()

@@ -62,6 +62,12 @@ class FakeEngine:
     def memory_bytes(self) -> int:
         return self.memory
 
+    def set_adapters(self, adapters: tuple[object, ...]) -> None:
+        self.threads.add(threading.get_ident())
+
+    def release_adapters(self) -> None:
+        return None
+
     def close(self) -> None:
         self.threads.add(threading.get_ident())
         self.closed = True

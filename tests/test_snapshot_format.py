@@ -176,14 +176,15 @@ def test_sigkill_during_saves_leaves_no_partial_snapshot(tmp_path: Path) -> None
         import sys
         sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
         from pathlib import Path
-        from tests.test_snapshot_format import IDENTITY, _raw, _write
-        raw = _raw(3 * 1024 * 1024, seed=3)
+        import os
+        from tests.test_snapshot_format import IDENTITY, _write
+        raw = os.urandom(3 * 1024 * 1024)
         i = 0
         while True:
             _write(Path({str(tmp_path)!r}) / f"s{{i % 3}}.snap", raw)
             i += 1
     """)
-    for delay in (0.3, 0.7, 1.1, 1.6):
+    for delay in (0.9, 1.3, 1.7, 2.2):
         proc = subprocess.Popen([sys.executable, "-c", script])
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)

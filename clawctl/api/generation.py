@@ -60,8 +60,9 @@ class GenerationRun:
                 save=snapshot.save if snapshot else None,
                 session=self.claw.session,
             )
+            adapters = self.services.adapter_specs(self.model, self.claw.adapters)
             self._handle = self.services.manager.submit(
-                self.model, self.prompt, self.params, self.claw.keep_alive, state
+                self.model, self.prompt, self.params, self.claw.keep_alive, state, adapters
             )
             self._events = self._handle.events()
             first = await anext(self._events)
@@ -162,6 +163,7 @@ class GenerationRun:
                 prompt_tokens_per_s=rate(done.prompt_tokens, done.prompt_seconds),
                 decode_tokens_per_s=rate(done.completion_tokens - 1, done.decode_seconds),
             ),
+            adapters=self.claw.adapters,
             prefill_tokens_saved=started.state.reused_tokens,
             prefix_source=started.state.source,
             snapshot_saved=started.state.saved,

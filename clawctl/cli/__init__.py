@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from clawctl import __version__
-from clawctl.cli import chat, daemon, models, profile, service, snapshot
+from clawctl.cli import adapters, chat, daemon, models, profile, service, snapshot
 from clawctl.cli._console import err
 from clawctl.errors import ClawError
 
@@ -47,6 +47,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 app.add_typer(models.app, name="models")
+app.add_typer(adapters.app, name="adapters")
 app.add_typer(profile.app, name="profile")
 app.add_typer(service.app, name="service")
 app.add_typer(snapshot.app, name="snapshot")

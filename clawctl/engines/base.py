@@ -31,6 +31,15 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter to apply: its blob (content address and file) and scale."""
+
+    digest: str
+    path: Path
+    scale: float
+
+
+@dataclass(frozen=True)
 class ChatTurn:
     role: str
     content: str
@@ -99,6 +108,15 @@ class Engine(Protocol):
 
     def memory_bytes(self) -> int:
         """Resident memory this engine holds (weights plus KV cache), for the budget."""
+        ...
+
+    def set_adapters(self, adapters: tuple[AdapterSpec, ...]) -> None:
+        """Apply exactly these LoRA adapters (empty: none) without reloading the base model.
+        Each adapter file is loaded once; a change of set invalidates the cached prefix."""
+        ...
+
+    def release_adapters(self) -> None:
+        """Free loaded adapters that are not active and whose files were removed."""
         ...
 
     # --- state: what snapshots, sessions and the prefix pool are built on ---------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
@@ -22,6 +23,7 @@ import numpy.typing as npt
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from clawctl.engines.base import (
+    AdapterSpec,
     EngineSettings,
     Finished,
     FinishReason,
@@ -32,7 +34,7 @@ from clawctl.engines.base import (
     estimate_kv_bytes,
 )
 from clawctl.errors import BadInput, EngineError
-from clawctl.store.snapshot_format import StateIdentity
+from clawctl.store.snapshot_format import AdapterRef, StateIdentity
 
 KV_TYPES = {
     "f16": llama_cpp.GGML_TYPE_F16,
@@ -79,6 +81,8 @@ class LlamaEngine:
                 f"llama.cpp could not load {settings.model_path.name}: {exc}"
             ) from None
         self._flash_attn = settings.flash_attn or settings.kv_cache_type != "f16"
+        self._loaded_adapters: dict[str, tuple[Path, Any]] = {}
+        self._active: tuple[AdapterSpec, ...] = ()
         self._formatter = self._build_formatter()
 
     def _build_formatter(self) -> Jinja2ChatFormatter:
@@ -185,12 +189,45 @@ class LlamaEngine:
         )
         return self.settings.model_path.stat().st_size + kv
 
+    # --- adapters -----------------------------------------------------------------------
+
+    def set_adapters(self, adapters: tuple[AdapterSpec, ...]) -> None:
+        if adapters == self._active:
+            return
+        pointers = []
+        for spec in adapters:
+            if spec.digest not in self._loaded_adapters:
+                pointer = llama_cpp.llama_adapter_lora_init(
+                    self._llama.model, str(spec.path).encode()
+                )
+                if not pointer:
+                    raise EngineError(f"llama.cpp could not load the adapter {spec.path.name}")
+                self._loaded_adapters[spec.digest] = (spec.path, pointer)
+            pointers.append(self._loaded_adapters[spec.digest][1])
+        count = len(adapters)
+        array = (llama_cpp.llama_adapter_lora_p_ctypes * count)(*pointers) if count else None
+        scales = (ctypes.c_float * count)(*(s.scale for s in adapters)) if count else None
+        if llama_cpp.llama_set_adapters_lora(self._llama.ctx, array, count, scales) != 0:
+            raise EngineError("llama.cpp could not apply the adapters")
+        self._active = adapters
+        # Keys and values computed under other adapters are wrong under these: forget them.
+        self._llama.n_tokens = 0
+        self._llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+
+    def release_adapters(self) -> None:
+        active = {spec.digest for spec in self._active}
+        for digest, (path, pointer) in list(self._loaded_adapters.items()):
+            if digest not in active and not path.exists():
+                llama_cpp.llama_adapter_lora_free(pointer)
+                del self._loaded_adapters[digest]
+
     # --- state ----------------------------------------------------------------------------
 
     def identity(self) -> StateIdentity:
         kv = self.settings.kv_cache_type
         return StateIdentity(
             model_sha256=self.settings.model_digest,
+            adapters=tuple(AdapterRef(sha256=a.digest, scale=a.scale) for a in self._active),
             state_format=STATE_FORMAT,
             n_ctx=self.n_ctx,
             type_k=kv,
@@ -244,6 +281,9 @@ class LlamaEngine:
         llama._requires_eval = True  # logits are not part of a usable restored state
 
     def close(self) -> None:
+        for _, pointer in self._loaded_adapters.values():
+            llama_cpp.llama_adapter_lora_free(pointer)
+        self._loaded_adapters.clear()
         self._llama.close()
 
 

@@ -29,8 +29,15 @@ class SnapshotRequest(_Strict):
     load: str | None = Field(None, pattern=SNAPSHOT_NAME)
 
 
+class AdapterChoice(_Strict):
+    name: str = Field(min_length=1, max_length=80)
+    scale: float = Field(1.0, ge=-4.0, le=4.0)
+
+
 class ClawRequest(_Strict):
     """The `claw` extension in a request body (`extra_body={"claw": {...}}`)."""
+
+    adapters: list[AdapterChoice] = Field(default_factory=list, max_length=8)
 
     snapshot: SnapshotRequest | None = None
     session: str | None = Field(
@@ -143,6 +150,7 @@ class ClawInfo(BaseModel):
     profile: str
     request_id: str
     timings: Timings
+    adapters: list[AdapterChoice] = Field(default_factory=list)
     prefill_tokens_saved: int = 0
     prefix_source: str | None = None
     snapshot_saved: str | None = None

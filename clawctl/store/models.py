@@ -126,7 +126,7 @@ class ModelStore:
                 if tmp.stat().st_mtime < cutoff:
                     tmp.unlink()
 
-    def _commit_blob(self, tmp: Path, digest: str) -> Path:
+    def commit_blob(self, tmp: Path, digest: str) -> Path:
         blob = self.blob_path(digest)
         if blob.exists():
             return blob
@@ -182,7 +182,7 @@ class ModelStore:
                     f"{expected_sha256[:12]}…; the source changed or is damaged"
                 )
             read_gguf_info(tmp)  # rejects truncated or foreign files before they are visible
-            blob = self._commit_blob(tmp, actual)
+            blob = self.commit_blob(tmp, actual)
         return self._write_manifest(name, actual, blob, source)
 
     def pull(
@@ -224,7 +224,7 @@ class ModelStore:
         """Adopt a file produced inside the blobs dir (e.g. by the quantizer)."""
         digest = sha256_file(built)
         read_gguf_info(built)
-        blob = self._commit_blob(built, digest)
+        blob = self.commit_blob(built, digest)
         return self._write_manifest(validate_model_name(name), digest, blob, source, parent)
 
     def remove(self, name: str) -> ModelManifest:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 from collections.abc import Sequence
@@ -127,15 +128,21 @@ def shuffle2(chunk: bytes | memoryview) -> bytes:
 
 
 def unshuffle2(chunk: bytes) -> bytes:
+    out = bytearray(len(chunk))
+    unshuffle2_into(chunk, memoryview(out))
+    return bytes(out)
+
+
+def unshuffle2_into(chunk: bytes | memoryview, out: memoryview) -> None:
+    """Interleave the two byte planes of `chunk` straight into `out` (no temporary copies)."""
     import numpy as np
 
     data = np.frombuffer(chunk, dtype=np.uint8)
+    target = np.frombuffer(out, dtype=np.uint8)
     pairs = len(data) // 2
-    out = np.empty_like(data)
-    out[0 : 2 * pairs : 2] = data[:pairs]
-    out[1 : 2 * pairs : 2] = data[pairs : 2 * pairs]
-    out[2 * pairs :] = data[2 * pairs :]
-    return out.tobytes()
+    target[0 : 2 * pairs : 2] = data[:pairs]
+    target[1 : 2 * pairs : 2] = data[pairs : 2 * pairs]
+    target[2 * pairs :] = data[2 * pairs :]
 
 
 def _threads() -> int:
@@ -153,19 +160,31 @@ def _encode_chunk(chunk: memoryview, filter_: Filter, level: int) -> tuple[bytes
 
 
 def encode(
-    raw: bytes | bytearray | memoryview, *, kind: Kind, name: str, identity: StateIdentity,
-    tokens: Sequence[int], filter_: Filter = "shuffle2", level: int = 3,
-) -> tuple[SnapshotHeader, list[bytes]]:  # fmt: skip
+    raw: bytes | bytearray | memoryview,
+    *,
+    kind: Kind,
+    name: str,
+    identity: StateIdentity,
+    tokens: Sequence[int],
+    filter_: Filter = "shuffle2",
+    level: int = 3,
+) -> tuple[SnapshotHeader, list[bytes]]:
     """Compress a raw state into chunks (in parallel) and describe it."""
     view = memoryview(raw)
     pieces = [view[i : i + CHUNK_BYTES] for i in range(0, len(view), CHUNK_BYTES)]
     with ThreadPoolExecutor(_threads()) as pool:
         encoded = list(pool.map(lambda c: _encode_chunk(c, filter_, level), pieces))
     header = SnapshotHeader(
-        kind=kind, name=name, created_at=datetime.now(timezone.utc), identity=identity,
-        tokens=list(tokens), raw_size=len(view), filter=filter_, level=level,
+        kind=kind,
+        name=name,
+        created_at=datetime.now(timezone.utc),
+        identity=identity,
+        tokens=list(tokens),
+        raw_size=len(view),
+        filter=filter_,
+        level=level,
         chunks=[info for _, info in encoded],
-    )  # fmt: skip
+    )
     return header, [stored for stored, _ in encoded]
 
 
@@ -210,7 +229,10 @@ def read_header(path: Path) -> SnapshotHeader:
     return header
 
 
-def _decode_chunk(stored: bytes, info: ChunkInfo, filter_: Filter, where: str) -> bytes:
+def _decode_chunk(
+    stored: memoryview, info: ChunkInfo, filter_: Filter, out: memoryview, where: str
+) -> None:
+    """Decompress one chunk into its place in the raw state and check it."""
     import xxhash
     import zstandard
 
@@ -220,44 +242,66 @@ def _decode_chunk(stored: bytes, info: ChunkInfo, filter_: Filter, where: str) -
         raise IntegrityError(f"{where}: damaged snapshot payload") from None
     if len(data) != info.raw_size:
         raise IntegrityError(f"{where}: snapshot chunk has the wrong size")
-    raw = unshuffle2(data) if filter_ == "shuffle2" else data
-    if xxhash.xxh3_128_hexdigest(raw) != info.xxh3_128:
+    if filter_ == "shuffle2":
+        unshuffle2_into(data, out)
+    else:
+        out[:] = data
+    if xxhash.xxh3_128_hexdigest(out) != info.xxh3_128:
         raise IntegrityError(f"{where}: snapshot chunk checksum mismatch")
-    return raw
 
 
 def read_snapshot(
     path: Path, expected: StateIdentity | None = None
 ) -> tuple[SnapshotHeader, bytearray]:
-    """Read, check and decompress a snapshot; the identity is checked before the payload."""
+    """Read, check and decompress a snapshot; the identity is checked before the payload.
+
+    The payload is memory-mapped and each chunk decompressed straight into its slice of the
+    result by a pool of threads: hydration time is dominated by this function.
+    """
     with path.open("rb") as handle:
-        header, _ = _read_header(handle, path)
+        header, start = _read_header(handle, path)
         if expected is not None:
             problem = expected.mismatch(header.identity)
             if problem is not None:
                 raise SnapshotMismatch(f"snapshot {header.name!r} does not fit: {problem}")
-        payload = handle.read()
-    if len(payload) != header.stored_size:
-        raise IntegrityError(
-            f"{path.name}: snapshot payload is {len(payload)} bytes, header says "
-            f"{header.stored_size} (truncated or padded)"
-        )
-    offsets, position = [], 0
-    for info in header.chunks:
-        offsets.append((position, info))
-        position += info.stored_size
-    with ThreadPoolExecutor(_threads()) as pool:
-        parts = list(pool.map(
-            lambda item: _decode_chunk(
-                payload[item[0] : item[0] + item[1].stored_size], item[1], header.filter, path.name
-            ),
-            offsets,
-        ))  # fmt: skip
-    raw = bytearray(header.raw_size)
-    position = 0
-    for part in parts:
-        raw[position : position + len(part)] = part
-        position += len(part)
-    if position != header.raw_size:
-        raise IntegrityError(f"{path.name}: snapshot raw size mismatch")
+        payload_size = os.fstat(handle.fileno()).st_size - start
+        if payload_size != header.stored_size:
+            raise IntegrityError(
+                f"{path.name}: snapshot payload is {payload_size} bytes, header says "
+                f"{header.stored_size} (truncated or padded)"
+            )
+        if sum(c.raw_size for c in header.chunks) != header.raw_size:
+            raise IntegrityError(f"{path.name}: snapshot chunk sizes do not add up")
+        raw = bytearray(header.raw_size)
+        if header.raw_size == 0:
+            return header, raw
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            source, target = memoryview(mapped), memoryview(raw)
+            jobs, stored_at, raw_at = [], start, 0
+            for info in header.chunks:
+                jobs.append(
+                    (
+                        source[stored_at : stored_at + info.stored_size],
+                        info,
+                        target[raw_at : raw_at + info.raw_size],
+                    )
+                )
+                stored_at += info.stored_size
+                raw_at += info.raw_size
+            try:
+                with ThreadPoolExecutor(_threads()) as pool:
+                    list(
+                        pool.map(
+                            lambda job: _decode_chunk(
+                                job[0], job[1], header.filter, job[2], path.name
+                            ),
+                            jobs,
+                        )
+                    )
+            finally:
+                for stored, _, out in jobs:
+                    stored.release()
+                    out.release()
+                source.release()
+                target.release()
     return header, raw
