@@ -21,6 +21,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _results import RESULTS, write_section
+from foundation import machine
 
 from tests.test_adapters import make_lora
 
@@ -91,8 +92,6 @@ def main() -> None:
     switch_ms = statistics.median(switching) * 1000
     plain_ms = statistics.median(plain) * 1000
     reload_ms = statistics.median(reloading) * 1000
-    from foundation import machine
-
     lines = [
         "## Adapters: per-request switching vs reloading",
         "",

@@ -119,7 +119,7 @@ def in_process(model: Path, threads: int, stack: contextlib.ExitStack) -> Once:
     return once
 
 
-def _connects(sock: Path) -> bool:
+def connects(sock: Path) -> bool:
     with socket.socket(socket.AF_UNIX) as probe:
         try:
             probe.connect(str(sock))
@@ -151,7 +151,7 @@ def through_clawd(home: Path, stack: contextlib.ExitStack) -> tuple[Once, int]:
         [str(BIN / "clawd")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     stack.callback(_stop, proc)
-    wait_for(lambda: _connects(sock))
+    wait_for(lambda: connects(sock))
     time.sleep(1.0)
     idle_rss = psutil.Process(proc.pid).memory_info().rss
     client = stack.enter_context(

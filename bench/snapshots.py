@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import RESULTS, write_section
+from foundation import connects, machine, wait_for
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,15 +49,6 @@ def prompt_of(tokens: int, tokenize: callable, salt: str) -> str:  # type: ignor
     return text[:lo]
 
 
-def _connects(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 @contextlib.contextmanager
 def clawd(home: Path, profile: str) -> Iterator[httpx.Client]:
     sock_dir = Path(tempfile.mkdtemp(prefix="claw-snap-", dir="/tmp"))
@@ -75,11 +66,7 @@ def clawd(home: Path, profile: str) -> Iterator[httpx.Client]:
         [str(BIN / "clawd")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 60
-        while not _connects(sock):
-            if time.monotonic() > deadline:
-                raise TimeoutError("clawd did not start")
-            time.sleep(0.1)
+        wait_for(lambda: connects(sock))
         with httpx.Client(
             transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://clawd", timeout=600
         ) as client:
@@ -273,8 +260,6 @@ def report(
     disk: list[dict[str, object]],
     lcp: dict[str, float],
 ) -> None:
-    from foundation import machine
-
     lines = [
         "## Snapshots: hydration vs cold prefill",
         "",

@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 CHUNK = 1 << 20
 
@@ -27,7 +27,7 @@ def fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(target: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_writer(target: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
     """Yield a binary file whose contents replace `target` atomically on success.
 
     On any exception the temp file is removed and `target` is untouched.
@@ -54,8 +54,8 @@ def atomic_write(target: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def copy_hashing(
-    source: BinaryIO,
-    dest: BinaryIO,
+    source: IO[bytes],
+    dest: IO[bytes],
     digest: hashlib._Hash,
     progress: Callable[[int], None] | None = None,
 ) -> int:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -103,6 +104,22 @@ class Daemon:
             base_url="http://clawd",
             timeout=timeout,
         )
+
+    def complete(self, prompt: str, max_tokens: int = 16, **claw: object) -> dict[str, Any]:
+        """A greedy /v1/completions call with a `claw` object; asserts it succeeded."""
+        with self.client() as client:
+            response = client.post(
+                "/v1/completions",
+                json={
+                    "model": "smollm2-135m",
+                    "prompt": prompt,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "claw": claw,
+                },
+            )
+        assert response.status_code == 200, response.text
+        return dict(response.json())
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

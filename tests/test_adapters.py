@@ -155,19 +155,7 @@ def lora_daemon(
 
 
 def complete(daemon: Daemon, prompt: str = PROMPT, **claw: object) -> dict:  # type: ignore[type-arg]
-    with daemon.client() as client:
-        response = client.post(
-            "/v1/completions",
-            json={
-                "model": MODEL,
-                "prompt": prompt,
-                "max_tokens": 16,
-                "temperature": 0,
-                "claw": claw,
-            },
-        )
-    assert response.status_code == 200, response.text
-    return dict(response.json())
+    return daemon.complete(prompt, **claw)
 
 
 def text(reply: dict) -> str:  # type: ignore[type-arg]

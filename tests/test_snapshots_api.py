@@ -20,19 +20,7 @@ PROMPT = DOC + "\n\nIn one sentence, this project is"
 
 
 def complete(daemon: Daemon, prompt: str, max_tokens: int = 40, **claw: object) -> dict:  # type: ignore[type-arg]
-    with daemon.client() as client:
-        response = client.post(
-            "/v1/completions",
-            json={
-                "model": MODEL,
-                "prompt": prompt,
-                "max_tokens": max_tokens,
-                "temperature": 0,
-                "claw": claw,
-            },
-        )
-    assert response.status_code == 200, response.text
-    return dict(response.json())
+    return daemon.complete(prompt, max_tokens, **claw)
 
 
 def chat(daemon: Daemon, messages: list[dict[str, str]], **claw: object) -> dict:  # type: ignore[type-arg]

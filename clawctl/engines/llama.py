@@ -41,9 +41,9 @@ KV_TYPES = {
     "q8_0": llama_cpp.GGML_TYPE_Q8_0,
     "q4_0": llama_cpp.GGML_TYPE_Q4_0,
 }
-# Shorter shared prefixes (a BOS token, a chat header) are recomputed: saving them is worth
-# nothing, and prefilling from position 0 keeps batch boundaries, hence rounding, canonical.
-MIN_REUSE = 32
+# A shared prefix this short (a lone BOS token) is recomputed: reusing it saves nothing, and
+# prefilling from position 0 keeps batch boundaries, hence rounding, canonical for cold prompts.
+MIN_REUSE = 4
 # What a raw llama.cpp state depends on besides the identity fields: the library that wrote it.
 STATE_FORMAT = (
     f"llama-cpp-python/{llama_cpp.__version__}/session-v{llama_cpp.LLAMA_SESSION_VERSION}"

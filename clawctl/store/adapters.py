@@ -12,8 +12,6 @@ adapter needs no restart.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from clawctl.fsutil import atomic_write, fsync_dir, sha256_file
 from clawctl.store.catalog import FilePart, Part, UrlPart
 from clawctl.store.models import ModelManifest, ModelStore
 from clawctl.store.names import name_from_filename, validate_model_name
-from clawctl.store.sources import NullProgress, ProgressSink, open_part
+from clawctl.store.sources import NullProgress, ProgressSink
 
 SUFFIXES = (".lora_a", ".lora_b")
 
@@ -176,30 +174,18 @@ class AdapterStore:
                 raise BadInput(f"no such file: {path}")
             part = FilePart(kind="file", path=str(path))
         adapter_name = validate_model_name(name or name_from_filename(ref.split("?")[0]))
-        progress = progress or NullProgress()
-        with self.models.temp_blob() as (tmp, fd):
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out:
-                with open_part(part, self.models.paths.download_cache, progress) as (src, size):
-                    progress.start(f"installing {adapter_name}", size)
-                    while chunk := src.read(1 << 20):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        progress.advance(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
-            actual = digest.hexdigest()
-            if sha256 is not None and actual != sha256.lower():
-                raise IntegrityError(
-                    f"{adapter_name}: bytes hash to {actual[:12]}…, expected {sha256[:12]}…"
-                )
-            alpha, rank, arch, targets = check_adapter(tmp, base_file)
-            blob = self.models.commit_blob(tmp, actual)
+        digest, blob, (alpha, rank, arch, targets) = self.models.ingest(
+            adapter_name,
+            [part],
+            sha256,
+            progress or NullProgress(),
+            lambda path: check_adapter(path, base_file),
+        )
         manifest = AdapterManifest(
             name=adapter_name,
             base=base,
             base_digest=base_manifest.digest,
-            digest=actual,
+            digest=digest,
             size=blob.stat().st_size,
             alpha=alpha,
             rank=rank,

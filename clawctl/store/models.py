@@ -13,14 +13,15 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from clawctl.errors import BadInput, IntegrityError, ModelNotFound
-from clawctl.fsutil import CHUNK, atomic_write, fsync_dir, sha256_file
+from clawctl.fsutil import atomic_write, copy_hashing, fsync_dir, sha256_file
 from clawctl.paths import Paths
 from clawctl.store.catalog import Catalog, CatalogEntry, FilePart, Part, UrlPart
 from clawctl.store.gguf_meta import GgufInfo, read_gguf_info
@@ -28,6 +29,7 @@ from clawctl.store.names import name_from_filename, validate_model_name
 from clawctl.store.sources import NullProgress, ProgressSink, open_part
 
 STALE_TEMP_SECONDS = 24 * 3600
+Checked = TypeVar("Checked")
 
 
 class ModelManifest(BaseModel):
@@ -150,6 +152,40 @@ class ModelStore:
         atomic_write(self._manifest_path(name), manifest.model_dump_json(indent=2).encode())
         return manifest
 
+    def ingest(
+        self,
+        label: str,
+        parts: list[Part],
+        expected_sha256: str | None,
+        progress: ProgressSink,
+        check: Callable[[Path], Checked],
+        total: int | None = None,
+    ) -> tuple[str, Path, Checked]:
+        """Stream parts into a blob: hashed, compared with `expected_sha256`, checked by `check`
+        (which raises to refuse it) and only then given its content address. Returns the digest,
+        the blob path and what `check` returned."""
+        with self.temp_blob() as (tmp, fd):
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out:
+                started = False
+                for part in parts:
+                    with open_part(part, self.paths.download_cache, progress) as (stream, size):
+                        if not started:
+                            progress.start(f"importing {label}", total or size)
+                            started = True
+                        copy_hashing(stream, out, digest, progress.advance)
+                out.flush()
+                os.fsync(out.fileno())
+            actual = digest.hexdigest()
+            if expected_sha256 is not None and actual != expected_sha256.lower():
+                raise IntegrityError(
+                    f"{label}: the bytes hash to {actual[:12]}…, expected "
+                    f"{expected_sha256[:12]}…; the source changed or is damaged"
+                )
+            checked = check(tmp)  # rejects truncated or foreign files before they are visible
+            blob = self.commit_blob(tmp, actual)
+        return actual, blob, checked
+
     def _ingest(
         self,
         name: str,
@@ -159,31 +195,8 @@ class ModelStore:
         progress: ProgressSink,
         total: int | None = None,
     ) -> ModelManifest:
-        """Stream parts into a verified blob, then publish the manifest."""
-        with self.temp_blob() as (tmp, fd):
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out:
-                started = False
-                for part in parts:
-                    with open_part(part, self.paths.download_cache, progress) as (stream, size):
-                        if not started:
-                            progress.start(f"importing {name}", total or size)
-                            started = True
-                        while chunk := stream.read(CHUNK):
-                            out.write(chunk)
-                            digest.update(chunk)
-                            progress.advance(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
-            actual = digest.hexdigest()
-            if expected_sha256 is not None and actual != expected_sha256:
-                raise IntegrityError(
-                    f"{name}: downloaded bytes hash to {actual[:12]}…, expected "
-                    f"{expected_sha256[:12]}…; the source changed or is damaged"
-                )
-            read_gguf_info(tmp)  # rejects truncated or foreign files before they are visible
-            blob = self.commit_blob(tmp, actual)
-        return self._write_manifest(name, actual, blob, source)
+        digest, blob, _ = self.ingest(name, parts, expected_sha256, progress, read_gguf_info, total)
+        return self._write_manifest(name, digest, blob, source)
 
     def pull(
         self, ref: str, *, sha256: str | None = None, progress: ProgressSink | None = None
