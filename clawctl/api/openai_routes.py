@@ -28,7 +28,7 @@ from clawctl.schemas.openai import (
     CompletionRequest,
     ModelCard,
     ModelList,
-    _SamplingRequest,
+    SamplingRequest,
 )
 from clawctl.services import Services
 
@@ -54,7 +54,7 @@ def _services(request: Request) -> Services:
     return services
 
 
-def _sampling(body: _SamplingRequest, max_tokens: int | None) -> SamplingParams:
+def _sampling(body: SamplingRequest, max_tokens: int | None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,

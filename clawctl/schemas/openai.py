@@ -72,7 +72,7 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class _SamplingRequest(_Lenient):
+class SamplingRequest(_Lenient):
     model: str | None = None
     max_tokens: int | None = Field(None, gt=0)
     temperature: float = Field(0.8, ge=0, le=2)
@@ -103,7 +103,7 @@ class _SamplingRequest(_Lenient):
         return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, gt=0)
 
@@ -111,7 +111,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int]
     max_tokens: int | None = Field(16, gt=0)
     echo: bool = False
