@@ -298,7 +298,7 @@ def report(
     two_k = next(r for r in f16 if r["tokens"] == 2048)
     two_k_q8 = next(r for r in q8 if r["tokens"] == 2048)
     best_disk = min(disk, key=lambda d: int(d["stored"]))  # type: ignore[call-overload]
-    smallest = int(best_disk["stored"]) / raw_f16  # type: ignore[call-overload]  # type: ignore[call-overload]
+    smallest = int(best_disk["stored"]) / raw_f16  # type: ignore[call-overload]
     lines += [
         "",
         "### llama-cpp-python's LlamaDiskCache at 2,048 tokens (in-process, same model)",
