@@ -8,9 +8,11 @@ to run without one; the matrix is read from llama-imatrix's GGUF output with the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,20 @@ def _imatrix_array(
     return entries, keep
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence C-level writes to stderr (file descriptor 2) for the duration."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def quantize_file(source: Path, target: Path, qtype: QuantType, imatrix: Path | None) -> None:
     import llama_cpp
 
@@ -81,9 +97,10 @@ def quantize_file(source: Path, target: Path, qtype: QuantType, imatrix: Path | 
         entries, keep = _imatrix_array(load_imatrix(imatrix))
         params.imatrix = ctypes.cast(entries, type(params.imatrix))
         keep.append(entries)
-    code = llama_cpp.llama_model_quantize(
-        str(source).encode(), str(target).encode(), ctypes.byref(params)
-    )
+    with _quiet_stderr():  # llama.cpp prints per-tensor fallbacks with printf
+        code = llama_cpp.llama_model_quantize(
+            str(source).encode(), str(target).encode(), ctypes.byref(params)
+        )
     if code != 0:
         raise EngineError(
             f"llama.cpp could not quantize {source.name} to {qtype.name} (code {code})"
