@@ -66,10 +66,15 @@ class SnapshotSection(_Strict):
     budget_mb: int = Field(0, ge=0)
 
 
+class LedgerSection(_Strict):
+    retention_days: float = Field(90.0, gt=0)
+
+
 class ConfigFile(_Strict):
     daemon: DaemonSection = DaemonSection()
     tcp: TcpSection = TcpSection()
     snapshots: SnapshotSection = SnapshotSection()
+    ledger: LedgerSection = LedgerSection()
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class DaemonConfig:
     config_file: Path
     systemd: SystemdEnv
     snapshots: SnapshotSection
+    ledger: LedgerSection
 
     def redacted(self) -> dict[str, str]:
         """The effective settings for the start-up log, with secrets hidden."""
@@ -207,6 +213,7 @@ def load_daemon_config(socket: Path | None = None, profile: str | None = None) -
         log_level=_env("CLAW_LOG_LEVEL") or file.daemon.log_level,
         config_file=config_path,
         snapshots=file.snapshots,
+        ledger=file.ledger,
         systemd=SystemdEnv(
             notify_socket=_env("NOTIFY_SOCKET"),
             watchdog_usec=int(watchdog) if watchdog and watchdog.isdigit() else None,

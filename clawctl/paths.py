@@ -55,6 +55,10 @@ class Paths:
         return self.models_dir / "manifests"
 
     @property
+    def ledger_file(self) -> Path:
+        return self.data_dir / "ledger.db"
+
+    @property
     def config_file(self) -> Path:
         return self.config_dir / "clawd.toml"
 

@@ -11,6 +11,7 @@ from clawctl.config import DaemonConfig
 from clawctl.engines.base import AdapterSpec, LoadEngine
 from clawctl.engines.registry import LazyLoader
 from clawctl.errors import BadInput
+from clawctl.ledger import Ledger
 from clawctl.metrics import Metrics
 from clawctl.profiles import EdgeProfile, load_profile
 from clawctl.scheduler import ModelManager
@@ -32,6 +33,7 @@ class Services:
     snapshots: SnapshotStore
     writer: SnapshotWriter
     adapters: AdapterStore
+    ledger: Ledger
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -49,12 +51,17 @@ class Services:
             store, profile, load_engine, config.keep_alive_seconds, config.max_queue, keeper
         )
         adapters = AdapterStore(store)
-        return cls(config, profile, store, manager, Metrics.create(), snapshots, writer, adapters)
+        ledger = Ledger(config.paths.ledger_file)
+        ledger.prune(config.ledger.retention_days)
+        return cls(
+            config, profile, store, manager, Metrics.create(), snapshots, writer, adapters, ledger
+        )
 
     async def stop(self) -> None:
         """Finish generations, then the snapshot writes they queued."""
         await self.manager.stop(self.config.graceful_timeout_seconds)
         self.writer.stop()
+        self.ledger.close()
 
     def adapter_specs(self, model: str, choices: list[AdapterChoice]) -> tuple[AdapterSpec, ...]:
         """Resolve a request's adapters against the store (installed for this base model)."""

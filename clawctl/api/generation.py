@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from clawctl.api.peer import PeerCred
 from clawctl.engines.base import Finished, Prompt, SamplingParams, TokenEvent
 from clawctl.errors import ClawError
+from clawctl.ledger import LedgerRow
 from clawctl.scheduler import Failed, JobHandle, Started
 from clawctl.schemas.openai import ClawInfo, ClawRequest, Timings, Usage
 from clawctl.services import Services
@@ -116,6 +117,25 @@ class GenerationRun:
         self._log(
             f"ok prompt={done.prompt_tokens} completion={done.completion_tokens} "
             f"finish={done.finish_reason}"
+        )
+        state = self.started.state if self.started else None
+        self.services.ledger.record(
+            LedgerRow(
+                request_id=self.id,
+                ts=time.time(),
+                uid=self.peer.uid if self.peer else None,
+                pid=self.peer.pid if self.peer else None,
+                app=self.claw.app,
+                endpoint=self.endpoint,
+                model=self.model,
+                prompt_tokens=done.prompt_tokens,
+                completion_tokens=done.completion_tokens,
+                usage_by_tier={"local": [done.prompt_tokens, done.completion_tokens]},
+                prefill_tokens_saved=state.reused_tokens if state else 0,
+                prefix_source=state.source if state else None,
+                latency_ms=(time.perf_counter() - self.started_at) * 1000,
+                finish_reason=done.finish_reason,
+            )
         )
 
     def _log(self, outcome: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -11,7 +10,7 @@ import typer
 
 from clawctl.cli._client import daemon_client
 from clawctl.cli._console import RichProgress, emit_json, err, human_bytes, out, table
-from clawctl.cli._options import JsonOption, ModelOption
+from clawctl.cli._options import JsonOption, ModelOption, parse_duration, parse_size
 from clawctl.errors import BadInput
 
 if TYPE_CHECKING:
@@ -21,8 +20,6 @@ app = typer.Typer(
     help="Frozen model state: save, list, show, load, rm, prune, verify, export, import.",
     no_args_is_help=True,
 )
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def _store() -> SnapshotStore:
@@ -30,21 +27,6 @@ def _store() -> SnapshotStore:
     from clawctl.store.snapshots import SnapshotStore
 
     return SnapshotStore(load_paths(), budget_bytes=0)
-
-
-def parse_duration(text: str) -> float:
-    match = _DURATION.fullmatch(text.strip())
-    if not match:
-        raise BadInput(f"invalid duration {text!r}: use e.g. 90s, 30m, 12h, 7d, 2w")
-    return float(match.group(1)) * _UNIT[match.group(2)]
-
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)b?", text.strip().lower())
-    if not match:
-        raise BadInput(f"invalid size {text!r}: use e.g. 500MB, 2GB")
-    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[match.group(2)]
-    return int(float(match.group(1)) * scale)
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:

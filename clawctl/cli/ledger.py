@@ -1,0 +1,90 @@
+"""`clawctl ledger`: what each app spent and what caching saved (reads clawd's ledger file)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import typer
+
+from clawctl.cli._console import emit_json, out, table
+from clawctl.cli._options import JsonOption, parse_duration
+
+if TYPE_CHECKING:
+    from clawctl.ledger import Ledger
+
+app = typer.Typer(
+    help="The token ledger: spend and savings per app, tier, model or day.", no_args_is_help=True
+)
+Since = Annotated[str | None, typer.Option(help="Only the last span, e.g. 1d, 12h, 30m.")]
+BAR = 40
+
+
+def _ledger() -> Ledger:
+    from clawctl.config import load_paths
+    from clawctl.ledger import open_existing
+
+    return open_existing(load_paths().ledger_file)
+
+
+def _since(span: str | None) -> float | None:
+    if span is None:
+        return None
+    return time.time() - parse_duration(span)
+
+
+@app.command()
+def summary(
+    since: Since = None,
+    by: Annotated[Literal["app", "tier", "model", "day"], typer.Option(help="Group by.")] = "app",
+    json_: JsonOption = False,
+) -> None:
+    """Totals per app (or tier, model, day), with a chart of tokens and savings per day.
+
+    Example: clawctl ledger summary --since 7d --by app
+    """
+    ledger = _ledger()
+    start = _since(since)
+    rows = ledger.summary(by, start)
+    if json_:
+        emit_json(rows)
+        return
+    grid = table(
+        by.upper(), "REQUESTS", "PROMPT", "COMPLETION", "PREFILL SAVED", "REMOTE COST", "SAVED COST"
+    )
+    for r in rows:
+        grid.add_row(
+            r.key,
+            str(r.requests),
+            str(r.prompt_tokens),
+            str(r.completion_tokens),
+            str(r.prefill_tokens_saved),
+            f"{r.remote_cost:.4f}",
+            f"{r.saved_cost:.4f}",
+        )
+    out.print(grid if rows else "no requests in that span")
+    days = ledger.summary("day", start)
+    if days:
+        top = max(max(d.prompt_tokens + d.completion_tokens, d.prefill_tokens_saved) for d in days)
+        out.print("\ntokens computed (#) and prefill avoided (=) per day")
+        for d in days:
+            used = round(BAR * (d.prompt_tokens + d.completion_tokens) / max(top, 1))
+            saved = round(BAR * d.prefill_tokens_saved / max(top, 1))
+            out.print(
+                f"{d.key}  {'#' * used:<{BAR}} {d.prompt_tokens + d.completion_tokens}",
+                markup=False,
+            )
+            out.print(f"{'':10}  {'=' * saved:<{BAR}} {d.prefill_tokens_saved}", markup=False)
+
+
+@app.command()
+def export(
+    format_: Annotated[Literal["csv", "json"], typer.Option("--format", help="Output format.")],
+    since: Since = None,
+) -> None:
+    """Every ledger row, as CSV or JSON on stdout.
+
+    Example: clawctl ledger export --format csv --since 1d > today.csv
+    """
+    sys.stdout.write(_ledger().export(format_, _since(since)))

@@ -1,0 +1,174 @@
+"""The token ledger: one SQLite row per request, for what each app spent and what caching saved.
+
+SQLite in WAL mode in the data dir; the schema changes only through `MIGRATIONS`, an append-only
+list of named steps recorded in the `migrations` table (as simonw/llm does), so a ledger written
+by any version opens with any later one. clawd writes (one connection, on its event loop);
+`clawctl ledger` reads the same file. Costs are in the policy's currency per request; with no
+routing policy every request is local and costs 0, while `prefill_tokens_saved` shows what
+snapshots, sessions and the prefix pool avoided.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from clawctl.errors import BadInput
+
+GroupBy = Literal["app", "tier", "model", "day"]
+
+
+class LedgerRow(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str
+    ts: float
+    uid: int | None
+    pid: int | None
+    app: str | None
+    endpoint: str
+    model: str
+    policy: str | None = None
+    tier_path: str = "local"
+    prompt_tokens: int
+    completion_tokens: int
+    usage_by_tier: dict[str, list[int]]
+    prefill_tokens_saved: int
+    prefix_source: str | None
+    remote_cost: float = 0.0
+    all_remote_cost: float = 0.0
+    latency_ms: float
+    escalation_reason: str | None = None
+    finish_reason: str
+
+
+class SummaryRow(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_tokens_saved: int
+    remote_cost: float
+    all_remote_cost: float
+
+    @property
+    def saved_cost(self) -> float:
+        return self.all_remote_cost - self.remote_cost
+
+
+def _create_requests(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE requests (
+            request_id TEXT PRIMARY KEY, ts REAL NOT NULL, uid INTEGER, pid INTEGER, app TEXT,
+            endpoint TEXT NOT NULL, model TEXT NOT NULL, policy TEXT, tier_path TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+            usage_by_tier TEXT NOT NULL, prefill_tokens_saved INTEGER NOT NULL,
+            prefix_source TEXT, remote_cost REAL NOT NULL, all_remote_cost REAL NOT NULL,
+            latency_ms REAL NOT NULL, escalation_reason TEXT, finish_reason TEXT NOT NULL)"""
+    )
+    db.execute("CREATE INDEX requests_ts ON requests (ts)")
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
+    ("m001_requests", _create_requests),
+]
+COLUMNS = list(LedgerRow.model_fields)
+
+
+def migrate(db: sqlite3.Connection) -> list[str]:
+    """Apply the migrations not yet recorded; returns their names."""
+    db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+    done = {name for (name,) in db.execute("SELECT name FROM migrations")}
+    applied = []
+    for name, step in MIGRATIONS:
+        if name in done:
+            continue
+        with db:
+            step(db)
+            db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+        applied.append(name)
+    return applied
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        migrate(self._db)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def record(self, row: LedgerRow) -> None:
+        values = row.model_dump()
+        values["usage_by_tier"] = json.dumps(values["usage_by_tier"])
+        placeholders = ", ".join("?" for _ in COLUMNS)
+        self._db.execute(
+            f"INSERT OR REPLACE INTO requests ({', '.join(COLUMNS)}) VALUES ({placeholders})",
+            [values[c] for c in COLUMNS],
+        )
+
+    def prune(self, retention_days: float) -> int:
+        cutoff = time.time() - retention_days * 86400
+        return self._db.execute("DELETE FROM requests WHERE ts < ?", (cutoff,)).rowcount
+
+    def rows(self, since: float | None = None) -> Iterator[LedgerRow]:
+        query = f"SELECT {', '.join(COLUMNS)} FROM requests WHERE ts >= ? ORDER BY ts"
+        for record in self._db.execute(query, (since or 0.0,)):
+            values = dict(zip(COLUMNS, record, strict=True))
+            values["usage_by_tier"] = json.loads(values["usage_by_tier"])
+            yield LedgerRow.model_validate(values)
+
+    def summary(self, by: GroupBy, since: float | None = None) -> list[SummaryRow]:
+        key = {
+            "app": "COALESCE(app, '-')",
+            "tier": "tier_path",
+            "model": "model",
+            "day": "date(ts, 'unixepoch')",
+        }[by]
+        query = f"""SELECT {key}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),
+                    SUM(prefill_tokens_saved), SUM(remote_cost), SUM(all_remote_cost)
+                    FROM requests WHERE ts >= ? GROUP BY 1 ORDER BY 1"""
+        return [
+            SummaryRow(
+                key=str(r[0]),
+                requests=r[1],
+                prompt_tokens=r[2],
+                completion_tokens=r[3],
+                prefill_tokens_saved=r[4],
+                remote_cost=r[5],
+                all_remote_cost=r[6],
+            )
+            for r in self._db.execute(query, (since or 0.0,))
+        ]
+
+    def export(self, fmt: Literal["csv", "json"], since: float | None = None) -> str:
+        rows = [row.model_dump(mode="json") for row in self.rows(since)]
+        if fmt == "json":
+            return json.dumps(rows, indent=2)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "usage_by_tier": json.dumps(row["usage_by_tier"])})
+        return buffer.getvalue()
+
+
+def open_existing(path: Path) -> Ledger:
+    """The ledger clawd wrote (for `clawctl ledger`); a clear error before the first request."""
+    if not path.is_file():
+        raise BadInput(f"no ledger at {path} yet: clawd writes it once it has served a request")
+    return Ledger(path)
