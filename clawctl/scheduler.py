@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from clawctl.engines.base import (
@@ -44,7 +45,7 @@ MIB = 1 << 20
 class ManifestLookup(Protocol):
     def get(self, name: str) -> ModelManifest: ...
 
-    def blob_path(self, digest: str) -> object: ...
+    def blob_path(self, digest: str) -> Path: ...
 
 
 NO_STATE = StateOutcome(0, None)
@@ -250,7 +251,7 @@ class ModelManager:
         if manifest.gguf.context_length:
             n_ctx = min(n_ctx, manifest.gguf.context_length)
         return EngineSettings(
-            model_path=self.store.blob_path(manifest.digest),  # type: ignore[arg-type]
+            model_path=self.store.blob_path(manifest.digest),
             n_ctx=n_ctx,
             n_batch=self.profile.n_batch,
             n_threads=self.profile.effective_threads(),

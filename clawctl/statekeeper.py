@@ -110,19 +110,22 @@ class StateKeeper:
         self.pool = pool
         self.pool_min_tokens = pool_min_tokens
 
-    def _restore(self, engine: Engine, path: Path, identity: StateIdentity) -> list[int]:
+    def _restore(
+        self, engine: Engine, path: Path, identity: StateIdentity, tokens: list[int]
+    ) -> int:
+        """Hydrate `path`; returns how many leading prompt tokens the context now holds."""
         header, raw = self.store.load(path, identity)
         engine.restore_state(raw, header.tokens)
-        return header.tokens
+        return engine.held_prefix(tokens)
 
     def before(self, engine: Engine, tokens: list[int], request: StateRequest) -> StateOutcome:
         identity = engine.identity()
-        held = common_prefix(engine.cached_tokens(), tokens)
+        held = engine.held_prefix(tokens)
         source: str | None = "memory" if held else None
         hashes: list[str] = []
         if request.load:
             _, path = self.store.find(request.load, "named")
-            held = common_prefix(self._restore(engine, path, identity), tokens)
+            held = self._restore(engine, path, identity, tokens)
             source = "snapshot"
         elif request.session and self.store.path_for("session", request.session).is_file():
             path = self.store.path_for("session", request.session)
@@ -130,7 +133,7 @@ class StateKeeper:
                 header = read_header(path)
                 usable = header.identity == identity
                 if usable and common_prefix(header.tokens, tokens) > held:
-                    held = common_prefix(self._restore(engine, path, identity), tokens)
+                    held = self._restore(engine, path, identity, tokens)
                     source = "session"
             except ClawError as exc:  # a damaged session costs a recompute, not the request
                 log.warning("session %s not restored: %s", request.session, exc.message)
@@ -139,7 +142,7 @@ class StateKeeper:
             hit = self.store.pool_lookup(identity, hashes)
             if hit is not None and hit.tokens > held:
                 try:
-                    held = common_prefix(self._restore(engine, hit.path, identity), tokens)
+                    held = self._restore(engine, hit.path, identity, tokens)
                     source = "pool"
                 except ClawError as exc:
                     log.warning("pool entry %s not restored: %s", hit.path.name, exc.message)

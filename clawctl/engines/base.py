@@ -129,6 +129,10 @@ class Engine(Protocol):
         """The token ids whose keys and values the context holds now."""
         ...
 
+    def held_prefix(self, tokens: list[int]) -> int:
+        """How many leading `tokens` the context holds now (compared without copying it)."""
+        ...
+
     def prefill(self, tokens: list[int], reuse: bool = True) -> int:
         """Make the context hold exactly `tokens`, reusing the common prefix unless `reuse` is
         false; returns how many tokens were evaluated."""

@@ -239,7 +239,7 @@ class LlamaEngine:
         llama = self._llama
         return [int(t) for t in llama.input_ids[: llama.n_tokens]]
 
-    def _common_prefix(self, tokens: list[int]) -> int:
+    def held_prefix(self, tokens: list[int]) -> int:
         llama = self._llama
         n = min(llama.n_tokens, len(tokens))
         if n == 0:
@@ -249,7 +249,7 @@ class LlamaEngine:
 
     def prefill(self, tokens: list[int], reuse: bool = True) -> int:
         llama = self._llama
-        keep = self._common_prefix(tokens) if reuse else 0
+        keep = self.held_prefix(tokens) if reuse else 0
         if keep < MIN_REUSE:
             keep = 0  # start batches at position 0: the canonical, reproducible prefill
         llama.n_tokens = keep
