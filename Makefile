@@ -5,12 +5,29 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEFAULT_MODEL ?= smollm2-135m
 
+# llama-cpp-python compiles llama.cpp. On x86 we build for a portable AVX2 baseline rather than
+# -march=native: native builds on CPUs with AMX crash in ggml's AMX matmul on machines (VMs,
+# sandboxes) whose kernel does not grant AMX state, and a wheel cached by pip would carry a
+# native build to other machines. The built wheel is cached per version and flags.
+LLAMA_CPP_VERSION ?= 0.3.36
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+else
+LLAMA_CMAKE_ARGS ?=
+endif
+WHEEL_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/clawctl/wheels/$(shell echo '$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-16)
+PIP := $(PY) -m pip --disable-pip-version-check
+
 .PHONY: run test bench lint install model clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PIP) install --quiet --upgrade pip
+	ls $(WHEEL_CACHE)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --quiet --no-deps --no-cache-dir \
+		-w $(WHEEL_CACHE) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(PIP) install --quiet --no-deps --force-reinstall $(WHEEL_CACHE)/llama_cpp_python-*.whl
+	$(PIP) install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)

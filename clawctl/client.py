@@ -17,7 +17,14 @@ import httpx
 from clawctl.config import ClientConfig
 from clawctl.errors import ClawError, DaemonUnavailable, error_class_for
 from clawctl.schemas.admin import Health
-from clawctl.schemas.openai import ChatCompletionChunk, ClawInfo, Completion, ModelList, Usage
+from clawctl.schemas.openai import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ClawInfo,
+    Completion,
+    ModelList,
+    Usage,
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,15 @@ class ClawClient:
             raise self._unavailable() from None
         self._raise_for(response)
         return Completion.model_validate(response.json())
+
+    def chat(self, body: dict[str, Any]) -> ChatCompletion:
+        """A non-streaming /v1/chat/completions call."""
+        try:
+            response = self._http.post("/v1/chat/completions", json={**body, "stream": False})
+        except (httpx.ConnectError, FileNotFoundError):
+            raise self._unavailable() from None
+        self._raise_for(response)
+        return ChatCompletion.model_validate(response.json())
 
     def chat_stream(
         self,

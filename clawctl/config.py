@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -127,6 +128,12 @@ class ClientConfig:
     url: str | None
     token: str | None
     profile: str
+
+
+def environment() -> Mapping[str, str]:
+    """The whole environment, for routing policies: their remote tiers name the variables that
+    hold a base URL or an API key (`base_url_env`, `api_key_env`)."""
+    return os.environ
 
 
 def _env(name: str) -> str | None:

@@ -81,6 +81,15 @@ class EngineError(ClawError):
     code = "engine_error"
 
 
+class RemoteTierError(ClawError):
+    """The remote tier failed (down, too slow, or an answer that is not OpenAI-shaped) and the
+    routing policy says a failure is an error rather than a degraded local answer."""
+
+    http_status = 502
+    type = "server_error"
+    code = "remote_tier_failed"
+
+
 class Overloaded(ClawError):
     """The daemon cannot take more work right now; retry later."""
 

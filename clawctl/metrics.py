@@ -19,6 +19,8 @@ class Metrics:
     first_token_seconds: Histogram
     loaded_models: Gauge
     in_flight: Gauge
+    tier_requests: Counter
+    escalations: Counter
 
     @classmethod
     def create(cls) -> Metrics:
@@ -53,6 +55,18 @@ class Metrics:
             ),
             loaded_models=Gauge("clawd_loaded_models", "Models resident.", registry=registry),
             in_flight=Gauge("clawd_in_flight_requests", "Requests running.", registry=registry),
+            tier_requests=Counter(
+                "clawd_tier_runs",
+                "Tiers run by routed requests.",
+                ["policy", "tier"],
+                registry=registry,
+            ),
+            escalations=Counter(
+                "clawd_escalations",
+                "Routed requests that escalated.",
+                ["policy"],
+                registry=registry,
+            ),
         )
 
     def render(self) -> bytes:

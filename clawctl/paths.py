@@ -63,6 +63,11 @@ class Paths:
         return self.config_dir / "clawd.toml"
 
     @property
+    def policies_dir(self) -> Path:
+        """Routing policies installed with `clawctl route apply` (they shadow shipped ones)."""
+        return self.config_dir / "policies"
+
+    @property
     def profiles_dir(self) -> Path:
         """User-supplied edge profiles, which shadow the bundled ones of the same name."""
         return self.config_dir / "edge_profiles"

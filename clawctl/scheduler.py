@@ -32,6 +32,7 @@ from clawctl.engines.base import (
     TokenEvent,
     estimate_kv_bytes,
 )
+from clawctl.engines.meter import Thresholds
 from clawctl.errors import ClawError, ContextOverflow, EngineError, Overloaded
 from clawctl.profiles import EdgeProfile
 from clawctl.schemas.admin import LoadedModel
@@ -77,6 +78,7 @@ class Job:
     events: asyncio.Queue[JobEvent]
     state: StateRequest = field(default_factory=StateRequest)
     adapters: tuple[AdapterSpec, ...] = ()
+    watch: Thresholds | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
 
@@ -180,7 +182,7 @@ class ModelWorker:
                     state=outcome,
                 )
             )
-            for event in engine.generate(prepared, job.params, job.cancel.is_set):
+            for event in engine.generate(prepared, job.params, job.cancel.is_set, job.watch):
                 job.emit(event)
         except ClawError as exc:
             job.emit(Failed(exc))
@@ -319,6 +321,7 @@ class ModelManager:
         keep_alive: float | None = None,
         state: StateRequest | None = None,
         adapters: tuple[AdapterSpec, ...] = (),
+        watch: Thresholds | None = None,
     ) -> JobHandle:
         manifest = self.store.get(model)
         worker = self._worker_for(manifest)
@@ -333,6 +336,7 @@ class ModelManager:
             asyncio.Queue(),
             state or StateRequest(),
             adapters=adapters,
+            watch=watch,
         )
         worker.outstanding += 1
         worker.last_used = time.monotonic()

@@ -7,13 +7,16 @@ import time
 from dataclasses import dataclass, field
 
 from clawctl import __version__
-from clawctl.config import DaemonConfig
+from clawctl.config import DaemonConfig, environment
 from clawctl.engines.base import AdapterSpec, LoadEngine
 from clawctl.engines.registry import LazyLoader
 from clawctl.errors import BadInput
 from clawctl.ledger import Ledger
 from clawctl.metrics import Metrics
 from clawctl.profiles import EdgeProfile, load_profile
+from clawctl.routing.policy import Tier
+from clawctl.routing.remote import RemoteTier
+from clawctl.routing.store import PolicyStore
 from clawctl.scheduler import ModelManager
 from clawctl.schemas.admin import Health
 from clawctl.schemas.openai import AdapterChoice
@@ -34,7 +37,9 @@ class Services:
     writer: SnapshotWriter
     adapters: AdapterStore
     ledger: Ledger
+    policies: PolicyStore
     started_at: float = field(default_factory=time.time)
+    _remotes: dict[Tier, RemoteTier] = field(default_factory=dict)
 
     @classmethod
     def build(cls, config: DaemonConfig, load_engine: LoadEngine | None = None) -> Services:
@@ -54,14 +59,32 @@ class Services:
         ledger = Ledger(config.paths.ledger_file)
         ledger.prune(config.ledger.retention_days)
         return cls(
-            config, profile, store, manager, Metrics.create(), snapshots, writer, adapters, ledger
+            config,
+            profile,
+            store,
+            manager,
+            Metrics.create(),
+            snapshots,
+            writer,
+            adapters,
+            ledger,
+            PolicyStore(config.paths),
         )
+
+    def remote(self, tier: Tier) -> RemoteTier:
+        """The client of a remote tier, kept across requests (its circuit breaker with it)."""
+        client = self._remotes.get(tier)
+        if client is None:
+            client = self._remotes[tier] = RemoteTier(tier, environment())
+        return client
 
     async def stop(self) -> None:
         """Finish generations, then the snapshot writes they queued."""
         await self.manager.stop(self.config.graceful_timeout_seconds)
         self.writer.stop()
         self.ledger.close()
+        for remote in self._remotes.values():
+            await remote.aclose()
 
     def adapter_specs(self, model: str, choices: list[AdapterChoice]) -> tuple[AdapterSpec, ...]:
         """Resolve a request's adapters against the store (installed for this base model)."""

@@ -158,6 +158,13 @@ def wait_healthy(daemon: Daemon, timeout: float = 60.0) -> None:
     raise RuntimeError(f"clawd did not become healthy:\n{daemon.log_text()}")
 
 
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @contextlib.contextmanager
 def run_daemon(
     home: Path, socket: Path, log_dir: Path, wait: bool = True, **env: str

@@ -45,7 +45,11 @@ class FakeEngine:
         return PreparedPrompt(list(range(len(self.words))))
 
     def generate(
-        self, prompt: PreparedPrompt, params: SamplingParams, cancelled: Callable[[], bool]
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        cancelled: Callable[[], bool],
+        watch: object = None,
     ) -> Iterator[TokenEvent | Finished]:
         self.threads.add(threading.get_ident())
         limit = params.max_tokens or len(self.words)

@@ -16,7 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import BIN, TEST_PROFILE, Daemon, clean_env, run_daemon, wait_healthy
+from tests.conftest import (
+    BIN,
+    TEST_PROFILE,
+    Daemon,
+    clean_env,
+    free_port,
+    run_daemon,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.integration
 MODEL = "smollm2-135m"
@@ -112,16 +120,10 @@ def test_sd_notify_ready_watchdog_stopping(
     assert "WATCHDOG=1" in joined
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_tcp_is_opt_in_and_needs_the_token(
     session_home: Path, short_dir: Path, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token\n")
     config = tmp_path / "clawd.toml"
@@ -143,7 +145,7 @@ def test_tcp_without_token_refuses_to_start(
     session_home: Path, short_dir: Path, tmp_path: Path
 ) -> None:
     config = tmp_path / "clawd.toml"
-    config.write_text(f'[tcp]\nlisten = "127.0.0.1:{_free_port()}"\n')
+    config.write_text(f'[tcp]\nlisten = "127.0.0.1:{free_port()}"\n')
     done = subprocess.run(
         [str(BIN / "clawd")],
         capture_output=True,

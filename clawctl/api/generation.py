@@ -1,5 +1,14 @@
-"""One generation request from the API's point of view: submit, wait for the start, stream text,
-and summarise what the daemon did (`claw` object, usage, metrics, log line).
+"""One generation request from the API's point of view: route it, run its tiers, stream text,
+and summarise what the daemon did (`claw` object, usage, metrics, ledger row, log line).
+
+A request whose `model` names a routing policy runs as a cascade: it starts on the tier the
+policy's rules choose; a local tier runs with its entropy meter armed and, when the meter fires,
+stops at once and hands the request to the next tier. Text of a tier that may still escalate is
+held back until the tier commits (its `decide_within` tokens passed, or its answer ended), so a
+streaming client never sees text from an abandoned tier; once committed, text streams as it
+comes. The HTTP response starts only when the first committed text exists, so its `x-claw-tier`
+header names the tier that answers. Any other request runs on the named model alone (its meter
+only measures, for `claw.entropy`).
 
 Waiting for the job's start before answering means a bad prompt (too long, unknown model, load
 failure) becomes a proper 4xx/5xx even for streaming requests, before any SSE header is sent.
@@ -7,21 +16,52 @@ failure) becomes a proper 4xx/5xx even for streaming requests, before any SSE he
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 
 from clawctl.api.peer import PeerCred
-from clawctl.engines.base import Finished, Prompt, SamplingParams, TokenEvent
-from clawctl.errors import ClawError
+from clawctl.engines.base import Finished, FinishReason, Prompt, SamplingParams, TokenEvent
+from clawctl.engines.meter import Signals, Thresholds
+from clawctl.errors import BadInput, ClawError, NotFound, RemoteTierError
 from clawctl.ledger import LedgerRow
+from clawctl.routing.policy import POLICY_NAME, Policy, Route, RouteInput, Tier, route
+from clawctl.routing.remote import RemoteDone, RemoteFailure, RemoteRequest
 from clawctl.scheduler import Failed, JobHandle, Started
-from clawctl.schemas.openai import ClawInfo, ClawRequest, Timings, Usage
+from clawctl.schemas.openai import (
+    AdapterChoice,
+    ClawInfo,
+    ClawRequest,
+    EntropyInfo,
+    Timings,
+    Usage,
+)
 from clawctl.services import Services
 from clawctl.statekeeper import StateRequest
 
 log = logging.getLogger("clawd.requests")
+DIRECT = Tier(name="local", kind="local", model="-")  # stands for a request without a policy
+
+
+@dataclass
+class TierRun:
+    """What one tier did for this request."""
+
+    tier: Tier
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    signals: Signals | None = None
+    escalated: str | None = None  # why it handed over
+    failed: str | None = None  # remote failure
+
+    @property
+    def cost(self) -> float:
+        return self.tier.cost(self.prompt_tokens, self.completion_tokens)
 
 
 class GenerationRun:
@@ -34,6 +74,7 @@ class GenerationRun:
         params: SamplingParams,
         claw: ClawRequest,
         peer: PeerCred | None,
+        json_mode: bool = False,
     ) -> None:
         self.services = services
         self.endpoint = endpoint
@@ -42,81 +83,366 @@ class GenerationRun:
         self.params = params
         self.claw = claw
         self.peer = peer
+        self.json_mode = json_mode
         self.id = uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.started_at = time.perf_counter()
         self.started: Started | None = None
         self.finished: Finished | None = None
+        self.finish_reason: str = "stop"
         self.first_token_at: float | None = None
+        self.policy: Policy | None = None
+        self.route: Route | None = None
+        self.tiers: tuple[Tier, ...] = (DIRECT,)
+        self.runs: list[TierRun] = []
+        self.degraded = False
+        self._index = 0
         self._handle: JobHandle | None = None
         self._events: AsyncIterator[object] | None = None
+        self._pending: list[str] = []  # committed text read ahead by `commit`
+        self._text: AsyncIterator[str] | None = None
+        self._in_flight = False
+        self._done = False
+        self._errored = False
+
+    # --- starting -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Submit the job and wait until it has started (or failed)."""
-        metrics = self.services.metrics
+        """Route the request and start its first tier (raising its 4xx/5xx errors now)."""
         try:
-            snapshot = self.claw.snapshot
-            state = StateRequest(
-                load=snapshot.load if snapshot else None,
-                save=snapshot.save if snapshot else None,
-                session=self.claw.session,
-            )
-            adapters = self.services.adapter_specs(self.model, self.claw.adapters)
-            self._handle = self.services.manager.submit(
-                self.model, self.prompt, self.params, self.claw.keep_alive, state, adapters
-            )
-            self._events = self._handle.events()
-            first = await anext(self._events)
-            if isinstance(first, Failed):
-                raise first.error
-            assert isinstance(first, Started)
-            self.started = first
+            self._route()
+            await self._start_tier(self._index)
         except ClawError as exc:
-            metrics.requests.labels(self.endpoint, str(exc.http_status)).inc()
-            self._log(f"error {exc.http_status}: {exc.message}")
+            self._count_error(exc)
             await self.aclose()
             raise
-        metrics.in_flight.inc()
+        self.services.metrics.in_flight.inc()
+        self._in_flight = True
+
+    def _route(self) -> None:
+        policies = self.services.policies
+        found = policies.find(self.model) if _is_policy_name(self.model) else None
+        if found is None:
+            return
+        policy = self.policy = found.policy
+        if self.prompt.tokens is not None:
+            raise BadInput("requests routed by a policy need a text or chat prompt", param="prompt")
+        decision = self.route = route(
+            policy,
+            RouteInput(
+                prompt=_prompt_text(self.prompt),
+                impact=self.claw.impact,
+                json_mode=self.json_mode,
+                max_tokens=self.params.max_tokens,
+                app=self.claw.app,
+                uid=self.peer.uid if self.peer else None,
+            ),
+        )
+        usable = [t for t in decision.tiers if t.kind == "remote" or self._installed(t.model)]
+        if not usable:
+            missing = ", ".join(t.model for t in decision.tiers)
+            raise NotFound(f"policy {policy.name}: none of its models is installed ({missing})")
+        self.tiers = tuple(usable)
+        temperature = decision.temperature
+        if temperature is None and decision.max_temperature is not None:
+            temperature = min(self.params.temperature, decision.max_temperature)
+        if temperature is not None:
+            self.params = replace(self.params, temperature=temperature)
+
+    def _installed(self, model: str) -> bool:
+        try:
+            self.services.store.get(model)
+        except NotFound:
+            return False
+        return True
+
+    def _may_escalate(self, index: int) -> bool:
+        return self.route is not None and self.route.escalate and index + 1 < len(self.tiers)
+
+    def _watch(self, index: int, stop: bool) -> Thresholds:
+        tier = self.tiers[index]
+        if tier is DIRECT:
+            meter = self.claw.meter
+            return Thresholds(**meter.model_dump()) if meter else Thresholds()  # measure only
+        if not self._may_escalate(index):
+            settings = tier.escalate
+            return Thresholds(  # measure only, summarised as the tier's thresholds would
+                window=settings.window,
+                min_tokens=settings.min_tokens,
+                decide_within=settings.decide_within,
+            )
+        thresholds = tier.escalate.thresholds()
+        if not stop or self._next_unavailable(index):
+            # Nowhere to go: note a trigger (the answer is then degraded) but finish it.
+            return replace(thresholds, stop=False)
+        return thresholds
+
+    def _next_unavailable(self, index: int) -> str | None:
+        nxt = self.tiers[index + 1]
+        if nxt.kind != "remote":
+            return None
+        remote = self.services.remote(nxt)
+        return remote.configured() or ("circuit open" if remote.breaker.open else None)
+
+    async def _start_tier(self, index: int, stop: bool = True) -> None:
+        self._index = index
+        tier = self.tiers[index]
+        if tier.kind == "remote":
+            self.runs.append(TierRun(tier, tier.model))
+            return
+        model = self.model if tier is DIRECT else tier.model
+        snapshot = self.claw.snapshot
+        state = StateRequest(
+            load=snapshot.load if snapshot else None,
+            save=snapshot.save if snapshot else None,
+            session=self.claw.session,
+        )
+        adapters = self.services.adapter_specs(model, self._adapter_choices(tier))
+        self._handle = self.services.manager.submit(
+            model,
+            self.prompt,
+            self.params,
+            self.claw.keep_alive,
+            state,
+            adapters,
+            self._watch(index, stop),
+        )
+        self._events = self._handle.events()
+        first = await anext(self._events)
+        if isinstance(first, Failed):
+            raise first.error
+        assert isinstance(first, Started)
+        self.started = first
+        self.runs.append(TierRun(tier, model))
+
+    def _adapter_choices(self, tier: Tier) -> list[AdapterChoice]:
+        if self.claw.adapters or tier is DIRECT:
+            return self.claw.adapters
+        chosen = self.route.adapters if self.route and self.route.adapters is not None else None
+        uses = chosen if chosen is not None else tier.adapters
+        return [AdapterChoice(name=a.name, scale=a.scale) for a in uses]
+
+    # --- running --------------------------------------------------------------------------
+
+    async def commit(self) -> None:
+        """Run until the answering tier is known and its first text exists (or it ended), so
+        response headers can name the tier. Errors before that are raised here."""
+        self._text = self._run()
+        with contextlib.suppress(StopAsyncIteration):
+            self._pending.append(await anext(self._text))
 
     async def text(self) -> AsyncIterator[str]:
-        """The generated text, piece by piece; raises the job's error if it fails midway."""
-        assert self._events is not None
+        """The answer's text, piece by piece; raises a tier's error if it fails midway."""
+        if self._text is None:
+            self._text = self._run()
         try:
-            async for event in self._events:
-                if isinstance(event, TokenEvent):
-                    if self.first_token_at is None:
-                        self.first_token_at = time.perf_counter()
-                    yield event.text
-                elif isinstance(event, Finished):
-                    self._finish(event)
-                elif isinstance(event, Failed):
-                    raise event.error
+            while self._pending:
+                yield self._pending.pop(0)
+            async for piece in self._text:
+                yield piece
         finally:
-            self.services.metrics.in_flight.dec()
-            if self.finished is None:
+            await self._text.aclose()  # type: ignore[attr-defined]
+
+    async def _run(self) -> AsyncIterator[str]:
+        try:
+            while True:
+                tier = self.tiers[self._index]
+                if tier.kind == "remote":
+                    async for piece in self._remote(tier):
+                        yield piece
+                    if self.runs[-1].failed is None:
+                        break
+                    await self._fall_back()
+                    continue
+                escalated = False
+                async for held in self._local():
+                    if held is None:
+                        escalated = True
+                        break
+                    yield held
+                if not escalated:
+                    break
+                await self._start_tier(self._index + 1)
+            self._finish()
+        except ClawError as exc:
+            if not self._done:
+                self._errored = True
+                self._count_error(exc)
+            raise
+        finally:
+            if self._in_flight:
+                self.services.metrics.in_flight.dec()
+                self._in_flight = False
+            if not self._done and not self._errored:
                 self._log("cancelled (client went away or failed)")
                 self.services.metrics.requests.labels(self.endpoint, "499").inc()
             await self.aclose()
 
-    async def aclose(self) -> None:
+    async def _local(self) -> AsyncIterator[str | None]:
+        """Text of the running local tier; None when it gave up (the next tier takes over)."""
+        assert self._events is not None
+        run = self.runs[-1]
+        may_escalate = self._may_escalate(self._index)
+        window = self.tiers[self._index].escalate.decide_within
+        held: list[str] = []
+        committed = not may_escalate
+        async for event in self._events:
+            if isinstance(event, TokenEvent):
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                if committed:
+                    yield event.text
+                    continue
+                held.append(event.text)
+                if event.tokens > window:
+                    committed = True
+                    yield "".join(held)
+            elif isinstance(event, Finished):
+                run.prompt_tokens, run.completion_tokens = (
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                )
+                run.signals = event.signals
+                self.finished, self.finish_reason = event, event.finish_reason
+                trigger = event.escalate
+                if (
+                    trigger is not None
+                    and may_escalate
+                    and not committed
+                    and self._next_unavailable(self._index) is None
+                ):
+                    run.escalated = trigger.describe()
+                    await self._close_job()
+                    yield None
+                    return
+                if trigger is not None:
+                    self.degraded = True  # unsure, but there was nowhere to go
+                    run.escalated = f"{trigger.describe()} (kept: next tier unavailable)"
+                if held and not committed:
+                    yield "".join(held)
+            elif isinstance(event, Failed):
+                raise event.error
+
+    async def _remote(self, tier: Tier) -> AsyncIterator[str]:
+        run = self.runs[-1]
+        remote = self.services.remote(tier)
+        sent = False
+        try:
+            async for item in remote.stream(self._remote_request()):
+                if isinstance(item, RemoteDone):
+                    run.prompt_tokens = item.prompt_tokens or self._local_prompt_tokens()
+                    run.completion_tokens = item.completion_tokens
+                    self.finish_reason = "length" if item.finish_reason == "length" else "stop"
+                else:
+                    if self.first_token_at is None:
+                        self.first_token_at = time.perf_counter()
+                    sent = True
+                    yield item
+        except RemoteFailure as failure:
+            run.failed = failure.message
+            log.warning("%s remote tier %s failed: %s", self.id, tier.name, failure.message)
+            if sent or failure.after_text:
+                raise RemoteTierError(f"{failure.message} after part of its answer") from None
+            assert self.policy is not None
+            if self.policy.on_remote_failure == "error":
+                raise RemoteTierError(failure.message) from None
+
+    async def _fall_back(self) -> None:
+        """The remote failed and the policy wants the best local answer: the last local tier
+        before it, run to the end without escalating."""
+        local = [i for i in range(self._index) if self.tiers[i].kind == "local"]
+        if not local:
+            assert self.policy is not None
+            earlier = [t for t in self.policy.tiers if t.kind == "local" and t not in self.tiers]
+            installed = [t for t in earlier if self._installed(t.model)]
+            if not installed:
+                raise RemoteTierError(f"{self.runs[-1].failed}; no local tier to fall back on")
+            self.tiers = (*self.tiers, installed[-1])
+            local = [len(self.tiers) - 1]
+        self.degraded = True
+        target = local[-1]
+        self.tiers = (*self.tiers[: self._index + 1], self.tiers[target])
+        await self._start_tier(self._index + 1, stop=False)
+
+    def _remote_request(self) -> RemoteRequest:
+        prompt, params = self.prompt, self.params
+        return RemoteRequest(
+            messages=tuple((t.role, t.content) for t in prompt.chat) if prompt.chat else None,
+            text=prompt.text,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=params.stop,
+            seed=params.seed,
+        )
+
+    def _local_prompt_tokens(self) -> int:
+        return next((r.prompt_tokens for r in self.runs if r.tier.kind == "local"), 0)
+
+    async def _close_job(self) -> None:
         if self._events is not None:
             await self._events.aclose()  # type: ignore[attr-defined]
+            self._events = None
         if self._handle is not None:
             self._handle.close()
+            self._handle = None
 
-    def _finish(self, done: Finished) -> None:
-        self.finished = done
+    async def aclose(self) -> None:
+        await self._close_job()
+
+    # --- accounting -----------------------------------------------------------------------
+
+    @property
+    def finish(self) -> FinishReason:
+        """The answer's finish reason, once `text()` is exhausted."""
+        return (
+            "length"
+            if self.finish_reason == "length"
+            else ("cancelled" if self.finish_reason == "cancelled" else "stop")
+        )
+
+    @property
+    def answered_by(self) -> TierRun:
+        return self.runs[-1]
+
+    @property
+    def tier_name(self) -> str | None:
+        return self.runs[-1].tier.name if self.policy and self.runs else None
+
+    def _count_error(self, exc: ClawError) -> None:
+        self.services.metrics.requests.labels(self.endpoint, str(exc.http_status)).inc()
+        self._log(f"error {exc.http_status}: {exc.message}")
+
+    def _finish(self) -> None:
+        self._done = True
         metrics = self.services.metrics
+        answered = self.answered_by
+        if self.finished is None or answered.tier.kind == "remote":
+            self.finished = Finished(
+                finish_reason=self.finish_reason,  # type: ignore[arg-type]
+                prompt_tokens=answered.prompt_tokens,
+                completion_tokens=answered.completion_tokens,
+                prompt_seconds=0.0,
+                decode_seconds=0.0,
+            )
+        usage = self.usage()
+        elapsed = time.perf_counter() - self.started_at
         metrics.requests.labels(self.endpoint, "200").inc()
-        metrics.prompt_tokens.labels(self.model).inc(done.prompt_tokens)
-        metrics.completion_tokens.labels(self.model).inc(done.completion_tokens)
-        metrics.request_seconds.labels(self.model).observe(time.perf_counter() - self.started_at)
+        for run in self.runs:
+            metrics.prompt_tokens.labels(run.model).inc(run.prompt_tokens)
+            metrics.completion_tokens.labels(run.model).inc(run.completion_tokens)
+            if self.policy is not None:
+                metrics.tier_requests.labels(self.policy.name, run.tier.name).inc()
+        metrics.request_seconds.labels(answered.model).observe(elapsed)
         if self.first_token_at is not None:
             ttft = self.first_token_at - self.started_at
-            metrics.first_token_seconds.labels(self.model).observe(ttft)
+            metrics.first_token_seconds.labels(answered.model).observe(ttft)
+        if self.escalated:
+            metrics.escalations.labels(self.policy.name if self.policy else "-").inc()
         self._log(
-            f"ok prompt={done.prompt_tokens} completion={done.completion_tokens} "
-            f"finish={done.finish_reason}"
+            f"ok prompt={usage.prompt_tokens} completion={usage.completion_tokens} "
+            f"finish={self.finish_reason} path={self.path_text}"
+            + (f" reason={self.reason}" if self.reason else "")
         )
         state = self.started.state if self.started else None
         self.services.ledger.record(
@@ -127,16 +453,69 @@ class GenerationRun:
                 pid=self.peer.pid if self.peer else None,
                 app=self.claw.app,
                 endpoint=self.endpoint,
-                model=self.model,
-                prompt_tokens=done.prompt_tokens,
-                completion_tokens=done.completion_tokens,
-                usage_by_tier={"local": [done.prompt_tokens, done.completion_tokens]},
+                model=answered.model,
+                policy=self.policy.name if self.policy else None,
+                tier_path=self.path_text,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                usage_by_tier={
+                    name: [u.prompt_tokens, u.completion_tokens]
+                    for name, u in self.usage_by_tier().items()
+                },
                 prefill_tokens_saved=state.reused_tokens if state else 0,
                 prefix_source=state.source if state else None,
-                latency_ms=(time.perf_counter() - self.started_at) * 1000,
-                finish_reason=done.finish_reason,
+                remote_cost=self.cost,
+                all_remote_cost=self.all_remote_cost,
+                latency_ms=elapsed * 1000,
+                escalation_reason=self.reason,
+                finish_reason=self.finish_reason,
             )
         )
+
+    @property
+    def escalated(self) -> bool:
+        return any(r.escalated and "kept" not in r.escalated for r in self.runs)
+
+    @property
+    def reason(self) -> str | None:
+        reasons = [f"{r.tier.name}: {r.escalated or r.failed}" for r in self.runs]
+        picked = [x for x, r in zip(reasons, self.runs, strict=True) if r.escalated or r.failed]
+        return "; ".join(picked) or None
+
+    @property
+    def path_text(self) -> str:
+        return ">".join(r.tier.name for r in self.runs) or "-"
+
+    @property
+    def cost(self) -> float:
+        return sum(r.cost for r in self.runs)
+
+    @property
+    def all_remote_cost(self) -> float:
+        remote = self.policy.remote if self.policy else None
+        if remote is None:
+            return 0.0
+        answered = self.answered_by
+        return remote.cost(
+            self._local_prompt_tokens() or answered.prompt_tokens, answered.completion_tokens
+        )
+
+    def usage_by_tier(self) -> dict[str, Usage]:
+        totals: dict[str, Usage] = {}
+        for run in self.runs:
+            before = totals.get(
+                run.tier.name, Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+            )
+            p = before.prompt_tokens + run.prompt_tokens
+            c = before.completion_tokens + run.completion_tokens
+            totals[run.tier.name] = Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+        return totals
+
+    def usage(self) -> Usage:
+        """Tokens of every tier the request ran on (what it consumed, not just the answer)."""
+        p = sum(r.prompt_tokens for r in self.runs)
+        c = sum(r.completion_tokens for r in self.runs)
+        return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
     def _log(self, outcome: str) -> None:
         caller = f"uid={self.peer.uid} pid={self.peer.pid}" if self.peer else "tcp"
@@ -150,42 +529,71 @@ class GenerationRun:
             outcome,
         )
 
-    def usage(self) -> Usage:
-        done = self.finished
-        assert done is not None
-        return Usage(
-            prompt_tokens=done.prompt_tokens,
-            completion_tokens=done.completion_tokens,
-            total_tokens=done.prompt_tokens + done.completion_tokens,
-        )
-
     def info(self) -> ClawInfo:
         done, started = self.finished, self.started
         assert done is not None
-        assert started is not None
-        assert self._handle is not None
         total = time.perf_counter() - self.started_at
+        answered = self.answered_by
+        local = answered.tier.kind == "local"
 
         def rate(tokens: int, seconds: float) -> float | None:
             return round(tokens / seconds, 2) if seconds > 0 and tokens > 0 else None
 
+        digest = None
+        if local:
+            digest = self.services.store.get(answered.model).digest
+        signals = next((r.signals for r in reversed(self.runs) if r.signals), None)
         return ClawInfo(
-            model=self.model,
-            digest=self._handle.worker.manifest.digest,
+            model=answered.model,
+            digest=digest,
             profile=self.services.profile.name,
             request_id=self.id,
             timings=Timings(
-                queue_ms=round((started.queue_seconds - started.load_seconds) * 1000, 2),
-                load_ms=round(started.load_seconds * 1000, 2),
+                queue_ms=round((started.queue_seconds - started.load_seconds) * 1000, 2)
+                if started
+                else 0.0,
+                load_ms=round(started.load_seconds * 1000, 2) if started else 0.0,
                 prompt_ms=round(done.prompt_seconds * 1000, 2),
                 decode_ms=round(done.decode_seconds * 1000, 2),
                 total_ms=round(total * 1000, 2),
                 prompt_tokens_per_s=rate(done.prompt_tokens, done.prompt_seconds),
                 decode_tokens_per_s=rate(done.completion_tokens - 1, done.decode_seconds),
             ),
-            adapters=self.claw.adapters,
-            prefill_tokens_saved=started.state.reused_tokens,
-            prefix_source=started.state.source,
-            snapshot_saved=started.state.saved,
+            adapters=self._adapter_choices(answered.tier) if local else [],
+            prefill_tokens_saved=started.state.reused_tokens if started else 0,
+            prefix_source=started.state.source if started else None,
+            snapshot_saved=started.state.saved if started else None,
             session=self.claw.session,
+            policy=self.policy.name if self.policy else None,
+            rule=self.route.rule if self.route else None,
+            tier=self.tier_name,
+            path=[r.tier.name for r in self.runs] if self.policy else [],
+            escalated=self.escalated,
+            reason=self.reason,
+            degraded=self.degraded,
+            entropy=_entropy_info(signals) if signals else None,
+            usage_by_tier=self.usage_by_tier() if self.policy else {},
+            cost=round(self.cost, 8),
+            all_remote_cost=round(self.all_remote_cost, 8),
         )
+
+
+def _entropy_info(signals: Signals) -> EntropyInfo:
+    return EntropyInfo(
+        tokens=signals.tokens,
+        mean=round(signals.mean_entropy, 4),
+        max=round(signals.max_entropy, 4),
+        window=round(signals.window_entropy, 4),
+        min_prob=round(signals.min_prob, 4),
+        first_margin=round(signals.first_margin, 4) if signals.first_margin is not None else None,
+    )
+
+
+def _prompt_text(prompt: Prompt) -> str:
+    if prompt.chat is not None:
+        return "\n".join(turn.content for turn in prompt.chat)
+    return prompt.text or ""
+
+
+def _is_policy_name(name: str) -> bool:
+    return re.fullmatch(POLICY_NAME, name) is not None

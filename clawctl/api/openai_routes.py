@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from clawctl.api.errors import validation_error
@@ -75,7 +75,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     request: Request, body: ChatCompletionRequest = Depends(json_body(ChatCompletionRequest))
-) -> ChatCompletion | StreamingResponse:
+) -> JSONResponse | StreamingResponse:
     prompt = Prompt(chat=tuple(ChatTurn(m.role, m.text()) for m in body.messages))
     run = GenerationRun(
         _services(request),
@@ -85,27 +85,41 @@ async def chat_completions(
         _sampling(body, body.token_limit()),
         body.claw,
         peer_of(dict(request.scope["state"])),
+        json_mode=body.json_mode(),
     )
-    await run.start()
+    await _begin(run)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _chat_stream(run, include_usage), media_type="text/event-stream", headers=SSE_HEADERS
+            _chat_stream(run, include_usage),
+            media_type="text/event-stream",
+            headers=_headers(run, SSE_HEADERS),
         )
     text = "".join([piece async for piece in run.text()])
-    assert run.finished is not None
-    return ChatCompletion(
+    completion = ChatCompletion(
         id=f"chatcmpl-{run.id}",
         created=run.created,
         model=run.model,
-        choices=[
-            ChatChoice(
-                message=AssistantMessage(content=text), finish_reason=run.finished.finish_reason
-            )
-        ],
+        choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=run.finish)],
         usage=run.usage(),
         claw=run.info(),
     )
+    return JSONResponse(completion.model_dump(mode="json"), headers=_headers(run))
+
+
+async def _begin(run: GenerationRun) -> None:
+    """Start the run; a routed one also runs until its answering tier has committed, so the
+    response's headers (and any error before that) can be given properly."""
+    await run.start()
+    if run.policy is not None:
+        await run.commit()
+
+
+def _headers(run: GenerationRun, base: dict[str, str] | None = None) -> dict[str, str]:
+    headers = dict(base or {})
+    if run.tier_name is not None:
+        headers["x-claw-tier"] = run.tier_name
+    return headers
 
 
 async def _chat_stream(run: GenerationRun, include_usage: bool) -> AsyncIterator[bytes]:
@@ -127,8 +141,7 @@ async def _chat_stream(run: GenerationRun, include_usage: bool) -> AsyncIterator
     except ClawError as exc:
         yield error_frame(exc)
         return
-    assert run.finished is not None
-    yield frame(chunk(ChunkDelta(), finish_reason=run.finished.finish_reason, claw=run.info()))
+    yield frame(chunk(ChunkDelta(), finish_reason=run.finish, claw=run.info()))
     if include_usage:
         yield frame(
             ChatCompletionChunk(
@@ -145,7 +158,7 @@ async def _chat_stream(run: GenerationRun, include_usage: bool) -> AsyncIterator
 @router.post("/v1/completions", response_model=None)
 async def completions(
     request: Request, body: CompletionRequest = Depends(json_body(CompletionRequest))
-) -> Completion | StreamingResponse:
+) -> JSONResponse | StreamingResponse:
     if isinstance(body.prompt, str):
         prompt = Prompt(text=body.prompt)
     elif isinstance(body.prompt[0], str):
@@ -160,8 +173,9 @@ async def completions(
         _sampling(body, body.max_tokens),
         body.claw,
         peer_of(dict(request.scope["state"])),
+        json_mode=body.json_mode(),
     )
-    await run.start()
+    await _begin(run)
     prefix = prompt.text if body.echo and prompt.text is not None else ""
     if body.stream:
         return StreamingResponse(
@@ -169,18 +183,18 @@ async def completions(
                 run, prefix, bool(body.stream_options and body.stream_options.include_usage)
             ),
             media_type="text/event-stream",
-            headers=SSE_HEADERS,
+            headers=_headers(run, SSE_HEADERS),
         )
     text = "".join([piece async for piece in run.text()])
-    assert run.finished is not None
-    return Completion(
+    completion = Completion(
         id=f"cmpl-{run.id}",
         created=run.created,
         model=run.model,
-        choices=[CompletionChoice(text=prefix + text, finish_reason=run.finished.finish_reason)],
+        choices=[CompletionChoice(text=prefix + text, finish_reason=run.finish)],
         usage=run.usage(),
         claw=run.info(),
     )
+    return JSONResponse(completion.model_dump(mode="json"), headers=_headers(run))
 
 
 async def _completion_stream(
@@ -205,21 +219,32 @@ async def _completion_stream(
     except ClawError as exc:
         yield error_frame(exc)
         return
-    assert run.finished is not None
     usage = run.usage() if include_usage else None
-    yield frame(chunk("", finish_reason=run.finished.finish_reason, claw=run.info(), usage=usage))
+    yield frame(chunk("", finish_reason=run.finish, claw=run.info(), usage=usage))
     yield DONE
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
-    manifests = _services(request).store.installed()
-    return ModelList(
-        data=[ModelCard(id=m.name, created=int(m.created_at.timestamp())) for m in manifests]
-    )
+    """Installed models, then routing policies (a policy's name is usable as a model)."""
+    services = _services(request)
+    cards = [
+        ModelCard(id=m.name, created=int(m.created_at.timestamp()))
+        for m in services.store.installed()
+    ]
+    for name in services.policies.names():
+        found = services.policies.find(name)
+        if found is not None:
+            mtime = int(found.path.stat().st_mtime)
+            cards.append(ModelCard(id=name, created=mtime, owned_by="clawd-policy"))
+    return ModelList(data=cards)
 
 
 @router.get("/v1/models/{name}")
 async def get_model(name: str, request: Request) -> ModelCard:
-    manifest = _services(request).store.get(name)
+    services = _services(request)
+    policy = services.policies.find(name) if name in services.policies.names() else None
+    if policy is not None:
+        return ModelCard(id=name, created=int(policy.path.stat().st_mtime), owned_by="clawd-policy")
+    manifest = services.store.get(name)
     return ModelCard(id=manifest.name, created=int(manifest.created_at.timestamp()))

@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from clawctl import __version__
-from clawctl.cli import adapters, chat, daemon, ledger, models, profile, service, snapshot
+from clawctl.cli import adapters, chat, daemon, ledger, models, profile, route, service, snapshot
 from clawctl.cli._console import err
 from clawctl.errors import ClawError
 
@@ -52,6 +52,7 @@ app.add_typer(profile.app, name="profile")
 app.add_typer(service.app, name="service")
 app.add_typer(snapshot.app, name="snapshot")
 app.add_typer(ledger.app, name="ledger")
+app.add_typer(route.app, name="route")
 chat.register(app)
 daemon.register(app)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from clawctl.engines.meter import Signals, Thresholds, Trigger
 from clawctl.store.snapshot_format import StateIdentity
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -70,9 +71,11 @@ class Prompt:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """Text produced by one decode step (may be empty while a stop string is being matched)."""
+    """Text produced by one decode step (may be empty while a stop string is being matched);
+    `tokens` counts the tokens sampled so far, for holding text until a tier commits."""
 
     text: str
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class Finished:
     completion_tokens: int
     prompt_seconds: float
     decode_seconds: float
+    signals: Signals | None = None
+    escalate: Trigger | None = None  # the entropy meter stopped the generation
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,15 @@ class Engine(Protocol):
         ...
 
     def generate(
-        self, prompt: PreparedPrompt, params: SamplingParams, cancelled: Callable[[], bool]
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        cancelled: Callable[[], bool],
+        watch: Thresholds | None = None,
     ) -> Iterator[TokenEvent | Finished]:
-        """Stream the continuation; the last item is always `Finished`."""
+        """Stream the continuation; the last item is always `Finished`. With `watch`, every
+        token goes through the entropy meter, which stops generation when a threshold is
+        crossed (`Finished.escalate`)."""
         ...
 
     def memory_bytes(self) -> int:

@@ -33,6 +33,7 @@ from clawctl.engines.base import (
     TokenEvent,
     estimate_kv_bytes,
 )
+from clawctl.engines.meter import EntropyMeter, Thresholds
 from clawctl.errors import BadInput, EngineError
 from clawctl.store.snapshot_format import AdapterRef, StateIdentity
 
@@ -84,6 +85,7 @@ class LlamaEngine:
         self._loaded_adapters: dict[str, tuple[Path, Any]] = {}
         self._active: tuple[AdapterSpec, ...] = ()
         self._formatter = self._build_formatter()
+        self._n_vocab = int(self._llama.n_vocab())
 
     def _build_formatter(self) -> Jinja2ChatFormatter:
         llama = self._llama
@@ -122,13 +124,22 @@ class LlamaEngine:
         return PreparedPrompt(self._llama.tokenize(prompt.text.encode("utf-8"), add_bos=True))
 
     def generate(
-        self, prompt: PreparedPrompt, params: SamplingParams, cancelled: Callable[[], bool]
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        cancelled: Callable[[], bool],
+        watch: Thresholds | None = None,
     ) -> Iterator[TokenEvent | Finished]:
         sampled = 0
+        meter = EntropyMeter(self._n_vocab, watch, self._is_content) if watch else None
 
-        def observe(_ids: npt.NDArray[np.intc], _logits: npt.NDArray[np.single]) -> bool:
+        def observe(_ids: npt.NDArray[np.intc], _scores: npt.NDArray[np.single]) -> bool:
+            # llama-cpp-python leaves `_scores` unfilled without logits_all: the meter reads
+            # llama.cpp's own logits of the last decoded position (what was just sampled from).
             nonlocal sampled
             sampled += 1
+            if meter is not None and meter.observe(self._last_logits()) is not None:
+                return meter.thresholds.stop or cancelled()
             return cancelled()
 
         room = self.n_ctx - len(prompt.tokens)
@@ -161,13 +172,15 @@ class LlamaEngine:
                 first = time.perf_counter()
             choice = chunk["choices"][0]
             if choice["text"]:
-                yield TokenEvent(choice["text"])
+                yield TokenEvent(choice["text"], sampled)
             if choice["finish_reason"] is not None:
                 reason = "length" if choice["finish_reason"] == "length" else "stop"
         ended = time.perf_counter()
         if cancelled():
             reason = "cancelled"
         first = first or ended
+        if meter is not None and reason != "cancelled" and meter.trigger is None:
+            meter.finish()
         yield Finished(
             finish_reason=reason,
             prompt_tokens=len(prompt.tokens),
@@ -175,7 +188,19 @@ class LlamaEngine:
             completion_tokens=min(max(0, sampled - 1), max_tokens),
             prompt_seconds=first - started,
             decode_seconds=ended - first,
+            signals=meter.signals() if meter else None,
+            escalate=meter.trigger if meter else None,
         )
+
+    def _last_logits(self) -> npt.NDArray[np.float32]:
+        """A view (no copy) of the logits llama.cpp holds for the last decoded token."""
+        pointer = llama_cpp.llama_get_logits_ith(self._llama._ctx.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+
+    def _is_content(self, token: int) -> bool:
+        """Whether a token carries a letter or digit (where an answer starts)."""
+        text = self._llama.detokenize([token]).decode("utf-8", errors="ignore")
+        return any(c.isalnum() for c in text)
 
     def memory_bytes(self) -> int:
         meta = self._llama.metadata

@@ -34,6 +34,15 @@ class AdapterChoice(_Strict):
     scale: float = Field(1.0, ge=-4.0, le=4.0)
 
 
+class MeterRequest(_Strict):
+    """How the entropy meter summarises a request that names a model directly (calibration
+    uses the settings of the policy tier it calibrates)."""
+
+    window: int = Field(8, ge=1, le=256)
+    min_tokens: int = Field(1, ge=1)
+    decide_within: int = Field(48, ge=1, le=4096)
+
+
 class ClawRequest(_Strict):
     """The `claw` extension in a request body (`extra_body={"claw": {...}}`)."""
 
@@ -45,6 +54,10 @@ class ClawRequest(_Strict):
     )
 
     app: str | None = Field(None, max_length=128, description="Caller label for logs and ledger.")
+    meter: MeterRequest | None = None
+    impact: Literal["low", "normal", "critical"] = Field(
+        "normal", description="How much a wrong answer costs; routing policies match on it."
+    )
     keep_alive: float | None = Field(
         None, ge=0, description="Seconds to keep the model loaded after this request."
     )
@@ -72,6 +85,10 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class ResponseFormat(_Lenient):
+    type: str = "text"
+
+
 class SamplingRequest(_Lenient):
     model: str | None = None
     max_tokens: int | None = Field(None, gt=0)
@@ -88,7 +105,11 @@ class SamplingRequest(_Lenient):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     user: str | None = None
+    response_format: ResponseFormat | None = None
     claw: ClawRequest = ClawRequest()
+
+    def json_mode(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
 
     @field_validator("stop")
     @classmethod
@@ -142,11 +163,22 @@ class Timings(BaseModel):
     decode_tokens_per_s: float | None
 
 
+class EntropyInfo(BaseModel):
+    """The entropy meter's view of the last local tier that ran (nats, probabilities)."""
+
+    tokens: int
+    mean: float
+    max: float
+    window: float
+    min_prob: float
+    first_margin: float | None
+
+
 class ClawInfo(BaseModel):
     """The `claw` object in responses: what the daemon did for this request."""
 
     model: str
-    digest: str
+    digest: str | None
     profile: str
     request_id: str
     timings: Timings
@@ -155,6 +187,18 @@ class ClawInfo(BaseModel):
     prefix_source: str | None = None
     snapshot_saved: str | None = None
     session: str | None = None
+    # routing (a request whose model names a policy)
+    policy: str | None = None
+    rule: str | None = None
+    tier: str | None = None
+    path: list[str] = Field(default_factory=list)
+    escalated: bool = False
+    reason: str | None = None
+    degraded: bool = False
+    entropy: EntropyInfo | None = None
+    usage_by_tier: dict[str, Usage] = Field(default_factory=dict)
+    cost: float = 0.0
+    all_remote_cost: float = 0.0
 
 
 FinishReason = Literal["stop", "length", "cancelled"]

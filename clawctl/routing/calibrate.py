@@ -1,0 +1,187 @@
+"""Calibration: how well each meter signal predicts a wrong local answer, and thresholds that
+escalate a chosen share of requests (or keep local errors under a target).
+
+Examples are OpenAI Evals lines (`input` chat messages, `ideal` answer). Answers are graded
+leniently and the same way for every tier: small models answer in sentences, so a numeric ideal
+is compared with the last number in the answer, a yes/no ideal with the first yes/no word, and
+anything else by containment after case-folding.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clawctl.engines.meter import LOW_IS_UNSURE, SIGNALS
+from clawctl.errors import BadInput
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Example:
+    messages: tuple[tuple[str, str], ...]
+    ideal: str
+
+
+def load_examples(path: Path, limit: int | None = None) -> list[Example]:
+    examples: list[Example] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"cannot read {path}: {exc}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            messages = tuple((str(m["role"]), str(m["content"])) for m in item["input"])
+            ideal = item["ideal"]
+            ideal = str(ideal[0] if isinstance(ideal, list) else ideal)
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise BadInput(
+                f"{path}:{number}: not an Evals line (need 'input' messages and 'ideal')"
+            ) from None
+        examples.append(Example(messages, ideal))
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise BadInput(f"{path}: no examples")
+    return examples
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_YES_NO = re.compile(r"\b(yes|no|y|n)\b", re.IGNORECASE)
+_YES = {"yes", "y"}
+
+
+def grade(answer: str, ideal: str) -> bool:
+    """Lenient, tier-independent grading (see the module docstring)."""
+    ideal = ideal.strip()
+    if _NUMBER.fullmatch(ideal):
+        numbers = _NUMBER.findall(answer.replace(",", ""))
+        return bool(numbers) and float(numbers[-1]) == float(ideal)
+    if ideal.lower() in {"yes", "no", "y", "n"}:
+        word = _YES_NO.search(answer)
+        return word is not None and (word.group(1).lower() in _YES) == (ideal.lower() in _YES)
+    return ideal.casefold() in answer.casefold()
+
+
+def auroc(scores: list[float], positives: list[bool]) -> float | None:
+    """Area under the ROC curve of `scores` ranking positives (wrong answers) first; ties
+    count half. None when one class is empty."""
+    pos = [s for s, p in zip(scores, positives, strict=True) if p]
+    neg = [s for s, p in zip(scores, positives, strict=True) if not p]
+    if not pos or not neg:
+        return None
+    ranked = sorted(scores)
+    # average ranks (1-based) for ties
+    rank: dict[float, float] = {}
+    i = 0
+    while i < len(ranked):
+        j = i
+        while j + 1 < len(ranked) and ranked[j + 1] == ranked[i]:
+            j += 1
+        rank[ranked[i]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(rank[s] for s in pos)
+    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def unsureness(signal: str, value: float | None) -> float:
+    """A signal's value oriented so that higher means less sure (missing: most unsure)."""
+    if value is None:
+        return float("inf")
+    return -value if signal in LOW_IS_UNSURE else value
+
+
+@dataclass(frozen=True)
+class SignalReport:
+    signal: str
+    auroc: float | None
+    threshold: float | None  # escalates the target share of these examples
+
+
+@dataclass(frozen=True)
+class TierReport:
+    tier: str
+    model: str
+    examples: int
+    accuracy: float
+    signals: tuple[SignalReport, ...]
+
+    @property
+    def best(self) -> SignalReport | None:
+        scored = [s for s in self.signals if s.auroc is not None and s.threshold is not None]
+        return max(scored, key=lambda s: s.auroc or 0.0) if scored else None
+
+
+def threshold_for_rate(signal: str, values: list[float | None], rate: float) -> float | None:
+    """A threshold at which about `rate` of these values trigger escalation."""
+    finite = sorted(unsureness(signal, v) for v in values if v is not None)
+    if not finite or rate <= 0:
+        return None
+    keep = min(len(finite) - 1, max(0, round(len(finite) * (1 - rate)) - 1))
+    cut = finite[keep]  # escalate what is strictly less sure than this
+    return -cut if signal in LOW_IS_UNSURE else cut
+
+
+def threshold_for_error(
+    signal: str, values: list[float | None], correct: list[bool], error: float
+) -> float | None:
+    """The least escalation that leaves at most `error` of the kept answers wrong."""
+    order = sorted(range(len(values)), key=lambda i: unsureness(signal, values[i]), reverse=True)
+    for escalated in range(len(order)):
+        kept = order[escalated:]
+        wrong = sum(1 for i in kept if not correct[i])
+        if kept and wrong / len(kept) <= error:
+            if escalated == 0:
+                return None  # nothing needs escalating
+            cut = unsureness(signal, values[order[escalated]])
+            return -cut if signal in LOW_IS_UNSURE else cut
+    return None
+
+
+def report_tier(
+    tier: str,
+    model: str,
+    observed: list[dict[str, float | None]],
+    correct: list[bool],
+    rate: float | None,
+    error: float | None,
+) -> TierReport:
+    wrong = [not c for c in correct]
+    signals = []
+    for signal in SIGNALS:
+        values = [o.get(signal) for o in observed]
+        area = auroc([unsureness(signal, v) for v in values], wrong)
+        if error is not None:
+            threshold = threshold_for_error(signal, values, correct, error)
+        else:
+            threshold = threshold_for_rate(signal, values, rate or 0.0)
+        signals.append(SignalReport(signal, area, threshold))
+    accuracy = sum(correct) / len(correct) if correct else 0.0
+    return TierReport(tier, model, len(correct), accuracy, tuple(signals))
+
+
+def with_thresholds(policy_text: str, chosen: dict[str, SignalReport]) -> str:
+    """The policy with each named tier escalating on exactly its chosen signal."""
+    import tomli_w
+
+    data: dict[str, Any] = tomllib.loads(policy_text)
+    for tier in data.get("tiers", []):
+        pick = chosen.get(tier.get("name"))
+        if pick is None or pick.threshold is None:
+            continue
+        escalate = tier.setdefault("escalate", {})
+        for signal in SIGNALS:
+            escalate.pop(signal, None)
+        escalate[pick.signal] = round(pick.threshold, 6)
+    return tomli_w.dumps(data)

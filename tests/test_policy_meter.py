@@ -1,0 +1,208 @@
+"""Policies (schema, line-numbered errors, rules), the entropy meter's arithmetic and triggers,
+calibration maths and the circuit breaker - the pure parts of routing."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clawctl.engines.meter import EntropyMeter, Thresholds
+from clawctl.errors import BadInput
+from clawctl.resources import bundled_dir
+from clawctl.routing.calibrate import auroc, grade, threshold_for_error, threshold_for_rate
+from clawctl.routing.policy import RouteInput, load_policy, parse_policy, route
+from clawctl.routing.remote import CircuitBreaker
+from tests.conftest import run_cli
+
+GOOD = """name = "p"
+start = "a"
+
+[[tiers]]
+name = "a"
+kind = "local"
+model = "smollm2-135m"
+
+[[tiers]]
+name = "b"
+kind = "remote"
+base_url = "http://127.0.0.1:1/v1"
+model = "m"
+"""
+
+
+def test_shipped_policy_is_valid() -> None:
+    policy = load_policy(bundled_dir("daemon") / "policies" / "cascade.toml")
+    assert [t.name for t in policy.tiers] == ["int2", "int4", "remote"]
+    assert policy.remote is not None and policy.remote.name == "remote"
+
+
+@pytest.mark.parametrize(
+    ("broken", "line", "words"),
+    [
+        (GOOD.replace('kind = "remote"', 'kind = "cloud"'), 11, "tiers.1.kind"),
+        (GOOD.replace('model = "m"', 'model = "m"\ntimeout_seconds = -1'), 14, "timeout"),
+        (GOOD.replace('start = "a"', 'start = "zzz"'), 1, "start tier 'zzz'"),
+        (GOOD.replace('base_url = "http://127.0.0.1:1/v1"\n', ""), 9, "base_url"),
+        (GOOD + '\n[[rules]]\nname = "r"\nprompt_regex = "("\n', 17, "regular expression"),
+        (GOOD.replace('name = "a"\n', 'name = "a"\ncolour = 3\n'), 6, "colour"),
+        (GOOD.replace('start = "a"', 'start = "a'), 2, "invalid TOML"),
+    ],
+)
+def test_invalid_policies_name_the_line(broken: str, line: int, words: str) -> None:
+    with pytest.raises(BadInput) as caught:
+        parse_policy(broken, "x.toml")
+    message = str(caught.value.message)
+    assert words in message
+    assert f"x.toml:{line}:" in message or f"line {line}" in message
+
+
+def test_route_validate_cli_exits_2_with_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(GOOD.replace('kind = "remote"', 'kind = "cloud"'))
+    result = run_cli("route", "validate", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}:11:" in result.stderr and "Traceback" not in result.stderr
+    good = tmp_path / "good.toml"
+    good.write_text(GOOD)
+    assert run_cli("route", "validate", str(good)).returncode == 0
+
+
+def test_route_explain_cli() -> None:
+    result = run_cli("route", "explain", "Is 2 > 1?", "--impact", "low", "--json")
+    assert result.returncode == 0, result.stderr
+    assert '"rule": "low impact"' in result.stdout and '"int2"' in result.stdout
+
+
+def test_rules_match_declared_options_and_policy_regexes() -> None:
+    policy = parse_policy(
+        GOOD
+        + """
+[[rules]]
+name = "low"
+impact = "low"
+max_temperature = 0.2
+
+[[rules]]
+name = "app"
+app = "mailer"
+start = "b"
+
+[[rules]]
+name = "long"
+min_prompt_chars = 100
+start = "b"
+escalate = false
+""",
+        "p.toml",
+    )
+    assert route(policy, RouteInput("hi")).rule is None
+    low = route(policy, RouteInput("hi", impact="low"))
+    assert low.rule == "low" and low.max_temperature == 0.2 and low.tiers[0].name == "a"
+    assert route(policy, RouteInput("hi", app="mailer")).tiers[0].name == "b"
+    long = route(policy, RouteInput("x" * 100))
+    assert long.rule == "long" and not long.escalate
+    # words in the prompt are just words
+    assert route(policy, RouteInput("impact=low app=mailer")).rule is None
+
+
+def test_meter_entropy_and_margin_match_the_definitions() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=1000).astype(np.float32) * 3
+    meter = EntropyMeter(1000, Thresholds(), lambda _t: True)
+    meter.observe(logits)
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    p /= p.sum()
+    top2 = np.sort(p)[-2:]
+    signals = meter.signals()
+    assert signals.mean_entropy == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-4)
+    assert signals.min_prob == pytest.approx(float(top2[1]), rel=1e-4)
+    assert signals.first_margin == pytest.approx(float(top2[1] - top2[0]), rel=1e-4)
+    uniform = EntropyMeter(512, Thresholds(), lambda _t: True)
+    uniform.observe(np.zeros(512, dtype=np.float32))
+    assert uniform.signals().mean_entropy == pytest.approx(math.log(512), rel=1e-5)
+
+
+def _peaked(height: float, n: int = 100) -> np.ndarray:
+    logits = np.zeros(n, dtype=np.float32)
+    logits[0] = height
+    return logits
+
+
+def test_meter_triggers_within_the_decision_window_only() -> None:
+    sure, unsure = _peaked(30), _peaked(0.5)
+    spike = EntropyMeter(100, Thresholds(max_entropy=3.0, min_tokens=3), lambda _t: True)
+    assert spike.observe(unsure) is None  # before min_tokens
+    assert spike.observe(sure) is None
+    fired = spike.observe(unsure)
+    assert fired is not None and fired.signal == "max_entropy" and fired.token == 3
+
+    late = EntropyMeter(100, Thresholds(max_entropy=3.0, decide_within=2), lambda _t: True)
+    for _ in range(2):
+        assert late.observe(sure) is None
+    assert late.observe(unsure) is None  # committed: measured, never triggers
+
+    window = EntropyMeter(100, Thresholds(window_entropy=2.0, window=4), lambda _t: True)
+    for logits in (unsure, unsure, unsure):
+        assert window.observe(logits) is None
+    assert window.finish() is not None  # a 3-token answer judged by its mean
+
+    content = [False, True]
+    margin = EntropyMeter(100, Thresholds(first_margin=0.5), lambda _t: content.pop(0))
+    assert margin.observe(sure) is None  # not a content token: not the answer yet
+    fired = margin.observe(unsure)
+    assert fired is not None and fired.signal == "first_margin" and fired.token == 2
+
+
+def test_grading_is_lenient_and_the_same_for_every_tier() -> None:
+    assert grade("The answer is 480.", "480")
+    assert grade("1,234", "1234")
+    assert not grade("480 or maybe 481", "480")  # the last number counts
+    assert grade("Yes, it is heavier.", "Yes")
+    assert grade("No.", "N")
+    assert not grade("Y", "N")
+    assert grade("I think the answer is no", "No")
+    assert grade("It is Paris, of course", "paris")
+
+
+def test_auroc_and_thresholds() -> None:
+    assert auroc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0
+    assert auroc([0.9, 0.8, 0.2, 0.1], [False, False, True, True]) == 0.0
+    assert auroc([0.5, 0.5], [False, True]) == 0.5
+    assert auroc([0.5, 0.6], [True, True]) is None
+    values = [float(i) for i in range(100)]
+    high = threshold_for_rate("max_entropy", list(values), 0.3)
+    assert high is not None and sum(v > high for v in values) == 30
+    low = threshold_for_rate("first_margin", list(values), 0.3)
+    assert low is not None and sum(v < low for v in values) == 30
+    correct = [v < 80 for v in values]  # the 20 least sure are wrong
+    cut = threshold_for_error("max_entropy", list(values), correct, 0.0)
+    assert cut is not None and all(c for v, c in zip(values, correct, strict=True) if v <= cut)
+
+
+def test_circuit_breaker_opens_and_half_opens() -> None:
+    breaker = CircuitBreaker(failures=2, cooldown=0.05)
+    breaker.record(False)
+    assert not breaker.open
+    breaker.record(False)
+    assert breaker.open
+    import time
+
+    time.sleep(0.06)
+    assert not breaker.open  # half-open: one may try
+    breaker.record(True)
+    assert not breaker.open
+
+
+def test_apply_and_show_cli(tmp_path: Path) -> None:
+    source = tmp_path / "p.toml"
+    source.write_text(GOOD)
+    env = {**os.environ, "CLAW_HOME": str(tmp_path / "home")}
+    assert run_cli("route", "apply", str(source), env=env).returncode == 0
+    shown = run_cli("route", "show", "p", env=env)
+    assert shown.returncode == 0 and "remote" in shown.stdout
+    listed = run_cli("route", "list", "--json", env=env)
+    assert '"p"' in listed.stdout and '"cascade"' in listed.stdout
