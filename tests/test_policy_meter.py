@@ -37,7 +37,8 @@ model = "m"
 def test_shipped_policy_is_valid() -> None:
     policy = load_policy(bundled_dir("daemon") / "policies" / "cascade.toml")
     assert [t.name for t in policy.tiers] == ["int2", "int4", "remote"]
-    assert policy.remote is not None and policy.remote.name == "remote"
+    assert policy.remote is not None
+    assert policy.remote.name == "remote"
 
 
 @pytest.mark.parametrize(
@@ -65,7 +66,8 @@ def test_route_validate_cli_exits_2_with_the_line(tmp_path: Path) -> None:
     bad.write_text(GOOD.replace('kind = "remote"', 'kind = "cloud"'))
     result = run_cli("route", "validate", str(bad))
     assert result.returncode == 2
-    assert f"{bad}:11:" in result.stderr and "Traceback" not in result.stderr
+    assert f"{bad}:11:" in result.stderr
+    assert "Traceback" not in result.stderr
     good = tmp_path / "good.toml"
     good.write_text(GOOD)
     assert run_cli("route", "validate", str(good)).returncode == 0
@@ -74,7 +76,8 @@ def test_route_validate_cli_exits_2_with_the_line(tmp_path: Path) -> None:
 def test_route_explain_cli() -> None:
     result = run_cli("route", "explain", "Is 2 > 1?", "--impact", "low", "--json")
     assert result.returncode == 0, result.stderr
-    assert '"rule": "low impact"' in result.stdout and '"int2"' in result.stdout
+    assert '"rule": "low impact"' in result.stdout
+    assert '"int2"' in result.stdout
 
 
 def test_rules_match_declared_options_and_policy_regexes() -> None:
@@ -101,10 +104,13 @@ escalate = false
     )
     assert route(policy, RouteInput("hi")).rule is None
     low = route(policy, RouteInput("hi", impact="low"))
-    assert low.rule == "low" and low.max_temperature == 0.2 and low.tiers[0].name == "a"
+    assert low.rule == "low"
+    assert low.max_temperature == 0.2
+    assert low.tiers[0].name == "a"
     assert route(policy, RouteInput("hi", app="mailer")).tiers[0].name == "b"
     long = route(policy, RouteInput("x" * 100))
-    assert long.rule == "long" and not long.escalate
+    assert long.rule == "long"
+    assert not long.escalate
     # words in the prompt are just words
     assert route(policy, RouteInput("impact=low app=mailer")).rule is None
 
@@ -138,7 +144,9 @@ def test_meter_triggers_within_the_decision_window_only() -> None:
     assert spike.observe(unsure) is None  # before min_tokens
     assert spike.observe(sure) is None
     fired = spike.observe(unsure)
-    assert fired is not None and fired.signal == "max_entropy" and fired.token == 3
+    assert fired is not None
+    assert fired.signal == "max_entropy"
+    assert fired.token == 3
 
     late = EntropyMeter(100, Thresholds(max_entropy=3.0, decide_within=2), lambda _t: True)
     for _ in range(2):
@@ -154,7 +162,9 @@ def test_meter_triggers_within_the_decision_window_only() -> None:
     margin = EntropyMeter(100, Thresholds(first_margin=0.5), lambda _t: content.pop(0))
     assert margin.observe(sure) is None  # not a content token: not the answer yet
     fired = margin.observe(unsure)
-    assert fired is not None and fired.signal == "first_margin" and fired.token == 2
+    assert fired is not None
+    assert fired.signal == "first_margin"
+    assert fired.token == 2
 
 
 def test_grading_is_lenient_and_the_same_for_every_tier() -> None:
@@ -175,12 +185,15 @@ def test_auroc_and_thresholds() -> None:
     assert auroc([0.5, 0.6], [True, True]) is None
     values = [float(i) for i in range(100)]
     high = threshold_for_rate("max_entropy", list(values), 0.3)
-    assert high is not None and sum(v > high for v in values) == 30
+    assert high is not None
+    assert sum(v > high for v in values) == 30
     low = threshold_for_rate("first_margin", list(values), 0.3)
-    assert low is not None and sum(v < low for v in values) == 30
+    assert low is not None
+    assert sum(v < low for v in values) == 30
     correct = [v < 80 for v in values]  # the 20 least sure are wrong
     cut = threshold_for_error("max_entropy", list(values), correct, 0.0)
-    assert cut is not None and all(c for v, c in zip(values, correct, strict=True) if v <= cut)
+    assert cut is not None
+    assert all(c for v, c in zip(values, correct, strict=True) if v <= cut)
 
 
 def test_circuit_breaker_opens_and_half_opens() -> None:
@@ -203,6 +216,8 @@ def test_apply_and_show_cli(tmp_path: Path) -> None:
     env = {**os.environ, "CLAW_HOME": str(tmp_path / "home")}
     assert run_cli("route", "apply", str(source), env=env).returncode == 0
     shown = run_cli("route", "show", "p", env=env)
-    assert shown.returncode == 0 and "remote" in shown.stdout
+    assert shown.returncode == 0
+    assert "remote" in shown.stdout
     listed = run_cli("route", "list", "--json", env=env)
-    assert '"p"' in listed.stdout and '"cascade"' in listed.stdout
+    assert '"p"' in listed.stdout
+    assert '"cascade"' in listed.stdout
