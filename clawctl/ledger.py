@@ -79,8 +79,38 @@ def _create_requests(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX requests_ts ON requests (ts)")
 
 
+class DistillExample(BaseModel):
+    """An escalated request with the answer of the tier that took it over: fine-tuning data.
+    Kept only when the policy says `store_prompts = true`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str
+    ts: float
+    policy: str
+    app: str | None
+    tier: str
+    messages: list[dict[str, str]]
+    answer: str
+
+    def chat_line(self) -> str:
+        """One line of a chat-format fine-tuning set (OpenAI / TRL `messages`)."""
+        messages = [*self.messages, {"role": "assistant", "content": self.answer}]
+        return json.dumps({"messages": messages}, ensure_ascii=False)
+
+
+def _create_escalations(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE escalations (
+            request_id TEXT PRIMARY KEY, ts REAL NOT NULL, policy TEXT NOT NULL, app TEXT,
+            tier TEXT NOT NULL, messages TEXT NOT NULL, answer TEXT NOT NULL)"""
+    )
+    db.execute("CREATE INDEX escalations_ts ON escalations (ts)")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("m001_requests", _create_requests),
+    ("m002_escalations", _create_escalations),
 ]
 COLUMNS = list(LedgerRow.model_fields)
 
@@ -121,8 +151,43 @@ class Ledger:
             [values[c] for c in COLUMNS],
         )
 
+    def record_example(self, example: DistillExample) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO escalations VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                example.request_id,
+                example.ts,
+                example.policy,
+                example.app,
+                example.tier,
+                json.dumps(example.messages),
+                example.answer,
+            ),
+        )
+
+    def examples(
+        self, since: float | None = None, policy: str | None = None
+    ) -> list[DistillExample]:
+        query = "SELECT * FROM escalations WHERE ts >= ? AND (? IS NULL OR policy = ?) ORDER BY ts"
+        found = []
+        for row in self._db.execute(query, (since or 0.0, policy, policy)):
+            request_id, ts, name, app, tier, messages, answer = row
+            found.append(
+                DistillExample(
+                    request_id=request_id,
+                    ts=ts,
+                    policy=name,
+                    app=app,
+                    tier=tier,
+                    messages=json.loads(messages),
+                    answer=answer,
+                )
+            )
+        return found
+
     def prune(self, retention_days: float) -> int:
         cutoff = time.time() - retention_days * 86400
+        self._db.execute("DELETE FROM escalations WHERE ts < ?", (cutoff,))
         return self._db.execute("DELETE FROM requests WHERE ts < ?", (cutoff,)).rowcount
 
     def rows(self, since: float | None = None) -> Iterator[LedgerRow]:

@@ -69,6 +69,21 @@ def policy_text(
     timeout: float = 20,
     key_file: str = "",
     extra: str = "",
+    store_prompts: bool = False,
+) -> str:
+    return _policy_text(name, base_url, escalate, on_failure, timeout, key_file, extra).replace(
+        "[[tiers]]", f"store_prompts = {str(store_prompts).lower()}\n\n[[tiers]]", 1
+    )
+
+
+def _policy_text(
+    name: str,
+    base_url: str,
+    escalate: str = "first_margin = 0.999",
+    on_failure: str = "degraded",
+    timeout: float = 20,
+    key_file: str = "",
+    extra: str = "",
 ) -> str:
     key = f'api_key_file = "{key_file}"' if key_file else ""
     return f"""
@@ -390,3 +405,27 @@ def test_calibrate_writes_thresholds(local: Daemon, remote: str, tmp_path: Path)
             s for s in ("window_entropy", "max_entropy", "min_prob", "first_margin") if s != chosen
         ]
         assert all(escalate[s] is None for s in others)
+
+
+def test_distill_export_writes_escalations_as_chat_data(
+    local: Daemon, remote: str, tmp_path: Path
+) -> None:
+    key = str(local.home / "key")
+    apply(local, policy_text("kept", remote, key_file=key, store_prompts=True))
+    apply(local, policy_text("private", remote, key_file=key))
+    kept = chat(local, "kept", claw={"app": "distill-test"}).json()
+    chat(local, "private")
+    assert kept["claw"]["escalated"] is True
+    out = tmp_path / "set.jsonl"
+    env = {**os.environ, "CLAW_HOME": str(local.home)}
+    result = run_cli("distill", "export", "--out", str(out), "--since", "1h", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) >= 1
+    assert all(line["messages"][-1]["role"] == "assistant" for line in lines)
+    assert all(line["messages"][:-1] == QUESTION for line in lines)
+    answers = {line["messages"][-1]["content"] for line in lines}
+    assert answers == {kept["choices"][0]["message"]["content"]}  # never the private policy's
+    only = run_cli("distill", "export", "--out", str(out), "--policy", "private", env=env)
+    assert only.returncode == 0
+    assert out.read_text() == ""

@@ -28,7 +28,7 @@ from clawctl.api.peer import PeerCred
 from clawctl.engines.base import Finished, FinishReason, Prompt, SamplingParams, TokenEvent
 from clawctl.engines.meter import Signals, Thresholds
 from clawctl.errors import BadInput, ClawError, NotFound, RemoteTierError
-from clawctl.ledger import LedgerRow
+from clawctl.ledger import DistillExample, LedgerRow
 from clawctl.routing.policy import POLICY_NAME, Policy, Route, RouteInput, Tier, route
 from clawctl.routing.remote import RemoteDone, RemoteFailure, RemoteRequest
 from clawctl.scheduler import Failed, JobHandle, Started
@@ -104,6 +104,7 @@ class GenerationRun:
         self._in_flight = False
         self._done = False
         self._errored = False
+        self._answer: list[str] = []  # what the client got, for distillation data
 
     # --- starting -------------------------------------------------------------------------
 
@@ -249,6 +250,7 @@ class GenerationRun:
                 tier = self.tiers[self._index]
                 if tier.kind == "remote":
                     async for piece in self._remote(tier):
+                        self._answer.append(piece)
                         yield piece
                     if self.runs[-1].failed is None:
                         break
@@ -259,6 +261,7 @@ class GenerationRun:
                     if held is None:
                         escalated = True
                         break
+                    self._answer.append(held)
                     yield held
                 if not escalated:
                     break
@@ -469,6 +472,26 @@ class GenerationRun:
                 latency_ms=elapsed * 1000,
                 escalation_reason=self.reason,
                 finish_reason=self.finish_reason,
+            )
+        )
+        if self.policy and self.policy.store_prompts and self.escalated and not self.degraded:
+            self._record_example(answered)
+
+    def _record_example(self, answered: TierRun) -> None:
+        assert self.policy is not None
+        if self.prompt.chat is not None:
+            messages = [{"role": t.role, "content": t.content} for t in self.prompt.chat]
+        else:
+            messages = [{"role": "user", "content": self.prompt.text or ""}]
+        self.services.ledger.record_example(
+            DistillExample(
+                request_id=self.id,
+                ts=time.time(),
+                policy=self.policy.name,
+                app=self.claw.app,
+                tier=answered.tier.name,
+                messages=messages,
+                answer="".join(self._answer),
             )
         )
 

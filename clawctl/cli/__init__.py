@@ -12,7 +12,18 @@ import typer
 from typer.core import TyperGroup
 
 from clawctl import __version__
-from clawctl.cli import adapters, chat, daemon, ledger, models, profile, route, service, snapshot
+from clawctl.cli import (
+    adapters,
+    chat,
+    daemon,
+    distill,
+    ledger,
+    models,
+    profile,
+    route,
+    service,
+    snapshot,
+)
 from clawctl.cli._console import err
 from clawctl.errors import ClawError
 
@@ -53,6 +64,7 @@ app.add_typer(service.app, name="service")
 app.add_typer(snapshot.app, name="snapshot")
 app.add_typer(ledger.app, name="ledger")
 app.add_typer(route.app, name="route")
+app.add_typer(distill.app, name="distill")
 chat.register(app)
 daemon.register(app)
 
