@@ -51,6 +51,7 @@ bench: model
 	$(PY) bench/foundation.py
 	$(PY) bench/snapshots.py
 	$(PY) bench/adapters.py
+	$(PY) bench/cascade.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build

@@ -429,3 +429,15 @@ def test_distill_export_writes_escalations_as_chat_data(
     only = run_cli("distill", "export", "--out", str(out), "--policy", "private", env=env)
     assert only.returncode == 0
     assert out.read_text() == ""
+
+
+def test_shipped_cascade_without_a_remote_answers_locally_in_full(local: Daemon) -> None:
+    """No CLAW_REMOTE_BASE_URL and no INT2 model here: the INT4 tier answers to the end; if its
+    meter fired, the answer is marked degraded rather than cut short."""
+    response = chat(local, "cascade")
+    assert response.status_code == 200, response.text
+    claw = response.json()["claw"]
+    assert claw["path"] == ["int4"]
+    assert claw["degraded"] == ("kept" in (claw["reason"] or ""))
+    direct = chat(local, "smollm2-135m").json()["choices"][0]["message"]["content"]
+    assert response.json()["choices"][0]["message"]["content"] == direct

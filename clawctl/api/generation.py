@@ -104,6 +104,7 @@ class GenerationRun:
         self._in_flight = False
         self._done = False
         self._errored = False
+        self._stops = False
         self._answer: list[str] = []  # what the client got, for distillation data
 
     # --- starting -------------------------------------------------------------------------
@@ -199,6 +200,8 @@ class GenerationRun:
             session=self.claw.session,
         )
         adapters = self.services.adapter_specs(model, self._adapter_choices(tier))
+        watch = self._watch(index, stop)
+        self._stops = watch.armed and watch.stop  # a trigger ends the tier: escalate
         self._handle = self.services.manager.submit(
             model,
             self.prompt,
@@ -206,7 +209,7 @@ class GenerationRun:
             self.claw.keep_alive,
             state,
             adapters,
-            self._watch(index, stop),
+            watch,
         )
         self._events = self._handle.events()
         first = await anext(self._events)
@@ -285,8 +288,9 @@ class GenerationRun:
         """Text of the running local tier; None when it gave up (the next tier takes over)."""
         assert self._events is not None
         run = self.runs[-1]
-        may_escalate = self._may_escalate(self._index)
-        window = self.tiers[self._index].escalate.decide_within
+        tier = self.tiers[self._index]
+        may_escalate = self._may_escalate(self._index) and tier.escalate.thresholds().armed
+        window = tier.escalate.decide_within
         held: list[str] = []
         committed = not may_escalate
         async for event in self._events:
@@ -308,12 +312,9 @@ class GenerationRun:
                 run.signals = event.signals
                 self.finished, self.finish_reason = event, event.finish_reason
                 trigger = event.escalate
-                if (
-                    trigger is not None
-                    and may_escalate
-                    and not committed
-                    and self._next_unavailable(self._index) is None
-                ):
+                if trigger is not None and self._stops and may_escalate and not committed:
+                    # (should the next tier have become unavailable meanwhile, it fails at
+                    # once and the fallback re-runs this tier to the end, marked degraded)
                     run.escalated = trigger.describe()
                     await self._close_job()
                     yield None
