@@ -8,8 +8,8 @@ against the share of remote calls for the cascade (escalating the least sure ans
 signal), a random router and the oracle, summarised as APGR and CPT(50%) (RouteLLM's metrics);
 tokens and cost at the shipped prices; and the entropy meter's decode overhead, in-process.
 Answers are graded leniently and the same way for every tier (clawctl.routing.calibrate.grade).
-The best signal is picked on the same examples it is scored on (in-sample): the numbers say how
-well a calibrated signal can separate, not a held-out estimate.
+AUROCs are over all examples of a set; the cascade curve is cross-fitted: examples are split into
+two folds and each fold is escalated by the signal chosen (best AUROC) on the other fold.
 
 Writes its section of bench/RESULTS.md. Run with `make bench` (or `--limit N` per set).
 """
@@ -38,7 +38,15 @@ from foundation import BIN, connects, machine, wait_for
 
 from clawctl.config import load_paths
 from clawctl.engines.meter import SIGNALS
-from clawctl.routing.calibrate import Example, auroc, grade, load_examples, unsureness
+from clawctl.routing.calibrate import (
+    Example,
+    auroc,
+    fit_score,
+    grade,
+    load_examples,
+    unsureness,
+)
+from clawctl.schemas.openai import EntropyInfo
 from clawctl.store.models import ModelStore
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"
@@ -115,22 +123,53 @@ def ask(client: httpx.Client, model: str, example: Example) -> Answer:
     response = client.post("/v1/chat/completions", json=body)
     response.raise_for_status()
     data = response.json()
-    entropy = data["claw"].get("entropy") or {}
+    entropy = data["claw"].get("entropy")
     return Answer(
         correct=grade(data["choices"][0]["message"]["content"], example.ideal),
-        signals={
-            "window_entropy": entropy.get("window"),
-            "max_entropy": entropy.get("max"),
-            "min_prob": entropy.get("min_prob"),
-            "first_margin": entropy.get("first_margin"),
-        },
+        signals=EntropyInfo.model_validate(entropy).features() if entropy else {},
         prompt_tokens=data["usage"]["prompt_tokens"],
         completion_tokens=data["usage"]["completion_tokens"],
     )
 
 
-def accuracy_at(order: list[int], local: list[Answer], remote: list[Answer], rate: float) -> float:
-    escalated = set(order[: round(rate * len(order))])
+def ranking(local: list[Answer], train: list[int], ranked: list[int]) -> tuple[str, list[int]]:
+    """Choose the signal with the best AUROC on `train` (for `score`: out-of-fold, and fit on
+    `train`), and rank `ranked` least-sure-first by it."""
+    wrong = [not local[i].correct for i in train]
+    scored: dict[str, float] = {}
+    for s in SIGNALS:
+        if s == "score":
+            fitted = fit_score([local[i].signals for i in train], wrong)
+            if fitted is not None and fitted[2] is not None:
+                scored[s] = fitted[2]
+            continue
+        area = auroc([unsureness(s, local[i].signals.get(s)) for i in train], wrong)
+        if area is not None:
+            scored[s] = area
+    best = max(scored, key=lambda s: scored[s]) if scored else SIGNALS[0]
+    if best == "score":
+        fitted = fit_score([local[i].signals for i in train], wrong)
+        assert fitted is not None
+        model = fitted[0]
+        value = {i: model.probability(local[i].signals) for i in ranked}
+    else:
+        value = {i: unsureness(best, local[i].signals.get(best)) for i in ranked}
+    return best, sorted(ranked, key=lambda i: value[i], reverse=True)
+
+
+def cross_fitted(local: list[Answer]) -> tuple[list[list[int]], list[str]]:
+    """Two folds (even and odd examples); each is ranked least-sure-first by the signal chosen
+    (and, for `score`, fit) on the *other* fold, so the cascade's numbers are not in-sample."""
+    folds = [list(range(0, len(local), 2)), list(range(1, len(local), 2))]
+    first = ranking(local, folds[1], folds[0])
+    second = ranking(local, folds[0], folds[1])
+    return [first[1], second[1]], [first[0], second[0]]
+
+
+def accuracy_at(
+    orders: list[list[int]], local: list[Answer], remote: list[Answer], rate: float
+) -> float:
+    escalated = {i for order in orders for i in order[: round(rate * len(order))]}
     right = sum((remote[i] if i in escalated else local[i]).correct for i in range(len(local)))
     return right / len(local)
 
@@ -140,13 +179,17 @@ def analyse(local: list[Answer], remote: list[Answer]) -> dict[str, Any]:
     local_acc = sum(a.correct for a in local) / n
     remote_acc = sum(a.correct for a in remote) / n
     wrong = [not a.correct for a in local]
-    areas = {s: auroc([unsureness(s, a.signals[s]) for a in local], wrong) for s in SIGNALS}
-    scored = {s: v for s, v in areas.items() if v is not None}
-    best = max(scored, key=lambda s: scored[s]) if scored else SIGNALS[0]
-    order = sorted(range(n), key=lambda i: unsureness(best, local[i].signals[best]), reverse=True)
-    oracle = sorted(range(n), key=lambda i: (local[i].correct, not remote[i].correct))
+    areas = {
+        s: auroc([unsureness(s, a.signals.get(s)) for a in local], wrong)
+        for s in SIGNALS
+        if s != "score"
+    }
+    fitted = fit_score([a.signals for a in local], wrong)
+    areas["score"] = fitted[2] if fitted else None  # out-of-fold
+    orders, chosen = cross_fitted(local)
+    oracle = [sorted(range(n), key=lambda i: (local[i].correct, not remote[i].correct))]
     gap = remote_acc - local_acc
-    cascade = [accuracy_at(order, local, remote, r) for r in RATES]
+    cascade = [accuracy_at(orders, local, remote, r) for r in RATES]
     oracle_curve = [accuracy_at(oracle, local, remote, r) for r in RATES]
     random_curve = [local_acc + r * gap for r in RATES]
     apgr = statistics.mean((c - local_acc) / gap for c in cascade) if gap > 0 else None
@@ -154,31 +197,30 @@ def analyse(local: list[Answer], remote: list[Answer]) -> dict[str, Any]:
     cpt50 = reached[0] if gap > 0 and reached else None
     half = RATES.index(0.5)
     oracle_gain = oracle_curve[half] - local_acc
-    recovered = (cascade[half] - local_acc) / oracle_gain if oracle_gain > 0 else None
+    # Only meaningful where the remote tier is better than the local one at all.
+    recovered = (cascade[half] - local_acc) / oracle_gain if gap > 0 and oracle_gain > 0 else None
     # tokens and cost at a 50% remote rate vs all-remote
-    escalated = set(order[: n // 2])
-    remote_cost = sum(
-        (remote[i].prompt_tokens * PRICE_IN + remote[i].completion_tokens * PRICE_OUT) / 1e6
-        for i in escalated
-    )
-    all_remote = sum(
-        (a.prompt_tokens * PRICE_IN + a.completion_tokens * PRICE_OUT) / 1e6 for a in remote
-    )
+    escalated = {i for order in orders for i in order[: round(0.5 * len(order))]}
+
+    def price(a: Answer) -> float:
+        return (a.prompt_tokens * PRICE_IN + a.completion_tokens * PRICE_OUT) / 1e6
+
     return {
         "n": n,
         "local": local_acc,
         "remote": remote_acc,
         "oracle_rate": sum(wrong) / n,
         "auroc": areas,
-        "best": best,
+        "best": "/".join(dict.fromkeys(chosen)),
         "cascade50": cascade[half],
         "random50": random_curve[half],
         "oracle50": oracle_curve[half],
         "recovered50": recovered,
         "apgr": apgr,
         "cpt50": cpt50,
-        "cost50": remote_cost,
-        "cost_all_remote": all_remote,
+        "cost50": sum(price(remote[i]) for i in escalated),
+        "cost_all_remote": sum(price(a) for a in remote),
+        "local_tokens": sum(a.prompt_tokens + a.completion_tokens for a in local),
     }
 
 
@@ -214,7 +256,7 @@ def fmt(value: float | None, pattern: str = "{:.3f}") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, default=60, help="examples per set")
+    parser.add_argument("--limit", type=int, default=300, help="examples per set (300: all)")
     parser.add_argument("--runs", type=int, default=5, help="meter overhead runs")
     args = parser.parse_args()
     ensure_models()
@@ -240,10 +282,12 @@ def main() -> None:
         f"Machine: {machine()}. Command: `python bench/cascade.py --limit {args.limit}` "
         f"({args.limit} examples per set, greedy, {MAX_TOKENS} tokens; "
         f"{time.time() - started:.0f} s). Remote tier: {REMOTE} (Q4_K_M) in a second clawd on "
-        "127.0.0.1 over TCP. Development data, in-sample signal choice (see the docstring).",
+        "127.0.0.1 over TCP. Development data; the cascade is cross-fitted over two folds "
+        "(see the docstring); `signal` is the one each fold's escalation used.",
         "",
-        "| set | local tier | local acc | remote acc | oracle rate | AUROC window / max / "
-        "min_prob / first_margin | best | acc @50% cascade / random / oracle | recovered @50% "
+        "| set | local tier | local acc | remote acc | oracle rate | AUROC "
+        + " / ".join(SIGNALS)
+        + " | signal | acc @50% cascade / random / oracle | recovered @50% "
         "| APGR | CPT(50%) | cost @50% / all-remote |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -39,7 +39,7 @@ class Services:
     ledger: Ledger
     policies: PolicyStore
     started_at: float = field(default_factory=time.time)
-    _remotes: dict[Tier, RemoteTier] = field(default_factory=dict)
+    _remotes: dict[str, RemoteTier] = field(default_factory=dict)
 
     @classmethod
     def build(cls, config: DaemonConfig, load_engine: LoadEngine | None = None) -> Services:
@@ -73,9 +73,10 @@ class Services:
 
     def remote(self, tier: Tier) -> RemoteTier:
         """The client of a remote tier, kept across requests (its circuit breaker with it)."""
-        client = self._remotes.get(tier)
+        key = tier.model_dump_json()  # the same settings share a client and its breaker
+        client = self._remotes.get(key)
         if client is None:
-            client = self._remotes[tier] = RemoteTier(tier, environment())
+            client = self._remotes[key] = RemoteTier(tier, environment())
         return client
 
     async def stop(self) -> None:

@@ -10,10 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clawctl.engines.meter import EntropyMeter, Thresholds
+from clawctl.engines.meter import EntropyMeter, ScoreModel, Thresholds
 from clawctl.errors import BadInput
 from clawctl.resources import bundled_dir
-from clawctl.routing.calibrate import auroc, grade, threshold_for_error, threshold_for_rate
+from clawctl.routing.calibrate import (
+    auroc,
+    fit_score,
+    grade,
+    threshold_for_error,
+    threshold_for_rate,
+)
 from clawctl.routing.policy import RouteInput, load_policy, parse_policy, route
 from clawctl.routing.remote import CircuitBreaker
 from tests.conftest import run_cli
@@ -118,7 +124,7 @@ escalate = false
 def test_meter_entropy_and_margin_match_the_definitions() -> None:
     rng = np.random.default_rng(0)
     logits = rng.normal(size=1000).astype(np.float32) * 3
-    meter = EntropyMeter(1000, Thresholds(), lambda _t: True)
+    meter = EntropyMeter(1000, Thresholds(), lambda _t: "word")
     meter.observe(logits)
     p = np.exp(logits.astype(np.float64) - logits.max())
     p /= p.sum()
@@ -127,7 +133,7 @@ def test_meter_entropy_and_margin_match_the_definitions() -> None:
     assert signals.mean_entropy == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-4)
     assert signals.min_prob == pytest.approx(float(top2[1]), rel=1e-4)
     assert signals.first_margin == pytest.approx(float(top2[1] - top2[0]), rel=1e-4)
-    uniform = EntropyMeter(512, Thresholds(), lambda _t: True)
+    uniform = EntropyMeter(512, Thresholds(), lambda _t: "word")
     uniform.observe(np.zeros(512, dtype=np.float32))
     assert uniform.signals().mean_entropy == pytest.approx(math.log(512), rel=1e-5)
 
@@ -140,7 +146,7 @@ def _peaked(height: float, n: int = 100) -> np.ndarray:
 
 def test_meter_triggers_within_the_decision_window_only() -> None:
     sure, unsure = _peaked(30), _peaked(0.5)
-    spike = EntropyMeter(100, Thresholds(max_entropy=3.0, min_tokens=3), lambda _t: True)
+    spike = EntropyMeter(100, Thresholds(max_entropy=3.0, min_tokens=3), lambda _t: "word")
     assert spike.observe(unsure) is None  # before min_tokens
     assert spike.observe(sure) is None
     fired = spike.observe(unsure)
@@ -148,23 +154,68 @@ def test_meter_triggers_within_the_decision_window_only() -> None:
     assert fired.signal == "max_entropy"
     assert fired.token == 3
 
-    late = EntropyMeter(100, Thresholds(max_entropy=3.0, decide_within=2), lambda _t: True)
+    late = EntropyMeter(100, Thresholds(max_entropy=3.0, decide_within=2), lambda _t: "word")
     for _ in range(2):
         assert late.observe(sure) is None
     assert late.observe(unsure) is None  # committed: measured, never triggers
 
-    window = EntropyMeter(100, Thresholds(window_entropy=2.0, window=4), lambda _t: True)
+    window = EntropyMeter(100, Thresholds(window_entropy=2.0, window=4), lambda _t: "word")
     for logits in (unsure, unsure, unsure):
         assert window.observe(logits) is None
     assert window.finish() is not None  # a 3-token answer judged by its mean
 
-    content = [False, True]
-    margin = EntropyMeter(100, Thresholds(first_margin=0.5), lambda _t: content.pop(0))
+    texts = ["  ", "Yes"]
+    margin = EntropyMeter(100, Thresholds(first_margin=0.5), lambda _t: texts.pop(0))
     assert margin.observe(sure) is None  # not a content token: not the answer yet
     fired = margin.observe(unsure)
     assert fired is not None
     assert fired.signal == "first_margin"
     assert fired.token == 2
+
+
+def test_answer_span_and_score() -> None:
+    texts = iter(["The", " answer", " is", " 4", "8", "0", "."])
+    meter = EntropyMeter(100, Thresholds(answer_margin=0.5), lambda _t: next(texts))
+    margins = [0.9, 0.9, 0.9, 0.7, 0.3, 0.6, 0.9]
+    for i, margin in enumerate(margins):
+        assert meter.account(entropy=float(i), p1=0.9, margin=margin, token=0) is None
+    signals = meter.signals()
+    assert signals.answer_margin == pytest.approx(0.3)  # the digits are the span
+    assert signals.answer_entropy == pytest.approx((3 + 4 + 5) / 3)
+    fired = meter.finish()  # judged when the answer ends
+    assert fired is not None
+    assert fired.signal == "answer_margin"
+
+    yes_no = iter(["Yes", ",", " 5", " pounds"])
+    meter = EntropyMeter(100, Thresholds(), lambda _t: next(yes_no))
+    for margin in (0.2, 0.9, 0.8, 0.9):
+        meter.account(entropy=1.0, p1=0.9, margin=margin, token=0)
+    assert meter.signals().answer_margin == pytest.approx(0.2)  # the yes/no word only
+
+    model = ScoreModel(weights={"mean_entropy": 2.0}, bias=0.0, center={"mean_entropy": 1.0})
+    assert model.probability({"mean_entropy": 1.0}) == pytest.approx(0.5)
+    assert model.probability({"mean_entropy": None}) == pytest.approx(0.5)  # missing: average
+    assert model.probability({"mean_entropy": 3.0}) > 0.95
+    unsure = EntropyMeter(100, Thresholds(score=0.9, score_model=model), lambda _t: "x")
+    unsure.account(entropy=3.0, p1=0.5, margin=0.1, token=0)
+    fired = unsure.finish()
+    assert fired is not None
+    assert fired.signal == "score"
+
+
+def test_calibration_fits_a_score_that_separates() -> None:
+    rng = np.random.default_rng(1)
+    wrong = [bool(i % 2) for i in range(80)]
+    observed = [
+        {"mean_entropy": float(rng.normal(2.0 if w else 1.0, 0.3)), "tokens": 5.0} for w in wrong
+    ]
+    fitted = fit_score(observed, wrong)
+    assert fitted is not None
+    model, probabilities, area = fitted
+    assert area is not None
+    assert area > 0.9
+    assert model.weights["mean_entropy"] > 0
+    assert sum(p > 0.5 for p, w in zip(probabilities, wrong, strict=True) if w) > 30
 
 
 def test_grading_is_lenient_and_the_same_for_every_tier() -> None:

@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from clawctl.engines.meter import SIGNALS
 from tests.conftest import Daemon, free_port, run_cli, run_daemon
 
 TOKEN = "remote-s3cret"
@@ -401,10 +402,9 @@ def test_calibrate_writes_thresholds(local: Daemon, remote: str, tmp_path: Path)
         assert all(s["auroc"] is None for s in tier["signals"].values())
     else:
         assert escalate[chosen] == pytest.approx(tier["signals"][chosen]["threshold"], rel=1e-5)
-        others = [
-            s for s in ("window_entropy", "max_entropy", "min_prob", "first_margin") if s != chosen
-        ]
+        others = [s for s in SIGNALS if s != chosen]
         assert all(escalate[s] is None for s in others)
+        assert (escalate["model"] is not None) == (chosen == "score")
 
 
 def test_distill_export_writes_escalations_as_chat_data(
@@ -441,3 +441,42 @@ def test_shipped_cascade_without_a_remote_answers_locally_in_full(local: Daemon)
     assert claw["degraded"] == ("kept" in (claw["reason"] or ""))
     direct = chat(local, "smollm2-135m").json()["choices"][0]["message"]["content"]
     assert response.json()["choices"][0]["message"]["content"] == direct
+
+
+def test_escalation_between_local_tiers_streams_only_the_answering_tier(local: Daemon) -> None:
+    env = {**os.environ, "CLAW_HOME": str(local.home)}
+    made = run_cli("models", "quantize", "smollm2-135m", "--to", "q2_0", "--name", "tiny", env=env)
+    assert made.returncode == 0, made.stderr
+    apply(
+        local,
+        """name = "local-only"
+start = "int2"
+
+[[tiers]]
+name = "int2"
+kind = "local"
+model = "tiny"
+[tiers.escalate]
+window_entropy = 0.01
+window = 4
+
+[[tiers]]
+name = "int4"
+kind = "local"
+model = "smollm2-135m"
+""",
+    )
+    direct = chat(local, "smollm2-135m").json()["choices"][0]["message"]["content"]
+    body = chat(local, "local-only").json()
+    assert body["claw"]["path"] == ["int2", "int4"]
+    assert body["claw"]["reason"].startswith("int2: window_entropy")
+    assert body["choices"][0]["message"]["content"] == direct
+    stream = openai_client(local).chat.completions.create(
+        model="local-only",
+        messages=QUESTION,  # type: ignore[arg-type]
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == direct

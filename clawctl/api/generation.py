@@ -22,9 +22,10 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from clawctl.api.peer import PeerCred
+from clawctl.api.tier_path import TierPath, TierRun
 from clawctl.engines.base import Finished, FinishReason, Prompt, SamplingParams, TokenEvent
 from clawctl.engines.meter import Signals, Thresholds
 from clawctl.errors import BadInput, ClawError, NotFound, RemoteTierError
@@ -45,23 +46,6 @@ from clawctl.statekeeper import StateRequest
 
 log = logging.getLogger("clawd.requests")
 DIRECT = Tier(name="local", kind="local", model="-")  # stands for a request without a policy
-
-
-@dataclass
-class TierRun:
-    """What one tier did for this request."""
-
-    tier: Tier
-    model: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    signals: Signals | None = None
-    escalated: str | None = None  # why it handed over
-    failed: str | None = None  # remote failure
-
-    @property
-    def cost(self) -> float:
-        return self.tier.cost(self.prompt_tokens, self.completion_tokens)
 
 
 class GenerationRun:
@@ -89,12 +73,12 @@ class GenerationRun:
         self.started_at = time.perf_counter()
         self.started: Started | None = None
         self.finished: Finished | None = None
-        self.finish_reason: str = "stop"
+        self.finish_reason: FinishReason = "stop"  # of the answer, once `text()` is exhausted
         self.first_token_at: float | None = None
         self.policy: Policy | None = None
         self.route: Route | None = None
         self.tiers: tuple[Tier, ...] = (DIRECT,)
-        self.runs: list[TierRun] = []
+        self.path = TierPath(None)
         self.degraded = False
         self._index = 0
         self._handle: JobHandle | None = None
@@ -127,6 +111,7 @@ class GenerationRun:
         if found is None:
             return
         policy = self.policy = found.policy
+        self.path.policy = policy
         if self.prompt.tokens is not None:
             raise BadInput("requests routed by a policy need a text or chat prompt", param="prompt")
         decision = self.route = route(
@@ -190,7 +175,7 @@ class GenerationRun:
         self._index = index
         tier = self.tiers[index]
         if tier.kind == "remote":
-            self.runs.append(TierRun(tier, tier.model))
+            self.path.runs.append(TierRun(tier, tier.model))
             return
         model = self.model if tier is DIRECT else tier.model
         snapshot = self.claw.snapshot
@@ -217,7 +202,7 @@ class GenerationRun:
             raise first.error
         assert isinstance(first, Started)
         self.started = first
-        self.runs.append(TierRun(tier, model))
+        self.path.runs.append(TierRun(tier, model))
 
     def _adapter_choices(self, tier: Tier) -> list[AdapterChoice]:
         if self.claw.adapters or tier is DIRECT:
@@ -255,7 +240,7 @@ class GenerationRun:
                     async for piece in self._remote(tier):
                         self._answer.append(piece)
                         yield piece
-                    if self.runs[-1].failed is None:
+                    if self.path.last.failed is None:
                         break
                     await self._fall_back()
                     continue
@@ -287,7 +272,7 @@ class GenerationRun:
     async def _local(self) -> AsyncIterator[str | None]:
         """Text of the running local tier; None when it gave up (the next tier takes over)."""
         assert self._events is not None
-        run = self.runs[-1]
+        run = self.path.last
         tier = self.tiers[self._index]
         may_escalate = self._may_escalate(self._index) and tier.escalate.thresholds().armed
         window = tier.escalate.decide_within
@@ -328,13 +313,13 @@ class GenerationRun:
                 raise event.error
 
     async def _remote(self, tier: Tier) -> AsyncIterator[str]:
-        run = self.runs[-1]
+        run = self.path.last
         remote = self.services.remote(tier)
         sent = False
         try:
             async for item in remote.stream(self._remote_request()):
                 if isinstance(item, RemoteDone):
-                    run.prompt_tokens = item.prompt_tokens or self._local_prompt_tokens()
+                    run.prompt_tokens = item.prompt_tokens or self.path.local_prompt_tokens()
                     run.completion_tokens = item.completion_tokens
                     self.finish_reason = "length" if item.finish_reason == "length" else "stop"
                 else:
@@ -360,7 +345,7 @@ class GenerationRun:
             earlier = [t for t in self.policy.tiers if t.kind == "local" and t not in self.tiers]
             installed = [t for t in earlier if self._installed(t.model)]
             if not installed:
-                raise RemoteTierError(f"{self.runs[-1].failed}; no local tier to fall back on")
+                raise RemoteTierError(f"{self.path.last.failed}; no local tier to fall back on")
             self.tiers = (*self.tiers, installed[-1])
             local = [len(self.tiers) - 1]
         self.degraded = True
@@ -380,9 +365,6 @@ class GenerationRun:
             seed=params.seed,
         )
 
-    def _local_prompt_tokens(self) -> int:
-        return next((r.prompt_tokens for r in self.runs if r.tier.kind == "local"), 0)
-
     async def _close_job(self) -> None:
         if self._events is not None:
             await self._events.aclose()  # type: ignore[attr-defined]
@@ -397,21 +379,9 @@ class GenerationRun:
     # --- accounting -----------------------------------------------------------------------
 
     @property
-    def finish(self) -> FinishReason:
-        """The answer's finish reason, once `text()` is exhausted."""
-        return (
-            "length"
-            if self.finish_reason == "length"
-            else ("cancelled" if self.finish_reason == "cancelled" else "stop")
-        )
-
-    @property
-    def answered_by(self) -> TierRun:
-        return self.runs[-1]
-
-    @property
     def tier_name(self) -> str | None:
-        return self.runs[-1].tier.name if self.policy and self.runs else None
+        """The answering tier of a routed request (what `x-claw-tier` says)."""
+        return self.path.last.tier.name if self.policy and self.path.runs else None
 
     def _count_error(self, exc: ClawError) -> None:
         self.services.metrics.requests.labels(self.endpoint, str(exc.http_status)).inc()
@@ -420,10 +390,10 @@ class GenerationRun:
     def _finish(self) -> None:
         self._done = True
         metrics = self.services.metrics
-        answered = self.answered_by
+        answered = self.path.last
         if self.finished is None or answered.tier.kind == "remote":
             self.finished = Finished(
-                finish_reason=self.finish_reason,  # type: ignore[arg-type]
+                finish_reason=self.finish_reason,
                 prompt_tokens=answered.prompt_tokens,
                 completion_tokens=answered.completion_tokens,
                 prompt_seconds=0.0,
@@ -432,7 +402,7 @@ class GenerationRun:
         usage = self.usage()
         elapsed = time.perf_counter() - self.started_at
         metrics.requests.labels(self.endpoint, "200").inc()
-        for run in self.runs:
+        for run in self.path.runs:
             metrics.prompt_tokens.labels(run.model).inc(run.prompt_tokens)
             metrics.completion_tokens.labels(run.model).inc(run.completion_tokens)
             if self.policy is not None:
@@ -441,12 +411,12 @@ class GenerationRun:
         if self.first_token_at is not None:
             ttft = self.first_token_at - self.started_at
             metrics.first_token_seconds.labels(answered.model).observe(ttft)
-        if self.escalated:
+        if self.path.escalated:
             metrics.escalations.labels(self.policy.name if self.policy else "-").inc()
         self._log(
             f"ok prompt={usage.prompt_tokens} completion={usage.completion_tokens} "
-            f"finish={self.finish_reason} path={self.path_text}"
-            + (f" reason={self.reason}" if self.reason else "")
+            f"finish={self.finish_reason} path={self.path.text}"
+            + (f" reason={self.path.reason}" if self.path.reason else "")
         )
         state = self.started.state if self.started else None
         self.services.ledger.record(
@@ -459,23 +429,23 @@ class GenerationRun:
                 endpoint=self.endpoint,
                 model=answered.model,
                 policy=self.policy.name if self.policy else None,
-                tier_path=self.path_text,
+                tier_path=self.path.text,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 usage_by_tier={
                     name: [u.prompt_tokens, u.completion_tokens]
-                    for name, u in self.usage_by_tier().items()
+                    for name, u in self.path.usage_by_tier().items()
                 },
                 prefill_tokens_saved=state.reused_tokens if state else 0,
                 prefix_source=state.source if state else None,
-                remote_cost=self.cost,
-                all_remote_cost=self.all_remote_cost,
+                remote_cost=self.path.cost,
+                all_remote_cost=self.path.all_remote_cost,
                 latency_ms=elapsed * 1000,
-                escalation_reason=self.reason,
+                escalation_reason=self.path.reason,
                 finish_reason=self.finish_reason,
             )
         )
-        if self.policy and self.policy.store_prompts and self.escalated and not self.degraded:
+        if self.policy and self.policy.store_prompts and self.path.escalated and not self.degraded:
             self._record_example(answered)
 
     def _record_example(self, answered: TierRun) -> None:
@@ -496,50 +466,8 @@ class GenerationRun:
             )
         )
 
-    @property
-    def escalated(self) -> bool:
-        return any(r.escalated and "kept" not in r.escalated for r in self.runs)
-
-    @property
-    def reason(self) -> str | None:
-        reasons = [f"{r.tier.name}: {r.escalated or r.failed}" for r in self.runs]
-        picked = [x for x, r in zip(reasons, self.runs, strict=True) if r.escalated or r.failed]
-        return "; ".join(picked) or None
-
-    @property
-    def path_text(self) -> str:
-        return ">".join(r.tier.name for r in self.runs) or "-"
-
-    @property
-    def cost(self) -> float:
-        return sum(r.cost for r in self.runs)
-
-    @property
-    def all_remote_cost(self) -> float:
-        remote = self.policy.remote if self.policy else None
-        if remote is None:
-            return 0.0
-        answered = self.answered_by
-        return remote.cost(
-            self._local_prompt_tokens() or answered.prompt_tokens, answered.completion_tokens
-        )
-
-    def usage_by_tier(self) -> dict[str, Usage]:
-        totals: dict[str, Usage] = {}
-        for run in self.runs:
-            before = totals.get(
-                run.tier.name, Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
-            )
-            p = before.prompt_tokens + run.prompt_tokens
-            c = before.completion_tokens + run.completion_tokens
-            totals[run.tier.name] = Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
-        return totals
-
     def usage(self) -> Usage:
-        """Tokens of every tier the request ran on (what it consumed, not just the answer)."""
-        p = sum(r.prompt_tokens for r in self.runs)
-        c = sum(r.completion_tokens for r in self.runs)
-        return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+        return self.path.usage()
 
     def _log(self, outcome: str) -> None:
         caller = f"uid={self.peer.uid} pid={self.peer.pid}" if self.peer else "tcp"
@@ -557,7 +485,7 @@ class GenerationRun:
         done, started = self.finished, self.started
         assert done is not None
         total = time.perf_counter() - self.started_at
-        answered = self.answered_by
+        answered = self.path.last
         local = answered.tier.kind == "local"
 
         def rate(tokens: int, seconds: float) -> float | None:
@@ -566,7 +494,7 @@ class GenerationRun:
         digest = None
         if local:
             digest = self.services.store.get(answered.model).digest
-        signals = next((r.signals for r in reversed(self.runs) if r.signals), None)
+        signals = self.path.signals
         return ClawInfo(
             model=answered.model,
             digest=digest,
@@ -591,25 +519,31 @@ class GenerationRun:
             policy=self.policy.name if self.policy else None,
             rule=self.route.rule if self.route else None,
             tier=self.tier_name,
-            path=[r.tier.name for r in self.runs] if self.policy else [],
-            escalated=self.escalated,
-            reason=self.reason,
+            path=self.path.names if self.policy else [],
+            escalated=self.path.escalated,
+            reason=self.path.reason,
             degraded=self.degraded,
             entropy=_entropy_info(signals) if signals else None,
-            usage_by_tier=self.usage_by_tier() if self.policy else {},
-            cost=round(self.cost, 8),
-            all_remote_cost=round(self.all_remote_cost, 8),
+            usage_by_tier=self.path.usage_by_tier() if self.policy else {},
+            cost=round(self.path.cost, 8),
+            all_remote_cost=round(self.path.all_remote_cost, 8),
         )
 
 
 def _entropy_info(signals: Signals) -> EntropyInfo:
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 4)
+
     return EntropyInfo(
         tokens=signals.tokens,
         mean=round(signals.mean_entropy, 4),
         max=round(signals.max_entropy, 4),
         window=round(signals.window_entropy, 4),
         min_prob=round(signals.min_prob, 4),
-        first_margin=round(signals.first_margin, 4) if signals.first_margin is not None else None,
+        first_margin=rounded(signals.first_margin),
+        answer_entropy=rounded(signals.answer_entropy),
+        answer_margin=rounded(signals.answer_margin),
+        score=rounded(signals.score),
     )
 
 

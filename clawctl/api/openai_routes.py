@@ -100,7 +100,9 @@ async def chat_completions(
         id=f"chatcmpl-{run.id}",
         created=run.created,
         model=run.model,
-        choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=run.finish)],
+        choices=[
+            ChatChoice(message=AssistantMessage(content=text), finish_reason=run.finish_reason)
+        ],
         usage=run.usage(),
         claw=run.info(),
     )
@@ -141,7 +143,7 @@ async def _chat_stream(run: GenerationRun, include_usage: bool) -> AsyncIterator
     except ClawError as exc:
         yield error_frame(exc)
         return
-    yield frame(chunk(ChunkDelta(), finish_reason=run.finish, claw=run.info()))
+    yield frame(chunk(ChunkDelta(), finish_reason=run.finish_reason, claw=run.info()))
     if include_usage:
         yield frame(
             ChatCompletionChunk(
@@ -190,7 +192,7 @@ async def completions(
         id=f"cmpl-{run.id}",
         created=run.created,
         model=run.model,
-        choices=[CompletionChoice(text=prefix + text, finish_reason=run.finish)],
+        choices=[CompletionChoice(text=prefix + text, finish_reason=run.finish_reason)],
         usage=run.usage(),
         claw=run.info(),
     )
@@ -220,7 +222,7 @@ async def _completion_stream(
         yield error_frame(exc)
         return
     usage = run.usage() if include_usage else None
-    yield frame(chunk("", finish_reason=run.finish, claw=run.info(), usage=usage))
+    yield frame(chunk("", finish_reason=run.finish_reason, claw=run.info(), usage=usage))
     yield DONE
 
 

@@ -279,14 +279,7 @@ def _calibrate_tier(
                 }
             )
             entropy = answer.claw.entropy
-            observed.append(
-                {
-                    "window_entropy": entropy.window if entropy else None,
-                    "max_entropy": entropy.max if entropy else None,
-                    "min_prob": entropy.min_prob if entropy else None,
-                    "first_margin": entropy.first_margin if entropy else None,
-                }
-            )
+            observed.append(entropy.features() if entropy else {})
             correct.append(grade(answer.choices[0].message.content, example.ideal))
             progress.advance(task)
     return report_tier(tier.name, tier.model, observed, correct, rate, error)

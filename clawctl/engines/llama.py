@@ -131,7 +131,7 @@ class LlamaEngine:
         watch: Thresholds | None = None,
     ) -> Iterator[TokenEvent | Finished]:
         sampled = 0
-        meter = EntropyMeter(self._n_vocab, watch, self._is_content) if watch else None
+        meter = EntropyMeter(self._n_vocab, watch, self._token_text) if watch else None
 
         def observe(_ids: npt.NDArray[np.intc], _scores: npt.NDArray[np.single]) -> bool:
             # llama-cpp-python leaves `_scores` unfilled without logits_all: the meter reads
@@ -197,10 +197,8 @@ class LlamaEngine:
         pointer = llama_cpp.llama_get_logits_ith(self._llama._ctx.ctx, -1)
         return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
-    def _is_content(self, token: int) -> bool:
-        """Whether a token carries a letter or digit (where an answer starts)."""
-        text = self._llama.detokenize([token]).decode("utf-8", errors="ignore")
-        return any(c.isalnum() for c in text)
+    def _token_text(self, token: int) -> str:
+        return self._llama.detokenize([token]).decode("utf-8", errors="ignore")
 
     def memory_bytes(self) -> int:
         meta = self._llama.metadata

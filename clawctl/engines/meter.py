@@ -2,39 +2,86 @@
 
 For every sampled token the engine hands `EntropyMeter.observe` the raw next-token logits
 (float32, a numpy view of llama.cpp's buffer: no `logits_all`, no Python objects per vocabulary
-entry). From them the meter computes, with preallocated buffers and a handful of vectorised
-passes, the Shannon entropy of the full distribution, the top-1 probability and the top-1/top-2
-margin. Each observation costs ~1% of a 135M model's decode step (see bench/cascade.py).
+entry) and a way to read the token's text. From the logits the meter computes, with preallocated
+buffers and a handful of vectorised passes, the Shannon entropy of the full distribution, the
+top-1 probability and the top-1/top-2 margin (~1% of a 135M model's decode step; see
+bench/cascade.py).
 
-Signals (all in nats / probabilities), each also summarised for calibration so that a threshold
-learned offline fires online exactly when the summary crosses it:
+Signals (nats / probabilities), each also summarised for calibration so that a threshold learned
+offline fires online exactly when the summary crosses it:
 
-- `window_entropy`: the highest rolling mean of entropy over `window` tokens (or over all tokens
-  if the answer is shorter) - a sustained loss of confidence;
+- `window_entropy`: the highest rolling mean of entropy over `window` tokens (or the mean of the
+  whole answer if it is shorter) - a sustained loss of confidence;
 - `max_entropy`: the highest single-token entropy after `min_tokens` - a spike;
 - `min_prob`: the lowest top-1 probability after `min_tokens`;
-- `first_margin`: the top-1/top-2 margin of the first token with a letter or digit in it - for
-  short answers ("Yes", "480") the answer is decided at that token.
+- `first_margin`: the margin of the first token with a letter or digit in it;
+- `answer_entropy` / `answer_margin`: mean entropy and lowest margin over the *answer span* -
+  the first yes/no word and every token with a digit, or else the first content token. Small
+  models wrap short answers in sentences; the span is where they commit to an answer;
+- `score`: a logistic model over all the summaries (weights from `clawctl route calibrate`),
+  the probability that the answer is wrong.
 
-Decisions are made only within the first `decide_within` tokens: after that the tier is committed
-(its text may already be streaming) and the meter only measures.
+Signals over the whole answer (`answer_*`, `score`, and `window_entropy` for short answers) are
+judged when the answer ends or when `decide_within` tokens have passed, whichever is first. After
+`decide_within` tokens the tier is committed (its text may be streaming) and nothing triggers.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # numpy is imported where the meter runs: policies and the CLI need none
     import numpy as np
     import numpy.typing as npt
 
-SIGNALS = ("window_entropy", "max_entropy", "min_prob", "first_margin")
+SIGNALS = (
+    "window_entropy",
+    "max_entropy",
+    "min_prob",
+    "first_margin",
+    "answer_entropy",
+    "answer_margin",
+    "score",
+)
 # Signals where a *low* value means unsure; for the others a high value does.
-LOW_IS_UNSURE = frozenset({"min_prob", "first_margin"})
+LOW_IS_UNSURE = frozenset({"min_prob", "first_margin", "answer_margin"})
+# The summaries a `score` model may weigh.
+FEATURES = (
+    "tokens",
+    "mean_entropy",
+    "max_entropy",
+    "window_entropy",
+    "min_prob",
+    "first_margin",
+    "answer_entropy",
+    "answer_margin",
+)
+_YES_NO = re.compile(r"^\W*(yes|no|y|n)\W*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ScoreModel:
+    """Logistic regression over standardised summaries: P(wrong answer)."""
+
+    weights: Mapping[str, float]
+    bias: float
+    center: Mapping[str, float] = field(default_factory=dict)
+    scale: Mapping[str, float] = field(default_factory=dict)
+
+    def probability(self, features: Mapping[str, float | None]) -> float:
+        """P(wrong) from summaries by feature name (`Signals.features()`)."""
+        z = self.bias
+        for name, weight in self.weights.items():
+            value = features.get(name)
+            center = self.center.get(name, 0.0)
+            x = center if value is None else value  # missing: the average case
+            z += weight * (x - center) / (self.scale.get(name, 1.0) or 1.0)
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
 
 @dataclass(frozen=True)
@@ -45,6 +92,10 @@ class Thresholds:
     max_entropy: float | None = None
     min_prob: float | None = None
     first_margin: float | None = None
+    answer_entropy: float | None = None
+    answer_margin: float | None = None
+    score: float | None = None  # probability of a wrong answer, with `score_model`
+    score_model: ScoreModel | None = None
     window: int = 8
     min_tokens: int = 1
     decide_within: int = 48
@@ -65,10 +116,16 @@ class Signals:
     window_entropy: float
     min_prob: float
     first_margin: float | None
+    answer_entropy: float | None = None
+    answer_margin: float | None = None
+    score: float | None = None
 
     def value(self, signal: str) -> float | None:
         value: float | None = getattr(self, signal)
         return value
+
+    def features(self) -> dict[str, float | None]:
+        return {name: self.value(name) for name in FEATURES}
 
 
 @dataclass(frozen=True)
@@ -86,14 +143,12 @@ class Trigger:
 class EntropyMeter:
     """Per-token uncertainty for one generation; `observe` returns a `Trigger` to stop it."""
 
-    def __init__(
-        self, n_vocab: int, thresholds: Thresholds, is_content: Callable[[int], bool]
-    ) -> None:
+    def __init__(self, n_vocab: int, thresholds: Thresholds, text: Callable[[int], str]) -> None:
         import numpy as np
 
         self._np = np
         self.thresholds = thresholds
-        self._is_content = is_content
+        self._text = text
         self._shifted = np.empty(n_vocab, dtype=np.float32)
         self._exp = np.empty(n_vocab, dtype=np.float32)
         self._recent: deque[float] = deque(maxlen=max(1, thresholds.window))
@@ -102,11 +157,17 @@ class EntropyMeter:
         self._max = 0.0
         self._window_max = 0.0
         self._min_prob = 1.0
-        self._first_margin: float | None = None
+        self._first: tuple[float, float] | None = None  # (entropy, margin) of the first content
+        self._first_at = 0
+        self._yes_no: list[tuple[float, float]] = []  # the first yes/no word
+        self._digits: list[tuple[float, float]] = []  # tokens with digits
+        self._judged = False
         self.trigger: Trigger | None = None
 
     def observe(self, logits: npt.NDArray[np.float32]) -> Trigger | None:
-        """Measure the distribution the latest token was sampled from."""
+        """Measure the distribution the latest token was sampled from. The answer span is
+        read from its most likely token (the sampled one, for greedy decoding): the sampled
+        token is not known yet when llama-cpp-python consults us."""
         np, shifted, exp = self._np, self._shifted, self._exp
         top = int(np.argmax(logits))
         np.subtract(logits, logits[top], out=shifted)
@@ -116,9 +177,10 @@ class EntropyMeter:
         p1 = 1.0 / total  # exp(0) at the maximum
         exp[top] = 0.0
         margin = p1 - float(exp.max()) / total
-        return self._account(entropy, p1, margin, top)
+        return self.account(entropy, p1, margin, top)
 
-    def _account(self, entropy: float, p1: float, margin: float, top: int) -> Trigger | None:
+    def account(self, entropy: float, p1: float, margin: float, token: int) -> Trigger | None:
+        """Fold one token's measurements in (separate from `observe` for tests)."""
         self.tokens += 1
         self._sum += entropy
         self._recent.append(entropy)
@@ -134,12 +196,12 @@ class EntropyMeter:
         rolling = sum(self._recent) / len(self._recent)
         if n >= t.window:
             self._window_max = max(self._window_max, rolling)
+        self._span(entropy, margin, token)
         if self.trigger is not None:
             return None
-        if self._first_margin is None and self._is_content(top):
-            self._first_margin = margin
-            if t.first_margin is not None and margin < t.first_margin:
-                return self._fire("first_margin", margin, t.first_margin)
+        first_now = self._first is not None and self._first_at == n
+        if first_now and t.first_margin is not None and margin < t.first_margin:
+            return self._fire("first_margin", margin, t.first_margin)
         if n >= t.min_tokens:
             if t.max_entropy is not None and entropy > t.max_entropy:
                 return self._fire("max_entropy", entropy, t.max_entropy)
@@ -147,15 +209,45 @@ class EntropyMeter:
                 return self._fire("min_prob", p1, t.min_prob)
         if t.window_entropy is not None and n >= t.window and rolling > t.window_entropy:
             return self._fire("window_entropy", rolling, t.window_entropy)
+        if n == t.decide_within:
+            return self._judge()
         return None
 
+    def _span(self, entropy: float, margin: float, token: int) -> None:
+        text = self._text(token)
+        if self._first is None and any(c.isalnum() for c in text):
+            self._first = (entropy, margin)
+            self._first_at = self.tokens
+        if not self._yes_no and _YES_NO.match(text):
+            self._yes_no.append((entropy, margin))
+        elif any(c.isdigit() for c in text):
+            self._digits.append((entropy, margin))
+
     def finish(self) -> Trigger | None:
-        """At the end of an answer shorter than the window, judge its mean entropy."""
+        """At the end of an answer shorter than `decide_within`, judge the whole-answer signals."""
+        if self.trigger is None and 0 < self.tokens < self.thresholds.decide_within:
+            return self._judge()
+        return None
+
+    def _judge(self) -> Trigger | None:
+        if self._judged:
+            return None
+        self._judged = True
         t = self.thresholds
-        if self.trigger is None and t.window_entropy is not None and 0 < self.tokens < t.window:
-            mean = self._sum / self.tokens
-            if mean > t.window_entropy:
-                return self._fire("window_entropy", mean, t.window_entropy)
+        s = self.signals()
+        checks = (
+            ("window_entropy", t.window_entropy if self.tokens < t.window else None),
+            ("answer_entropy", t.answer_entropy),
+            ("answer_margin", t.answer_margin),
+            ("score", t.score),
+        )
+        for signal, threshold in checks:
+            value = s.value(signal)
+            if threshold is None or value is None:
+                continue
+            unsure = value < threshold if signal in LOW_IS_UNSURE else value > threshold
+            if unsure:
+                return self._fire(signal, value, threshold)
         return None
 
     def _fire(self, signal: str, value: float, threshold: float) -> Trigger:
@@ -165,11 +257,18 @@ class EntropyMeter:
     def signals(self) -> Signals:
         n = self.tokens
         mean = self._sum / n if n else 0.0
-        return Signals(
+        span = self._yes_no or self._digits or ([self._first] if self._first else [])
+        summary = Signals(
             tokens=n,
             mean_entropy=mean,
             max_entropy=self._max,
             window_entropy=self._window_max if n >= self.thresholds.window else mean,
             min_prob=self._min_prob,
-            first_margin=self._first_margin,
+            first_margin=self._first[1] if self._first else None,
+            answer_entropy=sum(e for e, _ in span) / len(span) if span else None,
+            answer_margin=min(m for _, m in span) if span else None,
         )
+        model = self.thresholds.score_model
+        if model is None:
+            return summary
+        return replace(summary, score=model.probability(summary.features()))

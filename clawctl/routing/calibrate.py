@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clawctl.engines.meter import LOW_IS_UNSURE, SIGNALS
+from clawctl.engines.meter import FEATURES, LOW_IS_UNSURE, SIGNALS, ScoreModel
 from clawctl.errors import BadInput
 
 if sys.version_info >= (3, 11):
@@ -105,8 +105,9 @@ def unsureness(signal: str, value: float | None) -> float:
 @dataclass(frozen=True)
 class SignalReport:
     signal: str
-    auroc: float | None
+    auroc: float | None  # for `score`: cross-validated (out-of-fold) AUROC
     threshold: float | None  # escalates the target share of these examples
+    model: ScoreModel | None = None  # for `score`
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,57 @@ def threshold_for_error(
     return None
 
 
+def fit_score(
+    observed: list[dict[str, float | None]], wrong: list[bool], folds: int = 5, l2: float = 1.0
+) -> tuple[ScoreModel, list[float], float | None] | None:
+    """Fit P(wrong) as a logistic regression over the meter's summaries. Returns the model (fit
+    on everything), its in-sample probabilities (for thresholds) and its out-of-fold AUROC (for
+    choosing it honestly against single signals). None with too few examples of either kind."""
+    import numpy as np
+
+    if min(sum(wrong), len(wrong) - sum(wrong)) < max(2, folds):
+        return None
+    names = list(FEATURES)
+    raw = np.array([[_feature(o, n) for n in names] for o in observed], dtype=np.float64)
+    present = ~np.isnan(raw)
+    counts = present.sum(axis=0)
+    sums = np.where(present, raw, 0.0).sum(axis=0)
+    center = np.divide(sums, counts, out=np.zeros(len(names)), where=counts > 0)
+    filled = np.where(np.isnan(raw), center, raw)  # missing: the average case
+    scale = filled.std(axis=0)
+    scale = np.where(scale > 1e-9, scale, 1.0)
+    x = (filled - center) / scale
+    y = np.array(wrong, dtype=np.float64)
+
+    def fit(rows: np.ndarray) -> tuple[np.ndarray, float]:
+        w, b = np.zeros(len(names)), 0.0
+        for _ in range(2000):
+            p = 1.0 / (1.0 + np.exp(-(x[rows] @ w + b)))
+            w -= 0.2 * (x[rows].T @ (p - y[rows]) + l2 * w) / len(rows)
+            b -= 0.2 * float((p - y[rows]).mean())
+        return w, b
+
+    order = np.random.default_rng(0).permutation(len(y))
+    out_of_fold = np.zeros(len(y))
+    for part in np.array_split(order, folds):
+        w, b = fit(np.setdiff1d(order, part))
+        out_of_fold[part] = x[part] @ w + b
+    w, b = fit(order)
+    model = ScoreModel(
+        weights={n: round(float(v), 6) for n, v in zip(names, w, strict=True)},
+        bias=round(float(b), 6),
+        center={n: round(float(v), 6) for n, v in zip(names, center, strict=True)},
+        scale={n: round(float(v), 6) for n, v in zip(names, scale, strict=True)},
+    )
+    probabilities = [float(p) for p in 1.0 / (1.0 + np.exp(-(x @ w + b)))]
+    return model, probabilities, auroc(list(out_of_fold), wrong)
+
+
+def _feature(observed: dict[str, float | None], name: str) -> float:
+    value = observed.get(name)
+    return float("nan") if value is None else value
+
+
 def report_tier(
     tier: str,
     model: str,
@@ -158,15 +210,26 @@ def report_tier(
     error: float | None,
 ) -> TierReport:
     wrong = [not c for c in correct]
+
+    def threshold(signal: str, values: list[float | None]) -> float | None:
+        if error is not None:
+            return threshold_for_error(signal, values, correct, error)
+        return threshold_for_rate(signal, values, rate or 0.0)
+
     signals = []
     for signal in SIGNALS:
+        if signal == "score":
+            fitted = fit_score(observed, wrong)
+            if fitted is None:
+                signals.append(SignalReport(signal, None, None))
+                continue
+            score_model, probabilities, area = fitted
+            values: list[float | None] = list(probabilities)
+            signals.append(SignalReport(signal, area, threshold(signal, values), score_model))
+            continue
         values = [o.get(signal) for o in observed]
         area = auroc([unsureness(signal, v) for v in values], wrong)
-        if error is not None:
-            threshold = threshold_for_error(signal, values, correct, error)
-        else:
-            threshold = threshold_for_rate(signal, values, rate or 0.0)
-        signals.append(SignalReport(signal, area, threshold))
+        signals.append(SignalReport(signal, area, threshold(signal, values)))
     accuracy = sum(correct) / len(correct) if correct else 0.0
     return TierReport(tier, model, len(correct), accuracy, tuple(signals))
 
@@ -183,5 +246,13 @@ def with_thresholds(policy_text: str, chosen: dict[str, SignalReport]) -> str:
         escalate = tier.setdefault("escalate", {})
         for signal in SIGNALS:
             escalate.pop(signal, None)
+        escalate.pop("model", None)
         escalate[pick.signal] = round(pick.threshold, 6)
+        if pick.model is not None:
+            escalate["model"] = {
+                "weights": dict(pick.model.weights),
+                "bias": pick.model.bias,
+                "center": dict(pick.model.center),
+                "scale": dict(pick.model.scale),
+            }
     return tomli_w.dumps(data)

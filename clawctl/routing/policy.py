@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from clawctl.engines.meter import Thresholds
+from clawctl.engines.meter import FEATURES, ScoreModel, Thresholds
 from clawctl.errors import BadInput
 
 if sys.version_info >= (3, 11):
@@ -37,6 +37,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ScoreSection(_Strict):
+    """A logistic model over the meter's summaries (written by `clawctl route calibrate`)."""
+
+    weights: dict[str, float]
+    bias: float = 0.0
+    center: dict[str, float] = Field(default_factory=dict)
+    scale: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("weights", "center", "scale")
+    @classmethod
+    def _known(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(FEATURES))
+        if unknown:
+            raise ValueError(f"unknown features {unknown}; known: {list(FEATURES)}")
+        return value
+
+
 class EscalateSection(_Strict):
     """Meter thresholds of a local tier (unset: never escalates on that signal)."""
 
@@ -44,12 +61,27 @@ class EscalateSection(_Strict):
     max_entropy: float | None = Field(None, gt=0)
     min_prob: float | None = Field(None, gt=0, lt=1)
     first_margin: float | None = Field(None, gt=0, le=1)
+    answer_entropy: float | None = Field(None, gt=0)
+    answer_margin: float | None = Field(None, gt=0, le=1)
+    score: float | None = Field(None, gt=0, lt=1)
+    model: ScoreSection | None = None
     window: int = Field(8, ge=1, le=256)
     min_tokens: int = Field(1, ge=1)
     decide_within: int = Field(48, ge=1, le=4096)
 
+    @model_validator(mode="after")
+    def _score_needs_model(self) -> EscalateSection:
+        if self.score is not None and self.model is None:
+            raise ValueError("score needs a [tiers.escalate.model] (see clawctl route calibrate)")
+        return self
+
     def thresholds(self) -> Thresholds:
-        return Thresholds(**self.model_dump())
+        values = self.model_dump(exclude={"model"})
+        model = self.model
+        score_model = (
+            ScoreModel(model.weights, model.bias, model.center, model.scale) if model else None
+        )
+        return Thresholds(**values, score_model=score_model)
 
 
 class AdapterUse(_Strict):

@@ -172,6 +172,22 @@ class EntropyInfo(BaseModel):
     window: float
     min_prob: float
     first_margin: float | None
+    answer_entropy: float | None = None
+    answer_margin: float | None = None
+    score: float | None = None
+
+    def features(self) -> dict[str, float | None]:
+        """The summaries under the meter's own names (its signals and score features)."""
+        return {
+            "tokens": float(self.tokens),
+            "mean_entropy": self.mean,
+            "max_entropy": self.max,
+            "window_entropy": self.window,
+            "min_prob": self.min_prob,
+            "first_margin": self.first_margin,
+            "answer_entropy": self.answer_entropy,
+            "answer_margin": self.answer_margin,
+        }
 
 
 class ClawInfo(BaseModel):
