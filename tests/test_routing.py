@@ -33,8 +33,16 @@ def _copy_home(source: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def remote(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A second clawd on 127.0.0.1 with a bearer token: the remote tier. Yields its base URL."""
+def remote(remote_server: tuple[Daemon, str]) -> str:
+    """The remote tier's base URL."""
+    return remote_server[1]
+
+
+@pytest.fixture(scope="module")
+def remote_server(
+    session_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Daemon, str]]:
+    """A second clawd on 127.0.0.1 with a bearer token: the remote tier, and its base URL."""
     base = tmp_path_factory.mktemp("remote")
     home = _copy_home(session_home, base / "home")
     port = free_port()
@@ -43,8 +51,8 @@ def remote(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     config.write_text(f'[tcp]\nlisten = "127.0.0.1:{port}"\ntoken_file = "{base / "token"}"\n')
     sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
     try:
-        with run_daemon(home, sock_dir / "r.sock", base, CLAW_CONFIG=str(config)):
-            yield f"http://127.0.0.1:{port}/v1"
+        with run_daemon(home, sock_dir / "r.sock", base, CLAW_CONFIG=str(config)) as daemon:
+            yield daemon, f"http://127.0.0.1:{port}/v1"
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
 
@@ -480,3 +488,29 @@ model = "smollm2-135m"
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == direct
+
+
+def test_a_client_going_away_stops_the_remote_generation(
+    local: Daemon, remote_server: tuple[Daemon, str]
+) -> None:
+    server, url = remote_server
+    apply(local, policy_text("gone", url, key_file=str(local.home / "key")))
+    before = server.log_text().count("cancelled")
+    body = {
+        "model": "gone",
+        "messages": [{"role": "user", "content": "Write a very long story about a cat."}],
+        "max_tokens": 500,
+        "temperature": 0,
+        "stream": True,
+    }
+    with local.client() as client, client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.headers["x-claw-tier"] == "remote"
+        for line in r.iter_lines():
+            if '"content":"' in line.replace(" ", "") and '"content":""' not in line.replace(
+                " ", ""
+            ):
+                break  # the first piece of the remote's answer: now go away
+    deadline = time.monotonic() + 15
+    while server.log_text().count("cancelled") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.log_text().count("cancelled") > before

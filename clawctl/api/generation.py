@@ -21,7 +21,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 
 from clawctl.api.peer import PeerCred
@@ -84,7 +84,7 @@ class GenerationRun:
         self._handle: JobHandle | None = None
         self._events: AsyncIterator[object] | None = None
         self._pending: list[str] = []  # committed text read ahead by `commit`
-        self._text: AsyncIterator[str] | None = None
+        self._text: AsyncGenerator[str, None] | None = None
         self._in_flight = False
         self._done = False
         self._errored = False
@@ -230,9 +230,9 @@ class GenerationRun:
             async for piece in self._text:
                 yield piece
         finally:
-            await self._text.aclose()  # type: ignore[attr-defined]
+            await self._text.aclose()
 
-    async def _run(self) -> AsyncIterator[str]:
+    async def _run(self) -> AsyncGenerator[str, None]:
         try:
             while True:
                 tier = self.tiers[self._index]
@@ -245,12 +245,13 @@ class GenerationRun:
                     await self._fall_back()
                     continue
                 escalated = False
-                async for held in self._local():
-                    if held is None:
-                        escalated = True
-                        break
-                    self._answer.append(held)
-                    yield held
+                async with contextlib.aclosing(self._local()) as local:
+                    async for held in local:
+                        if held is None:
+                            escalated = True
+                            break
+                        self._answer.append(held)
+                        yield held
                 if not escalated:
                     break
                 await self._start_tier(self._index + 1)
@@ -269,7 +270,7 @@ class GenerationRun:
                 self.services.metrics.requests.labels(self.endpoint, "499").inc()
             await self.aclose()
 
-    async def _local(self) -> AsyncIterator[str | None]:
+    async def _local(self) -> AsyncGenerator[str | None, None]:
         """Text of the running local tier; None when it gave up (the next tier takes over)."""
         assert self._events is not None
         run = self.path.last
@@ -312,21 +313,22 @@ class GenerationRun:
             elif isinstance(event, Failed):
                 raise event.error
 
-    async def _remote(self, tier: Tier) -> AsyncIterator[str]:
+    async def _remote(self, tier: Tier) -> AsyncGenerator[str, None]:
         run = self.path.last
         remote = self.services.remote(tier)
         sent = False
         try:
-            async for item in remote.stream(self._remote_request()):
-                if isinstance(item, RemoteDone):
-                    run.prompt_tokens = item.prompt_tokens or self.path.local_prompt_tokens()
-                    run.completion_tokens = item.completion_tokens
-                    self.finish_reason = "length" if item.finish_reason == "length" else "stop"
-                else:
-                    if self.first_token_at is None:
-                        self.first_token_at = time.perf_counter()
-                    sent = True
-                    yield item
+            async with contextlib.aclosing(remote.stream(self._remote_request())) as items:
+                async for item in items:
+                    if isinstance(item, RemoteDone):
+                        run.prompt_tokens = item.prompt_tokens or self.path.local_prompt_tokens()
+                        run.completion_tokens = item.completion_tokens
+                        self.finish_reason = "length" if item.finish_reason == "length" else "stop"
+                    else:
+                        if self.first_token_at is None:
+                            self.first_token_at = time.perf_counter()
+                        sent = True
+                        yield item
         except RemoteFailure as failure:
             run.failed = failure.message
             log.warning("%s remote tier %s failed: %s", self.id, tier.name, failure.message)

@@ -11,8 +11,9 @@ wait for the first token. A circuit breaker per tier stops calling a server that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ class RemoteTier:
             )
         return self._client
 
-    async def stream(self, request: RemoteRequest) -> AsyncIterator[str | RemoteDone]:
+    async def stream(self, request: RemoteRequest) -> AsyncGenerator[str | RemoteDone, None]:
         """Text pieces, then one `RemoteDone`; raises `RemoteFailure`."""
         problem = self.configured()
         if problem:
@@ -129,10 +130,11 @@ class RemoteTier:
         while True:
             sent_text = False
             try:
-                async for item in self._one_attempt(request, deadline):
-                    if isinstance(item, str):
-                        sent_text = True
-                    yield item
+                async with contextlib.aclosing(self._one_attempt(request, deadline)) as pieces:
+                    async for item in pieces:
+                        if isinstance(item, str):
+                            sent_text = True
+                        yield item
                 self.breaker.record(True)
                 return
             except RemoteFailure as failure:
@@ -146,7 +148,7 @@ class RemoteTier:
 
     async def _one_attempt(
         self, request: RemoteRequest, deadline: float
-    ) -> AsyncIterator[str | RemoteDone]:
+    ) -> AsyncGenerator[str | RemoteDone, None]:
         import openai
 
         client = self._get_client()
@@ -164,6 +166,7 @@ class RemoteTier:
         if request.seed is not None:
             common["seed"] = request.seed
         chat = request.messages is not None
+        stream: Any = None
         try:
             if chat:
                 messages = [{"role": r, "content": c} for r, c in request.messages or ()]
@@ -191,7 +194,7 @@ class RemoteTier:
                         yield text
                     if choice.finish_reason:
                         finish = choice.finish_reason
-        except RemoteFailure:
+        except (RemoteFailure, GeneratorExit):
             raise
         except (asyncio.TimeoutError, openai.APITimeoutError):
             raise RemoteFailure(f"remote tier {self.tier.name} timed out") from None
@@ -205,6 +208,9 @@ class RemoteTier:
             raise RemoteFailure(
                 f"remote tier {self.tier.name} sent an unusable answer ({type(exc).__name__})"
             ) from None
+        finally:
+            if stream is not None:  # a caller that went away stops the remote generation too
+                await stream.close()
         if finish is None or (pieces == 0 and finish != "length"):
             raise RemoteFailure(f"remote tier {self.tier.name} sent no answer")
         yield RemoteDone(
