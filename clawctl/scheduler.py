@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,12 +79,52 @@ class Job:
     state: StateRequest = field(default_factory=StateRequest)
     adapters: tuple[AdapterSpec, ...] = ()
     watch: Thresholds | None = None
+    caller: str = "-"  # who asked (app or uid): the fair queue's key
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
 
     def emit(self, event: JobEvent) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class FairQueue:
+    """The jobs waiting for one model, served fairly across callers: the next job comes from
+    the caller served least since the queue was last empty (FIFO within a caller), so an app
+    that sends a burst waits behind itself, not in front of everybody else."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Condition()
+        self._waiting: dict[str, deque[Job]] = {}  # insertion order: ties go to earlier callers
+        self._served: dict[str, int] = {}
+        self._stopped = False
+
+    def put(self, job: Job) -> None:
+        with self._ready:
+            self._waiting.setdefault(job.caller, deque()).append(job)
+            self._ready.notify()
+
+    def stop(self) -> None:
+        """Wake the consumer with None once the jobs already queued are taken."""
+        with self._ready:
+            self._stopped = True
+            self._ready.notify()
+
+    def get(self) -> Job | None:
+        with self._ready:
+            while not self._waiting:
+                if self._stopped:
+                    return None
+                self._ready.wait()
+            caller = min(self._waiting, key=lambda c: self._served.get(c, 0))
+            jobs = self._waiting[caller]
+            job = jobs.popleft()
+            if not jobs:
+                del self._waiting[caller]
+            self._served[caller] = self._served.get(caller, 0) + 1
+            if not self._waiting:
+                self._served.clear()
+            return job
 
 
 class ModelWorker:
@@ -107,11 +147,12 @@ class ModelWorker:
         self.loaded_at = time.time()
         self.last_used = time.monotonic()
         self.outstanding = 0  # queued + running, counted on the event loop
+        self.outstanding_by_caller: dict[str, int] = {}
         self.load_seconds = 0.0
         self.failed = False
         self._loaded = threading.Event()
         self._load_engine = load_engine
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._jobs = FairQueue()
         self._thread = threading.Thread(
             target=self._run, name=f"model:{manifest.name}", daemon=True
         )
@@ -125,7 +166,7 @@ class ModelWorker:
         self._jobs.put(job)
 
     def stop(self) -> None:
-        self._jobs.put(None)
+        self._jobs.stop()
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -202,7 +243,9 @@ class ModelWorker:
 class JobHandle:
     """The asyncio side of one job: iterate its events; closing it cancels the generation."""
 
-    def __init__(self, job: Job, worker: ModelWorker, on_done: Callable[[ModelWorker], None]):
+    def __init__(
+        self, job: Job, worker: ModelWorker, on_done: Callable[[ModelWorker, Job], None]
+    ) -> None:
         self.job = job
         self.worker = worker
         self._on_done = on_done
@@ -222,7 +265,7 @@ class JobHandle:
         if not self._done:
             self._done = True
             self.job.cancel.set()
-            self._on_done(self.worker)
+            self._on_done(self.worker, self.job)
 
 
 class ModelManager:
@@ -322,11 +365,20 @@ class ModelManager:
         state: StateRequest | None = None,
         adapters: tuple[AdapterSpec, ...] = (),
         watch: Thresholds | None = None,
+        caller: str = "-",
     ) -> JobHandle:
+        """Queue a generation. The model's queue is bounded (`max_queue`, then 503), and one
+        caller may hold at most three quarters of it, so a burst from one app leaves room for
+        the others; the queue itself serves callers fairly (`FairQueue`)."""
         manifest = self.store.get(model)
         worker = self._worker_for(manifest)
         if worker.outstanding >= self.max_queue:
             raise Overloaded(f"{model} has {worker.outstanding} requests waiting; retry shortly")
+        mine = worker.outstanding_by_caller.get(caller, 0)
+        if mine >= self.per_caller_limit:
+            raise Overloaded(
+                f"{model} already has {mine} requests from this caller waiting; retry shortly"
+            )
         if keep_alive is not None:
             worker.keep_alive = keep_alive
         job = Job(
@@ -337,14 +389,25 @@ class ModelManager:
             state or StateRequest(),
             adapters=adapters,
             watch=watch,
+            caller=caller,
         )
         worker.outstanding += 1
+        worker.outstanding_by_caller[caller] = mine + 1
         worker.last_used = time.monotonic()
         worker.submit(job)
         return JobHandle(job, worker, self._job_done)
 
-    def _job_done(self, worker: ModelWorker) -> None:
+    @property
+    def per_caller_limit(self) -> int:
+        return self.max_queue - self.max_queue // 4
+
+    def _job_done(self, worker: ModelWorker, job: Job) -> None:
         worker.outstanding -= 1
+        left = worker.outstanding_by_caller.get(job.caller, 1) - 1
+        if left > 0:
+            worker.outstanding_by_caller[job.caller] = left
+        else:
+            worker.outstanding_by_caller.pop(job.caller, None)
         worker.last_used = time.monotonic()
         if worker.failed and worker.outstanding == 0 and self._workers.get(worker.name) is worker:
             self._unload(worker, "failed to load")

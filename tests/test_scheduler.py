@@ -236,3 +236,29 @@ def test_unknown_model() -> None:
             mgr.submit("zzz", Prompt(text="x"), SamplingParams())
 
     asyncio.run(scenario())
+
+
+def test_a_burst_from_one_caller_does_not_starve_another() -> None:
+    loader = FakeLoader(step_seconds=0.01)
+    finished: list[str] = []
+
+    async def run(mgr: ModelManager, caller: str, label: str) -> None:
+        handle = mgr.submit("a", Prompt(text="w " * 5), SamplingParams(), caller=caller)
+        async for event in handle.events():
+            if isinstance(event, Finished):
+                finished.append(label)
+
+    async def scenario() -> None:
+        mgr = manager(loader, ["a"], max_queue=8)
+        burst = [asyncio.create_task(run(mgr, "app:chatty", f"chatty{i}")) for i in range(6)]
+        await asyncio.sleep(0.02)  # the first chatty job is running, five wait
+        quiet = asyncio.create_task(run(mgr, "app:quiet", "quiet"))
+        # the chatty app may hold 6 of 8 places: a seventh is refused, the quiet app is not
+        with pytest.raises(Overloaded, match="from this caller"):
+            mgr.submit("a", Prompt(text="x"), SamplingParams(), caller="app:chatty")
+        await asyncio.gather(*burst, quiet)
+        await mgr.stop()
+
+    asyncio.run(scenario())
+    assert finished.index("quiet") == 1  # served right after the job that was running
+    assert sorted(finished) == sorted([f"chatty{i}" for i in range(6)] + ["quiet"])

@@ -195,6 +195,7 @@ class GenerationRun:
             state,
             adapters,
             watch,
+            self._caller(),
         )
         self._events = self._handle.events()
         first = await anext(self._events)
@@ -203,6 +204,12 @@ class GenerationRun:
         assert isinstance(first, Started)
         self.started = first
         self.path.runs.append(TierRun(tier, model))
+
+    def _caller(self) -> str:
+        """Who the fair queue is fair between: the declared app, else the peer's uid."""
+        if self.claw.app:
+            return f"app:{self.claw.app}"
+        return f"uid:{self.peer.uid}" if self.peer else "tcp"
 
     def _adapter_choices(self, tier: Tier) -> list[AdapterChoice]:
         if self.claw.adapters or tier is DIRECT:
