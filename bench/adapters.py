@@ -41,7 +41,7 @@ def main() -> None:
     import llama_cpp
 
     from clawctl.config import load_paths
-    from clawctl.engines.base import AdapterSpec, EngineSettings, Prompt, SamplingParams
+    from clawctl.engines.base import AdapterSpec, EngineSettings, Prompt, SamplingParams, generate
     from clawctl.engines.llama import LlamaEngine
     from clawctl.store.models import ModelStore
 
@@ -59,7 +59,7 @@ def main() -> None:
         started = time.perf_counter()
         engine.set_adapters(adapters)
         prepared = engine.prepare(Prompt(text=PROMPT))
-        list(engine.generate(prepared, params, lambda: False))
+        list(generate(engine, prepared, params))
         return time.perf_counter() - started
 
     specs = {rank: (AdapterSpec(f"d{rank}", path, 1.0),) for rank, path in loras.items()}

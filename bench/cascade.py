@@ -226,7 +226,7 @@ def analyse(local: list[Answer], remote: list[Answer]) -> dict[str, Any]:
 
 def meter_overhead(runs: int) -> tuple[float, float]:
     """Decode tok/s with the meter off and on, in-process, alternating; medians."""
-    from clawctl.engines.base import ChatTurn, EngineSettings, Prompt, SamplingParams
+    from clawctl.engines.base import ChatTurn, EngineSettings, Prompt, SamplingParams, generate
     from clawctl.engines.llama import LlamaEngine
     from clawctl.engines.meter import Thresholds
 
@@ -237,7 +237,8 @@ def meter_overhead(runs: int) -> tuple[float, float]:
     for _ in range(runs):
         for on in (False, True):
             events = list(
-                engine.generate(
+                generate(
+                    engine,
                     prompt,
                     SamplingParams(max_tokens=200, temperature=0),
                     lambda: False,

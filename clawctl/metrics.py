@@ -21,6 +21,8 @@ class Metrics:
     in_flight: Gauge
     tier_requests: Counter
     escalations: Counter
+    draft_tokens: Counter
+    draft_accepted: Counter
 
     @classmethod
     def create(cls) -> Metrics:
@@ -65,6 +67,18 @@ class Metrics:
                 "clawd_escalations",
                 "Routed requests that escalated.",
                 ["policy"],
+                registry=registry,
+            ),
+            draft_tokens=Counter(
+                "clawd_draft_tokens",
+                "Tokens drafted by prompt lookup (speculative decoding).",
+                ["model"],
+                registry=registry,
+            ),
+            draft_accepted=Counter(
+                "clawd_draft_accepted_tokens",
+                "Drafted tokens the model confirmed.",
+                ["model"],
                 registry=registry,
             ),
         )

@@ -54,6 +54,10 @@ class EdgeProfile(BaseModel):
     flash_attn: bool = False
     memory_budget_mb: int = Field(ge=64)
     max_loaded_models: int = Field(ge=1)
+    # Continuous batching: generations of one model decoded together (llama.cpp's `-np`).
+    parallel: int = Field(4, ge=1, le=32)
+    # Speculative decoding by prompt lookup: draft tokens verified per step (0: off).
+    draft_max: int = Field(8, ge=0, le=64)
     snapshot_budget_mb: int = Field(2048, ge=16)
     int4_quant: str
     int2_quant: str

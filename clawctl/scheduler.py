@@ -3,9 +3,10 @@
 Why a thread per model and not a pool: llama-cpp-python's OpenMP build decodes ~106 tok/s from one
 thread but ~28 tok/s once a second thread has touched the same model, so a model is loaded, used
 and closed by exactly one `ModelWorker` thread, fed by a queue. The asyncio side (`ModelManager`)
-never calls an engine; it only enqueues jobs and reads their events. Jobs carry a full prompt and
-their own sampling state, so a later worker can interleave several sequences in one context
-(continuous batching) without changing this interface.
+never calls an engine; it only enqueues jobs and reads their events. The worker interleaves
+jobs in one context (continuous batching): between decode steps it admits queued jobs while the
+engine has room (`Engine.admits`), so concurrent requests share each decode call instead of
+waiting for one another.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from clawctl.engines.base import (
     EngineSettings,
     Finished,
     LoadEngine,
+    PreparedPrompt,
     Prompt,
     SamplingParams,
     TokenEvent,
@@ -80,6 +82,7 @@ class Job:
     adapters: tuple[AdapterSpec, ...] = ()
     watch: Thresholds | None = None
     caller: str = "-"  # who asked (app or uid): the fair queue's key
+    prepared: PreparedPrompt | None = None  # tokenized once, while waiting to join
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
 
@@ -110,10 +113,11 @@ class FairQueue:
             self._stopped = True
             self._ready.notify()
 
-    def get(self) -> Job | None:
+    def take(self, wait: bool) -> Job | None:
+        """The next job; None when the queue is empty and `wait` is false, or once stopped."""
         with self._ready:
             while not self._waiting:
-                if self._stopped:
+                if self._stopped or not wait:
                     return None
                 self._ready.wait()
             caller = min(self._waiting, key=lambda c: self._served.get(c, 0))
@@ -150,6 +154,10 @@ class ModelWorker:
         self.outstanding_by_caller: dict[str, int] = {}
         self.load_seconds = 0.0
         self.failed = False
+        self.running = 0  # generations open in the engine (written by the model thread)
+        self._running: dict[int, Job] = {}  # by the engine's generation id
+        self._adapters: tuple[AdapterSpec, ...] = ()
+        self._exclusive = False  # the open generation needs the context to itself
         self._loaded = threading.Event()
         self._load_engine = load_engine
         self._jobs = FairQueue()
@@ -183,7 +191,7 @@ class ModelWorker:
             self.failed = True
             log.error("model %s failed to load: %s", self.name, error.message)
             self._loaded.set()
-            while (job := self._jobs.get()) is not None:
+            while (job := self._jobs.take(wait=True)) is not None:
                 job.emit(Failed(error))
             return
         self.load_seconds = time.perf_counter() - started
@@ -191,30 +199,64 @@ class ModelWorker:
         self._loaded.set()
         log.info("model %s loaded in %.2fs", self.name, self.load_seconds)
         try:
-            while (job := self._jobs.get()) is not None:
-                self._run_job(engine, job, started)
+            self._serve(engine, started)
         finally:
             engine.close()
             log.info("model %s unloaded", self.name)
 
-    def _run_job(self, engine: Engine, job: Job, load_started: float) -> None:
+    def _serve(self, engine: Engine, load_started: float) -> None:
+        """Continuous batching: between decode steps, admit queued jobs while the engine has
+        room; a job that cannot join yet (another adapter set, a session or snapshot, which
+        need the context to themselves, or no room) waits at the head until it can."""
+        waiting: Job | None = None
+        while True:
+            while True:
+                if waiting is None:
+                    if engine.active >= engine.parallel:
+                        break  # queued jobs stay in the fair queue until a slot is free
+                    waiting = self._jobs.take(wait=engine.active == 0)
+                    if waiting is None:
+                        break
+                if not self._start(engine, waiting, load_started):
+                    break
+                waiting = None
+            if engine.active:
+                self._step(engine)
+            elif waiting is None:
+                return  # stopped, and every job is done
+
+    def _start(self, engine: Engine, job: Job, load_started: float) -> bool:
+        """Open the job's generation, or fail it; False if it has to wait for the others."""
         if job.cancel.is_set():
             job.emit(Failed(ClawError("cancelled before it started")))
-            return
+            return True
+        busy = engine.active > 0
+        exclusive = job.state.needs_context()
+        if busy and (exclusive or self._exclusive or job.adapters != self._adapters):
+            return False
         try:
-            engine.set_adapters(job.adapters)
-            prepared = engine.prepare(job.prompt)
+            if not busy:
+                engine.set_adapters(job.adapters)
+                self._adapters = job.adapters
+            if job.prepared is None:
+                job.prepared = engine.prepare(job.prompt)
+            prepared = job.prepared
             if len(prepared.tokens) >= engine.n_ctx:
                 raise ContextOverflow(
                     f"the prompt has {len(prepared.tokens)} tokens but the context of "
                     f"{self.name} holds {engine.n_ctx}; shorten it",
                     param="messages",
                 )
+            if busy and not engine.admits(prepared, job.params):
+                return False
             waited_for_load = job.enqueued_at < load_started + self.load_seconds
             queued = time.perf_counter() - job.enqueued_at
             outcome = NO_STATE
-            if self.keeper is not None:
+            if self.keeper is not None and not busy:
                 outcome = self.keeper.before(engine, prepared.tokens, job.state)
+            slot = engine.open(prepared, job.params, job.cancel.is_set, job.watch)
+            if busy and (shared := engine.shared_prefix(slot)):
+                outcome = StateOutcome(shared, "memory")  # copied from a running sequence
             job.emit(
                 Started(
                     prompt_tokens=len(prepared.tokens),
@@ -223,21 +265,46 @@ class ModelWorker:
                     state=outcome,
                 )
             )
-            for event in engine.generate(prepared, job.params, job.cancel.is_set, job.watch):
-                job.emit(event)
         except ClawError as exc:
             job.emit(Failed(exc))
+            return True
         except Exception as exc:
-            log.exception("generation failed on %s", self.name)
+            log.exception("could not start a generation on %s", self.name)
             job.emit(Failed(EngineError(f"generation failed: {exc}")))
-        else:
-            if self.keeper is not None:
-                try:  # after the response: freezing the session never delays it
-                    self.keeper.after(engine, job.state)
-                except Exception:
-                    log.exception("could not freeze session %s", job.state.session)
-        finally:
-            engine.release_adapters()  # frees adapters removed while this job used them
+            return True
+        self._running[slot] = job
+        self._exclusive = exclusive
+        self.running = len(self._running)
+        return True
+
+    def _step(self, engine: Engine) -> None:
+        try:
+            events = engine.step()
+        except Exception as exc:
+            log.exception("decoding failed on %s", self.name)
+            error = exc if isinstance(exc, ClawError) else EngineError(f"generation failed: {exc}")
+            for job in self._running.values():
+                job.emit(Failed(error))
+            self._running.clear()
+            self.running = 0
+            return
+        for slot, event in events:
+            job = self._running[slot]
+            job.emit(event)
+            if isinstance(event, Finished):
+                del self._running[slot]
+                self.running = len(self._running)
+                self._finished(engine, job)
+
+    def _finished(self, engine: Engine, job: Job) -> None:
+        if self.keeper is not None and job.state.session:
+            try:  # after the response: freezing the session never delays it
+                self.keeper.after(engine, job.state)
+            except Exception:
+                log.exception("could not freeze session %s", job.state.session)
+        if not self._running:
+            self._exclusive = False
+            engine.release_adapters()  # frees adapters removed while jobs used them
 
 
 class JobHandle:
@@ -303,6 +370,8 @@ class ModelManager:
             kv_cache_type=self.profile.kv_cache_type,
             flash_attn=self.profile.flash_attn,
             model_digest=manifest.digest,
+            parallel=self.profile.parallel,
+            draft_max=self.profile.draft_max,
         )
 
     def estimate(self, manifest: ModelManifest, settings: EngineSettings) -> int:
@@ -447,8 +516,8 @@ class ModelManager:
                 loaded_at=w.loaded_at,
                 last_used=time.time() - (now - w.last_used),
                 expires_in=None if w.outstanding else max(0.0, w.keep_alive - (now - w.last_used)),
-                active_requests=min(w.outstanding, 1),
-                queued_requests=max(0, w.outstanding - 1),
+                active_requests=w.running,
+                queued_requests=max(0, w.outstanding - w.running),
             )
             for w in self._workers.values()
         ]

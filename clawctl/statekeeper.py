@@ -39,6 +39,10 @@ class StateRequest:
     save: str | None = None
     session: str | None = None
 
+    def needs_context(self) -> bool:
+        """Snapshots and sessions read and write the whole context: they cannot run batched."""
+        return bool(self.load or self.save or self.session)
+
 
 @dataclass(frozen=True)
 class StateOutcome:

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from clawctl.paths import Paths
+from clawctl.resources import bundled_dir
 from clawctl.store.models import ModelStore
 
 # Downloads are cached where a developer's own clawctl keeps them, so test runs share them.
@@ -193,6 +194,20 @@ def daemon(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             yield d
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+SERIAL_PROFILE = "x86-serial"
+
+
+def add_serial_profile(home: Path) -> str:
+    """A copy of the test profile that decodes one generation at a time, for tests that compare
+    concurrent outputs with ones computed alone token for token: batched decoding rounds
+    differently (a many-token batch takes another matmul path), and near-ties then flip."""
+    shipped = (bundled_dir("edge_profiles") / f"{TEST_PROFILE}.toml").read_text()
+    target = Paths.build(home).profiles_dir / f"{SERIAL_PROFILE}.toml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(f"parallel = 1\n{shipped}")
+    return SERIAL_PROFILE
 
 
 def run_cli(

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from clawctl.engines.base import (
     EngineSettings,
     Finished,
+    FinishReason,
     PreparedPrompt,
     Prompt,
     SamplingParams,
@@ -20,13 +21,24 @@ from clawctl.errors import EngineError
 
 
 @dataclass
+class FakeSlot:
+    left: list[str]
+    limit: int
+    prompt_tokens: int
+    cancelled: Callable[[], bool]
+    produced: int = 0
+
+
+@dataclass
 class FakeEngine:
     settings: EngineSettings
     memory: int = 100 << 20
     step_seconds: float = 0.0
     threads: set[int] = field(default_factory=set)
     closed: bool = False
-    words: list[str] = field(default_factory=list)
+    vocab: dict[str, int] = field(default_factory=dict)
+    slots: dict[int, FakeSlot] = field(default_factory=dict)
+    peak: int = 0  # most slots open at once
 
     def __post_init__(self) -> None:
         self.threads.add(threading.get_ident())
@@ -35,33 +47,67 @@ class FakeEngine:
     def n_ctx(self) -> int:
         return self.settings.n_ctx
 
+    @property
+    def words(self) -> list[str]:
+        return list(self.vocab)
+
+    @property
+    def parallel(self) -> int:
+        return self.settings.parallel
+
+    @property
+    def active(self) -> int:
+        return len(self.slots)
+
     def prepare(self, prompt: Prompt) -> PreparedPrompt:
         self.threads.add(threading.get_ident())
         if prompt.chat is not None:
             text = " ".join(turn.content for turn in prompt.chat)
         else:
             text = prompt.text or ""
-        self.words = text.split()
-        return PreparedPrompt(list(range(len(self.words))))
+        tokens = []
+        for word in text.split():  # a "vocabulary" that grows with every new word
+            tokens.append(self.vocab.setdefault(word, len(self.vocab)))
+        return PreparedPrompt(tokens)
 
-    def generate(
+    def admits(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
+        return len(self.slots) < self.parallel
+
+    def open(
         self,
         prompt: PreparedPrompt,
         params: SamplingParams,
         cancelled: Callable[[], bool],
         watch: object = None,
-    ) -> Iterator[TokenEvent | Finished]:
+    ) -> int:
         self.threads.add(threading.get_ident())
-        limit = params.max_tokens or len(self.words)
-        produced = 0
-        for word in self.words[:limit]:
-            if cancelled():
-                break
-            time.sleep(self.step_seconds)
-            produced += 1
-            yield TokenEvent(word + " ")
-        reason = "cancelled" if cancelled() else ("length" if produced == limit else "stop")
-        yield Finished(reason, len(prompt.tokens), produced, 0.001, 0.001)  # type: ignore[arg-type]
+        slot = next(i for i in range(self.parallel) if i not in self.slots)
+        words = [self.words[t] for t in prompt.tokens]
+        limit = params.max_tokens or len(words)
+        self.slots[slot] = FakeSlot(list(words[:limit]), limit, len(prompt.tokens), cancelled)
+        self.peak = max(self.peak, len(self.slots))
+        return slot
+
+    def shared_prefix(self, generation: int) -> int:
+        return 0
+
+    def step(self) -> list[tuple[int, TokenEvent | Finished]]:
+        """One "decode" for every open slot: a word each, one sleep for all (batching)."""
+        self.threads.add(threading.get_ident())
+        time.sleep(self.step_seconds)
+        events: list[tuple[int, TokenEvent | Finished]] = []
+        for i, slot in list(self.slots.items()):
+            if not slot.cancelled() and slot.left:
+                slot.produced += 1
+                events.append((i, TokenEvent(slot.left.pop(0) + " ", slot.produced)))
+                if slot.left:
+                    continue
+            reason: FinishReason = "cancelled" if slot.cancelled() else (
+                "length" if slot.produced == slot.limit else "stop"
+            )  # fmt: skip
+            events.append((i, Finished(reason, slot.prompt_tokens, slot.produced, 0.001, 0.001)))
+            del self.slots[i]
+        return events
 
     def memory_bytes(self) -> int:
         return self.memory

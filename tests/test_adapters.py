@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFWriter
 
-from tests.conftest import Daemon, run_cli, run_daemon
+from tests.conftest import Daemon, add_serial_profile, run_cli, run_daemon
 
 MODEL = "smollm2-135m"
 PROMPT = "The capital of France is"
@@ -150,7 +150,11 @@ def lora_daemon(
         assert done.returncode == 0, done.stderr
     config = tmp_path / "clawd.toml"
     config.write_text("[snapshots]\npool = false\n")
-    with run_daemon(fresh_home, short_dir / "a.sock", tmp_path, CLAW_CONFIG=str(config)) as d:
+    # One generation at a time: the concurrency test compares outputs token for token.
+    profile = add_serial_profile(fresh_home)
+    with run_daemon(
+        fresh_home, short_dir / "a.sock", tmp_path, CLAW_CONFIG=str(config), CLAW_PROFILE=profile
+    ) as d:
         yield d
 
 

@@ -10,7 +10,14 @@ import pytest
 from gguf import GGUFReader, GGUFWriter
 
 from clawctl.config import load_paths
-from clawctl.engines.base import EngineSettings, Finished, Prompt, SamplingParams, TokenEvent
+from clawctl.engines.base import (
+    EngineSettings,
+    Finished,
+    Prompt,
+    SamplingParams,
+    TokenEvent,
+    generate,
+)
 from clawctl.engines.llama import LlamaEngine
 from clawctl.store.models import ModelStore
 from tests.conftest import run_cli
@@ -27,7 +34,8 @@ def _generate(path: Path, prompt: str) -> tuple[str, Finished]:
     engine = LlamaEngine(EngineSettings(path, n_ctx=512, n_batch=64, n_threads=2))
     try:
         events = list(
-            engine.generate(
+            generate(
+                engine,
                 engine.prepare(Prompt(text=prompt)),
                 SamplingParams(max_tokens=12, temperature=0),
                 lambda: False,

@@ -14,6 +14,7 @@ from clawctl.engines.base import Finished, Prompt, SamplingParams, TokenEvent
 from clawctl.errors import EngineError, ModelNotFound, Overloaded
 from clawctl.profiles import EdgeProfile
 from clawctl.scheduler import Failed, JobEvent, ModelManager, Started
+from clawctl.statekeeper import StateRequest
 from clawctl.store.gguf_meta import GgufInfo
 from clawctl.store.models import ModelManifest
 from tests.fakes import FakeLoader
@@ -56,8 +57,9 @@ class FakeStore:
         return Path("/nonexistent") / digest
 
 
-def profile(budget_mb: int = 1000, max_loaded: int = 2) -> EdgeProfile:
+def profile(budget_mb: int = 1000, max_loaded: int = 2, parallel: int = 4) -> EdgeProfile:
     return EdgeProfile(
+        parallel=parallel,
         name="test",
         description="t",
         threads=1,
@@ -249,7 +251,7 @@ def test_a_burst_from_one_caller_does_not_starve_another() -> None:
                 finished.append(label)
 
     async def scenario() -> None:
-        mgr = manager(loader, ["a"], max_queue=8)
+        mgr = manager(loader, ["a"], max_queue=8, parallel=1)
         burst = [asyncio.create_task(run(mgr, "app:chatty", f"chatty{i}")) for i in range(6)]
         await asyncio.sleep(0.02)  # the first chatty job is running, five wait
         quiet = asyncio.create_task(run(mgr, "app:quiet", "quiet"))
@@ -262,3 +264,39 @@ def test_a_burst_from_one_caller_does_not_starve_another() -> None:
     asyncio.run(scenario())
     assert finished.index("quiet") == 1  # served right after the job that was running
     assert sorted(finished) == sorted([f"chatty{i}" for i in range(6)] + ["quiet"])
+
+
+def test_concurrent_jobs_share_decode_steps_and_context_jobs_wait_for_the_batch() -> None:
+    """Continuous batching: up to `parallel` jobs advance in each step, a job joins between
+    steps; a job whose adapters differ, or which needs the whole context (a session), waits
+    until the others are done and then runs alone."""
+    loader = FakeLoader(step_seconds=0.005)
+    order: list[str] = []
+
+    async def run(mgr: ModelManager, label: str, words: int = 20, **kw: object) -> None:
+        prompt = Prompt(text=f"{label} " * words)
+        handle = mgr.submit("a", prompt, SamplingParams(), **kw)  # type: ignore[arg-type]
+        async for event in handle.events():
+            if isinstance(event, Started):
+                order.append(f"start {label}")
+            elif isinstance(event, Finished):
+                order.append(f"end {label}")
+                assert event.completion_tokens == words
+
+    async def scenario() -> None:
+        mgr = manager(loader, ["a"], max_queue=16, parallel=3)
+        first = [asyncio.create_task(run(mgr, f"b{i}", 8 if i == 0 else 20)) for i in range(4)]
+        await asyncio.sleep(0.03)
+        session = asyncio.create_task(run(mgr, "session", state=StateRequest(session="s1")))
+        await asyncio.sleep(0.01)
+        late = asyncio.create_task(run(mgr, "late"))
+        await asyncio.gather(*first, session, late)
+        await mgr.stop()
+
+    asyncio.run(scenario())
+    [engine] = loader.engines
+    assert engine.peak == 3  # three decoded together, never more
+    assert order.index("end b0") < order.index("start b3") < order.index("end b1")  # joined
+    start = order.index("start session")
+    assert all(order.index(f"end b{i}") < start for i in range(4))
+    assert order.index("end session") < order.index("start late")  # alone, then the rest

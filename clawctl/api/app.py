@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from clawctl import __version__
 from clawctl.api import admin_routes, openai_routes
 from clawctl.api.errors import envelope, install_error_handlers
+from clawctl.api.openapi import install_openapi
 from clawctl.api.peer import transport_of
 from clawctl.services import Services
 
@@ -55,4 +56,5 @@ def create_app(services: Services) -> FastAPI:
     app.add_middleware(TcpTokenGuard, token=services.config.tcp_token)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
+    install_openapi(app, openai_routes.BODIES)
     return app

@@ -422,6 +422,9 @@ class GenerationRun:
             metrics.first_token_seconds.labels(answered.model).observe(ttft)
         if self.path.escalated:
             metrics.escalations.labels(self.policy.name if self.policy else "-").inc()
+        if self.finished.drafted:
+            metrics.draft_tokens.labels(answered.model).inc(self.finished.drafted)
+            metrics.draft_accepted.labels(answered.model).inc(self.finished.accepted)
         self._log(
             f"ok prompt={usage.prompt_tokens} completion={usage.completion_tokens} "
             f"finish={self.finish_reason} path={self.path.text}"
@@ -525,6 +528,8 @@ class GenerationRun:
             prefix_source=started.state.source if started else None,
             snapshot_saved=started.state.saved if started else None,
             session=self.claw.session,
+            draft_tokens=done.drafted,
+            draft_accepted=done.accepted,
             policy=self.policy.name if self.policy else None,
             rule=self.route.rule if self.route else None,
             tier=self.tier_name,

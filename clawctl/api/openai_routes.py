@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from clawctl.api.errors import validation_error
 from clawctl.api.generation import GenerationRun
@@ -66,6 +66,7 @@ def _sampling(body: SamplingRequest, max_tokens: int | None) -> SamplingParams:
         frequency_penalty=body.frequency_penalty,
         seed=body.seed,
         stop=tuple(body.stop_list()),
+        speculative=body.claw.speculative,
     )
 
 
@@ -224,6 +225,13 @@ async def _completion_stream(
     usage = run.usage() if include_usage else None
     yield frame(chunk("", finish_reason=run.finish_reason, claw=run.info(), usage=usage))
     yield DONE
+
+
+# The bodies the routes above parse with `json_body`, for the OpenAPI document.
+BODIES: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+}
 
 
 @router.get("/v1/models")

@@ -29,6 +29,8 @@ class EngineSettings:
     kv_cache_type: str = "f16"
     flash_attn: bool = False
     model_digest: str = ""
+    parallel: int = 1  # sequences decoded together in one context (continuous batching)
+    draft_max: int = 0  # prompt-lookup draft tokens per step for greedy requests (0: off)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    speculative: bool = True  # draft by prompt lookup when decoding greedily
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ class Finished:
     decode_seconds: float
     signals: Signals | None = None
     escalate: Trigger | None = None  # the entropy meter stopped the generation
+    drafted: int = 0  # tokens proposed by prompt lookup
+    accepted: int = 0  # of those, how many the model confirmed
 
 
 @dataclass(frozen=True)
@@ -105,16 +110,42 @@ class Engine(Protocol):
         """Template (for chat) and tokenize a prompt."""
         ...
 
-    def generate(
+    @property
+    def parallel(self) -> int:
+        """How many generations `step` can advance together."""
+        ...
+
+    @property
+    def active(self) -> int:
+        """How many generations are open."""
+        ...
+
+    def admits(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
+        """Whether a generation can join the open ones now (a free sequence, room in the
+        context). With none open, any prompt that fits the context is admitted."""
+        ...
+
+    def open(
         self,
         prompt: PreparedPrompt,
         params: SamplingParams,
         cancelled: Callable[[], bool],
         watch: Thresholds | None = None,
-    ) -> Iterator[TokenEvent | Finished]:
-        """Stream the continuation; the last item is always `Finished`. With `watch`, every
-        token goes through the entropy meter, which stops generation when a threshold is
+    ) -> int:
+        """Start a generation and return its id. Opened with none open, it continues from what
+        the context holds (the state keeper prepared it); otherwise it shares its longest common
+        prefix with the other sequences and computes the rest in later steps. With `watch`,
+        every token goes through the entropy meter, which stops generation when a threshold is
         crossed (`Finished.escalate`)."""
+        ...
+
+    def shared_prefix(self, generation: int) -> int:
+        """Prompt tokens an open generation took from another sequence instead of computing."""
+        ...
+
+    def step(self) -> list[tuple[int, TokenEvent | Finished]]:
+        """One decode call over every open generation: their new text, and `Finished` for each
+        that ended (and is closed). Cancellation is observed between steps."""
         ...
 
     def memory_bytes(self) -> int:
@@ -161,6 +192,24 @@ class Engine(Protocol):
 
 
 LoadEngine = Callable[[EngineSettings], Engine]
+
+
+def generate(
+    engine: Engine,
+    prompt: PreparedPrompt,
+    params: SamplingParams,
+    cancelled: Callable[[], bool] = lambda: False,
+    watch: Thresholds | None = None,
+) -> Iterator[TokenEvent | Finished]:
+    """Run one generation alone to its end (benchmarks, tools); the last item is `Finished`."""
+    opened = engine.open(prompt, params, cancelled, watch)
+    while True:
+        for slot, event in engine.step():
+            if slot == opened:
+                yield event
+                if isinstance(event, Finished):
+                    return
+
 
 KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 

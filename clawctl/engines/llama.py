@@ -1,9 +1,9 @@
-"""GGUF models through llama-cpp-python: the only module that imports `llama_cpp`.
+"""GGUF models through llama-cpp-python (with `llama_slots.py`, the only modules that import it).
 
 Chat prompts are rendered with the GGUF's own `tokenizer.chat_template` (the same Jinja formatter
-llama-cpp-python uses). Generation goes through `Llama.create_completion(stream=True)` so stop
-strings and UTF-8 boundaries are handled as in-process users expect; a stopping criterion counts
-sampled tokens and observes cancellation between decode steps.
+llama-cpp-python uses). Generation is continuous batching over the context's sequences
+(`llama_slots.py`); this module owns loading, prompts,
+adapters and whole-context state.
 
 Concurrency: an instance is created, used and closed on one dedicated thread (see scheduler.py);
 llama-cpp-python's OpenMP build slows ~4x once a second thread has called a model.
@@ -12,28 +12,26 @@ llama-cpp-python's OpenMP build slows ~4x once a second thread has called a mode
 from __future__ import annotations
 
 import ctypes
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import numpy as np
-import numpy.typing as npt
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from clawctl.engines.base import (
     AdapterSpec,
     EngineSettings,
     Finished,
-    FinishReason,
     PreparedPrompt,
     Prompt,
     SamplingParams,
     TokenEvent,
     estimate_kv_bytes,
 )
-from clawctl.engines.meter import EntropyMeter, Thresholds
+from clawctl.engines.llama_slots import SlotBatch, widen_context
+from clawctl.engines.meter import Thresholds
 from clawctl.errors import BadInput, EngineError
 from clawctl.store.snapshot_format import AdapterRef, StateIdentity
 
@@ -82,6 +80,10 @@ class LlamaEngine:
                 f"llama.cpp could not load {settings.model_path.name}: {exc}"
             ) from None
         self._flash_attn = settings.flash_attn or settings.kv_cache_type != "f16"
+        parallel = max(1, settings.parallel)
+        if parallel > 1:
+            widen_context(self._llama, parallel + 1)  # sequence 0 is the context's memory
+        self._slots = SlotBatch(self._llama, parallel, settings.draft_max)
         self._loaded_adapters: dict[str, tuple[Path, Any]] = {}
         self._active: tuple[AdapterSpec, ...] = ()
         self._formatter = self._build_formatter()
@@ -123,82 +125,33 @@ class LlamaEngine:
         assert prompt.text is not None
         return PreparedPrompt(self._llama.tokenize(prompt.text.encode("utf-8"), add_bos=True))
 
-    def generate(
+    # --- generations: continuous batching over the context's sequences ------------------------
+
+    @property
+    def parallel(self) -> int:
+        return self._slots.parallel
+
+    @property
+    def active(self) -> int:
+        return len(self._slots.slots)
+
+    def admits(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
+        return self._slots.admits(prompt, params)
+
+    def open(
         self,
         prompt: PreparedPrompt,
         params: SamplingParams,
         cancelled: Callable[[], bool],
         watch: Thresholds | None = None,
-    ) -> Iterator[TokenEvent | Finished]:
-        sampled = 0
-        meter = EntropyMeter(self._n_vocab, watch, self._token_text) if watch else None
+    ) -> int:
+        return self._slots.open(prompt, params, cancelled, watch, self.prefill)
 
-        def observe(_ids: npt.NDArray[np.intc], _scores: npt.NDArray[np.single]) -> bool:
-            # llama-cpp-python leaves `_scores` unfilled without logits_all: the meter reads
-            # llama.cpp's own logits of the last decoded position (what was just sampled from).
-            nonlocal sampled
-            sampled += 1
-            if meter is not None and meter.observe(self._last_logits()) is not None:
-                return meter.thresholds.stop or cancelled()
-            return cancelled()
+    def step(self) -> list[tuple[int, TokenEvent | Finished]]:
+        return self._slots.step()
 
-        room = self.n_ctx - len(prompt.tokens)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        started = time.perf_counter()
-        # Every prompt's last token is decoded on its own, after the rest: then a prompt hydrated
-        # from a snapshot (which holds all but that token) goes through exactly the decode calls
-        # of a cold prefill, and greedy continuations match token for token. (A one-token batch
-        # rounds differently from a many-token one.)
-        self.prefill(prompt.tokens[:-1])
-        first: float | None = None
-        reason: FinishReason = "stop"
-        stream: Iterator[Any] = self._llama.create_completion(  # type: ignore[assignment]
-            prompt=prompt.tokens,
-            max_tokens=max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            min_p=params.min_p,
-            repeat_penalty=params.repeat_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            seed=params.seed,
-            stop=[*prompt.stop, *params.stop],
-            stream=True,
-            stopping_criteria=llama_cpp.StoppingCriteriaList([observe]),
-        )
-        for chunk in stream:
-            if first is None:
-                first = time.perf_counter()
-            choice = chunk["choices"][0]
-            if choice["text"]:
-                yield TokenEvent(choice["text"], sampled)
-            if choice["finish_reason"] is not None:
-                reason = "length" if choice["finish_reason"] == "length" else "stop"
-        ended = time.perf_counter()
-        if cancelled():
-            reason = "cancelled"
-        first = first or ended
-        if meter is not None and reason != "cancelled" and meter.trigger is None:
-            meter.finish()
-        yield Finished(
-            finish_reason=reason,
-            prompt_tokens=len(prompt.tokens),
-            # llama-cpp-python consults the criterion once more than it samples: subtract it.
-            completion_tokens=min(max(0, sampled - 1), max_tokens),
-            prompt_seconds=first - started,
-            decode_seconds=ended - first,
-            signals=meter.signals() if meter else None,
-            escalate=meter.trigger if meter else None,
-        )
-
-    def _last_logits(self) -> npt.NDArray[np.float32]:
-        """A view (no copy) of the logits llama.cpp holds for the last decoded token."""
-        pointer = llama_cpp.llama_get_logits_ith(self._llama._ctx.ctx, -1)
-        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
-
-    def _token_text(self, token: int) -> str:
-        return self._llama.detokenize([token]).decode("utf-8", errors="ignore")
+    def shared_prefix(self, generation: int) -> int:
+        return self._slots.slots[generation].shared
 
     def memory_bytes(self) -> int:
         meta = self._llama.metadata
@@ -304,6 +257,7 @@ class LlamaEngine:
         llama._requires_eval = True  # logits are not part of a usable restored state
 
     def close(self) -> None:
+        self._slots.close()
         for _, pointer in self._loaded_adapters.values():
             llama_cpp.llama_adapter_lora_free(pointer)
         self._loaded_adapters.clear()

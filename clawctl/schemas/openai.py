@@ -61,6 +61,10 @@ class ClawRequest(_Strict):
     keep_alive: float | None = Field(
         None, ge=0, description="Seconds to keep the model loaded after this request."
     )
+    speculative: bool = Field(
+        True,
+        description="Draft tokens by prompt lookup when decoding greedily (temperature 0).",
+    )
 
 
 class ContentPart(_Lenient):
@@ -203,6 +207,8 @@ class ClawInfo(BaseModel):
     prefix_source: str | None = None
     snapshot_saved: str | None = None
     session: str | None = None
+    draft_tokens: int = 0  # proposed by prompt lookup (speculative decoding)
+    draft_accepted: int = 0  # of those, confirmed by the model
     # routing (a request whose model names a policy)
     policy: str | None = None
     rule: str | None = None

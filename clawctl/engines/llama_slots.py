@@ -1,0 +1,439 @@
+"""Continuous batching for llama.cpp: several generations as sequences of one context.
+
+Each open generation is a `Slot`: a llama.cpp sequence id, its own sampler chain, stop strings,
+entropy meter and prompt-lookup drafts. `SlotBatch.step` builds one `llama_batch` from every
+slot (the last sampled token plus any drafts of a decoding slot, a chunk of a joining slot's
+prompt) and makes one `llama_decode` call, so N streams cost little more than one on a CPU
+where decoding is memory-bound. Generations join and leave between steps.
+
+Sequence 0 is the context's "memory": the state keeper (snapshots, sessions, the prefix pool)
+prepares it when a generation opens on an idle context, and what it holds afterwards is reused
+by the next request, as before batching. A generation joining busy ones gets sequence 1..N and
+copies the longest prefix it shares with any sequence (`llama_memory_seq_cp`: the cells are
+shared, not recomputed), then prefills only the rest. The KV cache is unified, so one long
+request may still use the whole context; joiners are admitted against a reservation (prompt
+plus a share of the context) and a sequence that outgrows its share when the cache is full ends
+with "length".
+
+Speculative decoding: a greedy slot proposes up to `draft_max` tokens that followed the latest
+n-gram earlier in its prompt or output (prompt lookup) and verifies them in the same decode call;
+the longest prefix the model agrees with is kept and the rest of the cells are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+from llama_cpp import _internals
+
+from clawctl.engines.base import Finished, FinishReason, PreparedPrompt, SamplingParams, TokenEvent
+from clawctl.engines.decoding import NgramIndex, TextStream
+from clawctl.engines.meter import EntropyMeter, Thresholds
+from clawctl.errors import EngineError
+
+MEMORY_SEQ = 0
+# Prefixes shorter than this are recomputed: copying a lone BOS saves nothing.
+MIN_SHARE = 4
+
+
+def widen_context(llama: llama_cpp.Llama, n_seq_max: int) -> None:
+    """Recreate `llama`'s context with room for `n_seq_max` sequences in one unified KV cache
+    (llama-cpp-python's constructor offers no such option)."""
+    params = llama.context_params
+    params.n_seq_max = n_seq_max
+    params.kv_unified = True  # one pool of cells: a lone request can still use all of n_ctx
+    old = llama._ctx
+    llama._ctx = llama._stack.enter_context(
+        contextlib.closing(
+            _internals.LlamaContext(model=llama._model, params=params, verbose=False)
+        )
+    )
+    old.close()  # type: ignore[no-untyped-call]
+
+
+@dataclass
+class Slot:
+    seq: int
+    prompt_tokens: int
+    held: list[int]  # tokens whose cells this sequence holds, in position order
+    pending: list[int]  # prompt tokens still to decode
+    params: SamplingParams
+    cancelled: Callable[[], bool]
+    sampler: Any
+    text: TextStream
+    meter: EntropyMeter | None
+    ngrams: NgramIndex | None
+    max_tokens: int
+    reserved: int
+    shared: int = 0  # prompt tokens copied from another sequence
+    opened: float = field(default_factory=time.perf_counter)
+    first: float | None = None
+    last: int | None = None  # sampled, not yet decoded
+    sampled: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+
+@dataclass
+class Planned:
+    """A slot's part of one batch: `count` tokens from batch index `start`."""
+
+    slot: Slot
+    start: int
+    tokens: list[int]
+    prefill: bool
+
+
+class SlotBatch:
+    """The open generations of one llama.cpp context. Used from the model's thread only."""
+
+    def __init__(self, llama: llama_cpp.Llama, parallel: int, draft_max: int) -> None:
+        self._llama = llama
+        self.parallel = parallel
+        self.draft_max = draft_max
+        self.n_batch = llama.n_batch
+        self._n_vocab = int(llama.n_vocab())
+        self._vocab = llama._model.vocab
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._memory = llama_cpp.llama_get_memory(llama._ctx.ctx)
+        self._pieces: dict[int, bytes] = {}
+        self.slots: dict[int, Slot] = {}
+
+    def close(self) -> None:
+        for slot in self.slots.values():
+            llama_cpp.llama_sampler_free(slot.sampler)
+        self.slots.clear()
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+
+    # --- admission ------------------------------------------------------------------------
+
+    def _max_new(self, prompt_tokens: int, params: SamplingParams) -> int:
+        room = self._llama.n_ctx() - prompt_tokens
+        return room if params.max_tokens is None else max(0, min(params.max_tokens, room))
+
+    def _reservation(self, prompt_tokens: int, params: SamplingParams) -> int:
+        share = self._llama.n_ctx() // self.parallel
+        return prompt_tokens + min(self._max_new(prompt_tokens, params), share) + self.draft_max
+
+    def admits(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
+        if not self.slots:
+            return True
+        if len(self.slots) >= self.parallel:
+            return False
+        used = sum(s.reserved for s in self.slots.values())
+        need = self._reservation(len(prompt.tokens), params)
+        if MEMORY_SEQ not in self.slots:
+            if used + self._llama.n_tokens + need <= self._llama.n_ctx():
+                return True
+            if used + need <= self._llama.n_ctx():  # forget the idle memory to make room
+                self._drop(MEMORY_SEQ)
+                self._llama.n_tokens = 0
+                return True
+            return False
+        return used + need <= self._llama.n_ctx()
+
+    # --- opening --------------------------------------------------------------------------
+
+    def open(
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        cancelled: Callable[[], bool],
+        watch: Thresholds | None,
+        prefill: Callable[[list[int]], int],
+    ) -> int:
+        tokens = prompt.tokens
+        if not self.slots:
+            seq = MEMORY_SEQ
+            # As a request alone always has: everything but the last token in n_batch chunks
+            # (reusing what the context holds), then the last token on its own, so a prompt
+            # hydrated from a snapshot decodes exactly as a cold one.
+            prefill(tokens[:-1])
+            held, pending = list(tokens[:-1]), tokens[-1:]
+            shared = 0
+        else:
+            seq = next(s for s in range(1, self.parallel + 1) if s not in self.slots)
+            shared = self._share_prefix(seq, tokens)
+            held, pending = list(tokens[:shared]), list(tokens[shared:])
+        sampler = self._sampler(params, tokens)
+        greedy = params.temperature <= 0
+        ngrams = None
+        if greedy and params.speculative and self.draft_max > 0:
+            ngrams = NgramIndex()
+            ngrams.extend(list(tokens))
+        self.slots[seq] = Slot(
+            seq=seq,
+            prompt_tokens=len(tokens),
+            held=held,
+            pending=list(pending),
+            params=params,
+            cancelled=cancelled,
+            sampler=sampler,
+            text=TextStream((*prompt.stop, *params.stop)),
+            meter=EntropyMeter(self._n_vocab, watch, self._text) if watch else None,
+            ngrams=ngrams,
+            max_tokens=self._max_new(len(tokens), params),
+            reserved=self._reservation(len(tokens), params),
+            shared=shared,
+        )
+        return seq
+
+    def _held_by(self, seq: int) -> list[int]:
+        if seq == MEMORY_SEQ and seq not in self.slots:
+            llama = self._llama
+            return [int(t) for t in llama.input_ids[: llama.n_tokens]]
+        return self.slots[seq].held
+
+    def _share_prefix(self, seq: int, tokens: list[int]) -> int:
+        """Copy the longest prefix of `tokens` some sequence holds into `seq`; its length."""
+        best, source = 0, -1
+        limit = len(tokens) - 1  # the last prompt token is decoded: its logits are needed
+        for other in {MEMORY_SEQ, *self.slots}:
+            held = self._held_by(other)
+            n = 0
+            for a, b in zip(held[:limit], tokens[:limit], strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n > best:
+                best, source = n, other
+        self._drop(seq)
+        if best < MIN_SHARE:
+            return 0
+        llama_cpp.llama_memory_seq_cp(self._memory, source, seq, 0, best)
+        return best
+
+    def _sampler(self, params: SamplingParams, prompt: list[int]) -> Any:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = llama_cpp.llama_sampler_chain_add
+        penalised = (
+            params.repeat_penalty != 1.0
+            or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0
+        )
+        if penalised:
+            last_n = 64
+            add(
+                chain,
+                llama_cpp.llama_sampler_init_penalties(
+                    self._n_vocab, last_n, params.repeat_penalty,
+                    params.frequency_penalty, params.presence_penalty,
+                ),
+            )  # fmt: skip
+            for token in prompt[-last_n:]:
+                llama_cpp.llama_sampler_accept(chain, token)
+        if params.temperature <= 0:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed
+            add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+            add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+            add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    # --- stepping -------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[int, TokenEvent | Finished]]:
+        events: list[tuple[int, TokenEvent | Finished]] = []
+        for slot in list(self.slots.values()):
+            if slot.cancelled():
+                events.extend(self._finish(slot, "cancelled"))
+        if not self.slots:
+            return events
+        plan = self._plan()
+        while (code := self._decode(plan)) == 1:  # the KV cache is full
+            events.extend(self._evict())
+            plan = [p for p in plan if p.slot.seq in self.slots]
+            if not plan:
+                return events
+        if code != 0:
+            for slot in list(self.slots.values()):
+                self._close(slot)
+            raise EngineError(f"llama_decode failed ({code})")
+        for part in plan:
+            events.extend(self._advance(part))
+        return events
+
+    def _plan(self) -> list[Planned]:
+        """Decoding slots first (one token, plus drafts), then prompt chunks in what is left."""
+        plan: list[Planned] = []
+        budget = self.n_batch
+        decoding = [s for s in self.slots.values() if not s.pending]
+        for slot in decoding:
+            assert slot.last is not None
+            drafts = self._drafts(slot, budget - (len(decoding) - len(plan)))
+            tokens = [slot.last, *drafts]
+            plan.append(Planned(slot, self.n_batch - budget, tokens, prefill=False))
+            budget -= len(tokens)
+        for slot in self.slots.values():
+            if slot.pending and budget > 0:
+                chunk = slot.pending[:budget]
+                plan.append(Planned(slot, self.n_batch - budget, chunk, prefill=True))
+                budget -= len(chunk)
+        return plan
+
+    def _drafts(self, slot: Slot, budget: int) -> list[int]:
+        if slot.ngrams is None or budget <= 1:
+            return []
+        left = slot.max_tokens - slot.sampled - 1
+        limit = min(self.draft_max, budget - 1, left, slot.reserved - len(slot.held) - 1)
+        return slot.ngrams.draft(limit) if limit > 0 else []
+
+    def _decode(self, plan: list[Planned]) -> int:
+        batch = self._batch
+        i = 0
+        for part in plan:
+            position = len(part.slot.held)
+            complete = part.prefill and len(part.tokens) == len(part.slot.pending)
+            for j, token in enumerate(part.tokens):
+                batch.token[i] = token
+                batch.pos[i] = position + j
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = part.slot.seq
+                last = j == len(part.tokens) - 1
+                batch.logits[i] = (not part.prefill) or (complete and last)
+                i += 1
+        batch.n_tokens = i
+        return int(llama_cpp.llama_decode(self._llama._ctx.ctx, batch))
+
+    def _evict(self) -> list[tuple[int, TokenEvent | Finished]]:
+        """The cache is full: end the sequence furthest beyond its reservation ("length")."""
+        over = max(self.slots.values(), key=lambda s: len(s.held) - s.reserved)
+        return self._finish(over, "length")
+
+    def _advance(self, part: Planned) -> list[tuple[int, TokenEvent | Finished]]:
+        slot = part.slot
+        if part.prefill:
+            self._hold(slot, part.tokens)
+            del slot.pending[: len(part.tokens)]
+            if slot.pending:
+                return []
+            index = part.start + len(part.tokens) - 1
+            return self._take(slot, [index], [])
+        drafts = part.tokens[1:]
+        slot.drafted += len(drafts)
+        indexes = [part.start + j for j in range(len(part.tokens))]
+        return self._take(slot, indexes, drafts, decoded=part.tokens)
+
+    def _take(
+        self,
+        slot: Slot,
+        indexes: list[int],
+        drafts: list[int],
+        decoded: list[int] | None = None,
+    ) -> list[tuple[int, TokenEvent | Finished]]:
+        """Sample at each batch index while the drafts agree; emit, and detect the end."""
+        events: list[tuple[int, TokenEvent | Finished]] = []
+        ctx = self._llama._ctx.ctx
+        if slot.first is None:
+            slot.first = time.perf_counter()
+        sampled: list[int] = []
+        for k, index in enumerate(indexes):
+            token = int(llama_cpp.llama_sampler_sample(slot.sampler, ctx, index))
+            sampled.append(token)
+            if k >= len(drafts) or token != drafts[k]:
+                break
+        if decoded is not None:
+            # The cells of `last` and of the confirmed drafts stay; the rejected ones go.
+            keep = decoded[: len(sampled)]
+            self._hold(slot, keep)
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, len(slot.held), -1)
+            slot.accepted += len(sampled) - 1
+        for k, token in enumerate(sampled):
+            reason = self._emit(slot, token, indexes[k], events)
+            if reason is not None:
+                events.extend(self._finish(slot, reason))
+                return events
+        slot.last = sampled[-1]
+        return events
+
+    def _emit(
+        self, slot: Slot, token: int, index: int, events: list[tuple[int, TokenEvent | Finished]]
+    ) -> FinishReason | None:
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            return "stop"
+        slot.sampled += 1
+        if slot.ngrams is not None:
+            slot.ngrams.extend([token])
+        meter = slot.meter
+        if meter is not None and meter.observe(self._logits(index)) and meter.thresholds.stop:
+            return "stop"
+        text = slot.text.feed(self._piece(token))
+        if text:
+            events.append((slot.seq, TokenEvent(text, slot.sampled)))
+        if slot.text.stopped:
+            return "stop"
+        if slot.sampled >= slot.max_tokens:
+            return "length"
+        return None
+
+    def _finish(self, slot: Slot, reason: FinishReason) -> list[tuple[int, TokenEvent | Finished]]:
+        """Close the slot: the text held back for a possible stop string, then `Finished`."""
+        ended = time.perf_counter()
+        first = slot.first or ended
+        meter = slot.meter
+        if meter is not None and reason != "cancelled" and meter.trigger is None:
+            meter.finish()
+        tail = "" if reason == "cancelled" else slot.text.flush()
+        self._close(slot)
+        done = Finished(
+            finish_reason=reason,
+            prompt_tokens=slot.prompt_tokens,
+            completion_tokens=slot.sampled,
+            prompt_seconds=first - slot.opened,
+            decode_seconds=ended - first,
+            signals=meter.signals() if meter else None,
+            escalate=meter.trigger if meter else None,
+            drafted=slot.drafted,
+            accepted=slot.accepted,
+        )
+        if tail:
+            return [(slot.seq, TokenEvent(tail, slot.sampled)), (slot.seq, done)]
+        return [(slot.seq, done)]
+
+    def _close(self, slot: Slot) -> None:
+        self.slots.pop(slot.seq, None)
+        llama_cpp.llama_sampler_free(slot.sampler)
+        if slot.seq != MEMORY_SEQ:
+            self._drop(slot.seq)
+
+    def _drop(self, seq: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+
+    def _hold(self, slot: Slot, tokens: list[int]) -> None:
+        start = len(slot.held)
+        slot.held.extend(tokens)
+        if slot.seq == MEMORY_SEQ:  # what `Llama` believes the context holds
+            llama = self._llama
+            llama.input_ids[start : start + len(tokens)] = tokens
+            llama.n_tokens = len(slot.held)
+
+    # --- text -----------------------------------------------------------------------------
+
+    def _logits(self, index: int) -> npt.NDArray[np.float32]:
+        pointer = llama_cpp.llama_get_logits_ith(self._llama._ctx.ctx, index)
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buffer = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 64, 0, False)
+            piece = buffer.raw[: max(0, n)]
+            self._pieces[token] = piece
+        return piece
+
+    def _text(self, token: int) -> str:
+        return self._piece(token).decode("utf-8", errors="ignore")
