@@ -213,6 +213,16 @@ def test_prompt_longer_than_context_names_token_counts(daemon: Daemon) -> None:
         assert "tokens" in error["message"]
 
 
+def test_empty_prompt_is_a_400_and_the_model_keeps_serving(daemon: Daemon) -> None:
+    """Found by the API fuzz test: an empty prompt tokenizes to nothing (SmolLM2 adds no BOS)."""
+    with daemon.client() as client:
+        for body in ({"prompt": ""}, {"prompt": []}):
+            response = client.post("/v1/completions", json={"model": MODEL, **body})
+            assert response.status_code == 400
+            assert "empty" in _error(response)["message"]
+    assert daemon.complete("Still here:", max_tokens=2)["usage"]["completion_tokens"] >= 1
+
+
 def test_unknown_route_and_method(daemon: Daemon) -> None:
     with daemon.client() as client:
         assert _error(client.get("/v1/nothing-here"))["code"] == "not_found"

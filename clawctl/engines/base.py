@@ -145,7 +145,8 @@ class Engine(Protocol):
 
     def step(self) -> list[tuple[int, TokenEvent | Finished]]:
         """One decode call over every open generation: their new text, and `Finished` for each
-        that ended (and is closed). Cancellation is observed between steps."""
+        that ended (and is closed). Cancellation is observed between steps. If it raises, every
+        open generation is closed."""
         ...
 
     def memory_bytes(self) -> int:

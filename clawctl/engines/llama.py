@@ -110,7 +110,7 @@ class LlamaEngine:
             n_vocab = self._llama.n_vocab()
             if any(t < 0 or t >= n_vocab for t in prompt.tokens):
                 raise BadInput(f"prompt token ids must be in [0, {n_vocab})", param="prompt")
-            return PreparedPrompt(list(prompt.tokens))
+            return PreparedPrompt(_not_empty(list(prompt.tokens)))
         if prompt.chat is not None:
             messages: list[Any] = [{"role": t.role, "content": t.content} for t in prompt.chat]
             try:
@@ -121,9 +121,10 @@ class LlamaEngine:
             tokens = self._llama.tokenize(
                 rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
             )
-            return PreparedPrompt(tokens, tuple(s for s in stops if s))
+            return PreparedPrompt(_not_empty(tokens), tuple(s for s in stops if s))
         assert prompt.text is not None
-        return PreparedPrompt(self._llama.tokenize(prompt.text.encode("utf-8"), add_bos=True))
+        tokens = self._llama.tokenize(prompt.text.encode("utf-8"), add_bos=True)
+        return PreparedPrompt(_not_empty(tokens))
 
     # --- generations: continuous batching over the context's sequences ------------------------
 
@@ -262,6 +263,13 @@ class LlamaEngine:
             llama_cpp.llama_adapter_lora_free(pointer)
         self._loaded_adapters.clear()
         self._llama.close()
+
+
+def _not_empty(tokens: list[int]) -> list[int]:
+    """A generation continues from at least one token (this model adds no BOS to an empty one)."""
+    if not tokens:
+        raise BadInput("the prompt is empty; give at least one token of text", param="prompt")
+    return tokens
 
 
 def _c_bytes(buffer: bytearray) -> Any:

@@ -246,6 +246,14 @@ class SlotBatch:
     # --- stepping -------------------------------------------------------------------------
 
     def step(self) -> list[tuple[int, TokenEvent | Finished]]:
+        try:
+            return self._step()
+        except BaseException:
+            for slot in list(self.slots.values()):  # a failed step ends every generation
+                self._close(slot)
+            raise
+
+    def _step(self) -> list[tuple[int, TokenEvent | Finished]]:
         events: list[tuple[int, TokenEvent | Finished]] = []
         for slot in list(self.slots.values()):
             if slot.cancelled():
@@ -259,8 +267,6 @@ class SlotBatch:
             if not plan:
                 return events
         if code != 0:
-            for slot in list(self.slots.values()):
-                self._close(slot)
             raise EngineError(f"llama_decode failed ({code})")
         for part in plan:
             events.extend(self._advance(part))
