@@ -52,6 +52,7 @@ bench: model
 	$(PY) bench/snapshots.py
 	$(PY) bench/adapters.py
 	$(PY) bench/cascade.py
+	$(PY) bench/concurrency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build

@@ -381,7 +381,7 @@ class ModelManager:
             settings.n_ctx,
             info.embedding_length or 0,
             settings.kv_cache_type,
-        )
+        ) * max(1, settings.parallel)  # a KV stream per sequence
         return manifest.size + kv
 
     def _make_room(self, need: int, name: str) -> None:

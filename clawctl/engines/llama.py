@@ -82,7 +82,7 @@ class LlamaEngine:
         self._flash_attn = settings.flash_attn or settings.kv_cache_type != "f16"
         parallel = max(1, settings.parallel)
         if parallel > 1:
-            widen_context(self._llama, parallel + 1)  # sequence 0 is the context's memory
+            widen_context(self._llama, parallel)
         self._slots = SlotBatch(self._llama, parallel, settings.draft_max)
         self._loaded_adapters: dict[str, tuple[Path, Any]] = {}
         self._active: tuple[AdapterSpec, ...] = ()
@@ -103,7 +103,8 @@ class LlamaEngine:
 
     @property
     def n_ctx(self) -> int:
-        return int(self._llama.n_ctx())
+        """Tokens one generation may hold (each sequence has a whole context)."""
+        return self._slots.n_ctx
 
     def prepare(self, prompt: Prompt) -> PreparedPrompt:
         if prompt.tokens is not None:
@@ -163,7 +164,7 @@ class LlamaEngine:
         n_layer = int(meta.get(f"{arch}.block_count", "0"))
         kv = estimate_kv_bytes(
             n_layer, self.n_ctx, n_embd * kv_heads // heads, self.settings.kv_cache_type
-        )
+        ) * self.parallel
         return self.settings.model_path.stat().st_size + kv
 
     # --- adapters -----------------------------------------------------------------------
@@ -210,6 +211,7 @@ class LlamaEngine:
             type_k=kv,
             type_v=kv,
             flash_attn=self._flash_attn,
+            sequences=self.parallel,
         )
 
     def cached_tokens(self) -> list[int]:

@@ -6,14 +6,14 @@ slot (the last sampled token plus any drafts of a decoding slot, a chunk of a jo
 prompt) and makes one `llama_decode` call, so N streams cost little more than one on a CPU
 where decoding is memory-bound. Generations join and leave between steps.
 
-Sequence 0 is the context's "memory": the state keeper (snapshots, sessions, the prefix pool)
-prepares it when a generation opens on an idle context, and what it holds afterwards is reused
-by the next request, as before batching. A generation joining busy ones gets sequence 1..N and
-copies the longest prefix it shares with any sequence (`llama_memory_seq_cp`: the cells are
-shared, not recomputed), then prefills only the rest. The KV cache is unified, so one long
-request may still use the whole context; joiners are admitted against a reservation (prompt
-plus a share of the context) and a sequence that outgrows its share when the cache is full ends
-with "length".
+Each sequence has its own KV stream of the full context length (llama.cpp's non-unified cache:
+attention of one sequence never scans the others' cells, which is what makes N streams cheap;
+KV memory grows with `parallel`). Sequence 0 is also the context's "memory": the state keeper
+(snapshots, sessions, the prefix pool) prepares it when a generation opens on an idle context,
+and what it holds afterwards is reused by the next request, as before batching. A generation
+joining busy ones takes a free sequence and, when it shares a long enough prefix with another
+sequence, copies that sequence's stream (`llama_memory_seq_cp`) and cuts it to the shared
+prefix, then prefills only the rest.
 
 Speculative decoding: a greedy slot proposes up to `draft_max` tokens that followed the latest
 n-gram earlier in its prompt or output (prompt lookup) and verifies them in the same decode call;
@@ -40,16 +40,20 @@ from clawctl.engines.meter import EntropyMeter, Thresholds
 from clawctl.errors import EngineError
 
 MEMORY_SEQ = 0
-# Prefixes shorter than this are recomputed: copying a lone BOS saves nothing.
-MIN_SHARE = 4
+# Shared prefixes shorter than this are recomputed: copying a stream costs a buffer copy of the
+# whole stream, more than computing a few tokens.
+MIN_SHARE = 32
+# Steps without drafting after a one-token draft was rejected.
+DRAFT_COOLDOWN = 16
 
 
 def widen_context(llama: llama_cpp.Llama, n_seq_max: int) -> None:
-    """Recreate `llama`'s context with room for `n_seq_max` sequences in one unified KV cache
-    (llama-cpp-python's constructor offers no such option)."""
+    """Recreate `llama`'s context with `n_seq_max` sequences, each with a KV stream as long as
+    the context was (llama-cpp-python's constructor offers no such option)."""
     params = llama.context_params
+    params.n_ctx = llama.n_ctx() * n_seq_max  # llama.cpp splits n_ctx across the streams
     params.n_seq_max = n_seq_max
-    params.kv_unified = True  # one pool of cells: a lone request can still use all of n_ctx
+    params.kv_unified = False
     old = llama._ctx
     llama._ctx = llama._stack.enter_context(
         contextlib.closing(
@@ -72,7 +76,6 @@ class Slot:
     meter: EntropyMeter | None
     ngrams: NgramIndex | None
     max_tokens: int
-    reserved: int
     shared: int = 0  # prompt tokens copied from another sequence
     opened: float = field(default_factory=time.perf_counter)
     first: float | None = None
@@ -80,6 +83,8 @@ class Slot:
     sampled: int = 0
     drafted: int = 0
     accepted: int = 0
+    draft_len: int = 4  # drafts per step now (adapted to how many were accepted)
+    cooldown: int = 0  # steps without drafting left
 
 
 @dataclass
@@ -98,6 +103,7 @@ class SlotBatch:
     def __init__(self, llama: llama_cpp.Llama, parallel: int, draft_max: int) -> None:
         self._llama = llama
         self.parallel = parallel
+        self.n_ctx = int(llama_cpp.llama_n_ctx_seq(llama._ctx.ctx))  # per sequence
         self.draft_max = draft_max
         self.n_batch = llama.n_batch
         self._n_vocab = int(llama.n_vocab())
@@ -118,29 +124,11 @@ class SlotBatch:
     # --- admission ------------------------------------------------------------------------
 
     def _max_new(self, prompt_tokens: int, params: SamplingParams) -> int:
-        room = self._llama.n_ctx() - prompt_tokens
+        room = self.n_ctx - prompt_tokens
         return room if params.max_tokens is None else max(0, min(params.max_tokens, room))
 
-    def _reservation(self, prompt_tokens: int, params: SamplingParams) -> int:
-        share = self._llama.n_ctx() // self.parallel
-        return prompt_tokens + min(self._max_new(prompt_tokens, params), share) + self.draft_max
-
     def admits(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
-        if not self.slots:
-            return True
-        if len(self.slots) >= self.parallel:
-            return False
-        used = sum(s.reserved for s in self.slots.values())
-        need = self._reservation(len(prompt.tokens), params)
-        if MEMORY_SEQ not in self.slots:
-            if used + self._llama.n_tokens + need <= self._llama.n_ctx():
-                return True
-            if used + need <= self._llama.n_ctx():  # forget the idle memory to make room
-                self._drop(MEMORY_SEQ)
-                self._llama.n_tokens = 0
-                return True
-            return False
-        return used + need <= self._llama.n_ctx()
+        return len(self.slots) < self.parallel  # every sequence has a whole context
 
     # --- opening --------------------------------------------------------------------------
 
@@ -162,7 +150,7 @@ class SlotBatch:
             held, pending = list(tokens[:-1]), tokens[-1:]
             shared = 0
         else:
-            seq = next(s for s in range(1, self.parallel + 1) if s not in self.slots)
+            seq = next(s for s in range(self.parallel) if s not in self.slots)
             shared = self._share_prefix(seq, tokens)
             held, pending = list(tokens[:shared]), list(tokens[shared:])
         sampler = self._sampler(params, tokens)
@@ -183,7 +171,6 @@ class SlotBatch:
             meter=EntropyMeter(self._n_vocab, watch, self._text) if watch else None,
             ngrams=ngrams,
             max_tokens=self._max_new(len(tokens), params),
-            reserved=self._reservation(len(tokens), params),
             shared=shared,
         )
         return seq
@@ -195,10 +182,12 @@ class SlotBatch:
         return self.slots[seq].held
 
     def _share_prefix(self, seq: int, tokens: list[int]) -> int:
-        """Copy the longest prefix of `tokens` some sequence holds into `seq`; its length."""
-        best, source = 0, -1
+        """Make `seq` hold the longest prefix of `tokens` some sequence holds; its length."""
+        best, source = 0, seq
         limit = len(tokens) - 1  # the last prompt token is decoded: its logits are needed
-        for other in {MEMORY_SEQ, *self.slots}:
+        candidates = [seq] if seq == MEMORY_SEQ else []  # its own memory, if it is idle
+        candidates += [MEMORY_SEQ] if MEMORY_SEQ not in self.slots and seq != MEMORY_SEQ else []
+        for other in [*candidates, *self.slots]:
             held = self._held_by(other)
             n = 0
             for a, b in zip(held[:limit], tokens[:limit], strict=False):
@@ -207,10 +196,14 @@ class SlotBatch:
                 n += 1
             if n > best:
                 best, source = n, other
-        self._drop(seq)
         if best < MIN_SHARE:
-            return 0
-        llama_cpp.llama_memory_seq_cp(self._memory, source, seq, 0, best)
+            best = 0
+        elif source != seq:  # streams are copied whole, then cut to the shared prefix
+            llama_cpp.llama_memory_seq_cp(self._memory, source, seq, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, best, -1)
+        if seq == MEMORY_SEQ:
+            self._llama.input_ids[:best] = tokens[:best]
+            self._llama.n_tokens = best
         return best
 
     def _sampler(self, params: SamplingParams, prompt: list[int]) -> Any:
@@ -261,12 +254,7 @@ class SlotBatch:
         if not self.slots:
             return events
         plan = self._plan()
-        while (code := self._decode(plan)) == 1:  # the KV cache is full
-            events.extend(self._evict())
-            plan = [p for p in plan if p.slot.seq in self.slots]
-            if not plan:
-                return events
-        if code != 0:
+        if (code := self._decode(plan)) != 0:
             raise EngineError(f"llama_decode failed ({code})")
         for part in plan:
             events.extend(self._advance(part))
@@ -293,9 +281,24 @@ class SlotBatch:
     def _drafts(self, slot: Slot, budget: int) -> list[int]:
         if slot.ngrams is None or budget <= 1:
             return []
+        if slot.cooldown > 0:
+            slot.cooldown -= 1
+            return []
         left = slot.max_tokens - slot.sampled - 1
-        limit = min(self.draft_max, budget - 1, left, slot.reserved - len(slot.held) - 1)
+        limit = min(slot.draft_len, budget - 1, left, self.n_ctx - len(slot.held) - 2)
         return slot.ngrams.draft(limit) if limit > 0 else []
+
+    def _adapt(self, slot: Slot, drafted: int, accepted: int) -> None:
+        """Draft as far as drafts have been paying off: a verify step of 1+d tokens costs more
+        than one token (here: 2 tokens ~1.45x, 5 ~2x, 9 ~3x), so drafts must mostly hold."""
+        if accepted == drafted:
+            slot.draft_len = min(self.draft_max, slot.draft_len * 2)
+        elif accepted > 0:
+            slot.draft_len = accepted + 1
+        elif slot.draft_len > 1:
+            slot.draft_len //= 2
+        else:
+            slot.cooldown = DRAFT_COOLDOWN  # this stretch does not repeat: stop for a while
 
     def _decode(self, plan: list[Planned]) -> int:
         batch = self._batch
@@ -313,11 +316,6 @@ class SlotBatch:
                 i += 1
         batch.n_tokens = i
         return int(llama_cpp.llama_decode(self._llama._ctx.ctx, batch))
-
-    def _evict(self) -> list[tuple[int, TokenEvent | Finished]]:
-        """The cache is full: end the sequence furthest beyond its reservation ("length")."""
-        over = max(self.slots.values(), key=lambda s: len(s.held) - s.reserved)
-        return self._finish(over, "length")
 
     def _advance(self, part: Planned) -> list[tuple[int, TokenEvent | Finished]]:
         slot = part.slot
@@ -357,6 +355,8 @@ class SlotBatch:
             self._hold(slot, keep)
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, len(slot.held), -1)
             slot.accepted += len(sampled) - 1
+            if drafts:
+                self._adapt(slot, len(drafts), len(sampled) - 1)
         for k, token in enumerate(sampled):
             reason = self._emit(slot, token, indexes[k], events)
             if reason is not None:

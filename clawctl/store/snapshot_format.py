@@ -70,6 +70,7 @@ class StateIdentity(BaseModel):
     type_k: str
     type_v: str
     flash_attn: bool
+    sequences: int = 1  # KV streams of the context (the profile's `parallel`)
 
     def key(self) -> str:
         """A short stable digest: names the pool directory of this identity."""
