@@ -162,9 +162,12 @@ class LlamaEngine:
         heads = int(meta.get(f"{arch}.attention.head_count", "1")) or 1
         kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", str(heads)))
         n_layer = int(meta.get(f"{arch}.block_count", "0"))
-        kv = estimate_kv_bytes(
-            n_layer, self.n_ctx, n_embd * kv_heads // heads, self.settings.kv_cache_type
-        ) * self.parallel
+        kv = (
+            estimate_kv_bytes(
+                n_layer, self.n_ctx, n_embd * kv_heads // heads, self.settings.kv_cache_type
+            )
+            * self.parallel
+        )
         return self.settings.model_path.stat().st_size + kv
 
     # --- adapters -----------------------------------------------------------------------
