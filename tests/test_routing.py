@@ -229,6 +229,15 @@ class _Misbehaving(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
+        if self.mode == "midstream":  # a good first token, then the connection drops
+            chunk = {
+                "id": "x", "object": "chat.completion.chunk", "created": 0, "model": "big",
+                "choices": [{"index": 0, "delta": {"content": "Partial"}, "finish_reason": None}],
+            }  # fmt: skip
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+            self.close_connection = True
+            return
         self.wfile.write(b"data: this is not json\n\ndata: [DONE]\n\n")
 
     def log_message(self, *_: object) -> None:
@@ -250,7 +259,7 @@ def misbehaving() -> Iterator[type[_Misbehaving]]:
         server.server_close()
 
 
-@pytest.mark.parametrize("failure", ["down", "slow", "garbage"])
+@pytest.mark.parametrize("failure", ["down", "slow", "garbage", "midstream"])
 def test_remote_failure_gives_the_degraded_local_answer(
     local: Daemon, misbehaving: type[_Misbehaving], failure: str
 ) -> None:
@@ -276,6 +285,27 @@ def test_remote_failure_gives_the_degraded_local_answer(
     # The degraded answer is the local model's own complete answer.
     direct = chat(local, "smollm2-135m").json()["choices"][0]["message"]["content"]
     assert response.json()["choices"][0]["message"]["content"] == direct
+
+
+def test_remote_failing_midstream_on_a_stream_ends_it_with_an_error_event(
+    local: Daemon, misbehaving: type[_Misbehaving]
+) -> None:
+    """Streamed text cannot be taken back: the client has the remote's first words, then an
+    error event (a non-streamed request falls back to the local answer instead, above)."""
+    misbehaving.mode = "midstream"
+    apply(local, policy_text("fail-midstream-sse", misbehaving.url, timeout=2))  # type: ignore[attr-defined]
+    response = chat(local, "fail-midstream-sse", stream=True)
+    assert response.status_code == 200
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    text = "".join(
+        c["choices"][0]["delta"].get("content") or ""
+        for c in map(json.loads, events[:-1])
+        if c.get("choices")
+    )
+    assert text == "Partial"
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "remote_tier_failed"
+    assert "part of its answer" in error["message"]
 
 
 def test_remote_failure_is_an_error_when_the_policy_says_so(local: Daemon) -> None:

@@ -59,6 +59,7 @@ class GenerationRun:
         claw: ClawRequest,
         peer: PeerCred | None,
         json_mode: bool = False,
+        streamed: bool = False,
     ) -> None:
         self.services = services
         self.endpoint = endpoint
@@ -80,6 +81,9 @@ class GenerationRun:
         self.tiers: tuple[Tier, ...] = (DIRECT,)
         self.path = TierPath(None)
         self.degraded = False
+        # Read whole (`answer`): a remote tier's text is held until it is done, so a remote
+        # failing midway still falls back to a local answer.
+        self.buffered = not streamed
         self._index = 0
         self._handle: JobHandle | None = None
         self._events: AsyncIterator[object] | None = None
@@ -227,6 +231,10 @@ class GenerationRun:
         with contextlib.suppress(StopAsyncIteration):
             self._pending.append(await anext(self._text))
 
+    async def answer(self) -> str:
+        """The whole answer, for a non-streamed response."""
+        return "".join([piece async for piece in self.text()])
+
     async def text(self) -> AsyncIterator[str]:
         """The answer's text, piece by piece; raises a tier's error if it fails midway."""
         if self._text is None:
@@ -324,6 +332,7 @@ class GenerationRun:
         run = self.path.last
         remote = self.services.remote(tier)
         sent = False
+        held: list[str] = []  # a non-streamed answer: nothing is shown until the remote is done
         try:
             async with contextlib.aclosing(remote.stream(self._remote_request())) as items:
                 async for item in items:
@@ -334,12 +343,17 @@ class GenerationRun:
                     else:
                         if self.first_token_at is None:
                             self.first_token_at = time.perf_counter()
+                        if self.buffered:
+                            held.append(item)
+                            continue
                         sent = True
                         yield item
+            if held:
+                yield "".join(held)
         except RemoteFailure as failure:
             run.failed = failure.message
             log.warning("%s remote tier %s failed: %s", self.id, tier.name, failure.message)
-            if sent or failure.after_text:
+            if sent or (failure.after_text and not self.buffered):
                 raise RemoteTierError(f"{failure.message} after part of its answer") from None
             assert self.policy is not None
             if self.policy.on_remote_failure == "error":

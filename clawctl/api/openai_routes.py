@@ -87,6 +87,7 @@ async def chat_completions(
         body.claw,
         peer_of(dict(request.scope["state"])),
         json_mode=body.json_mode(),
+        streamed=body.stream,
     )
     await _begin(run)
     if body.stream:
@@ -96,7 +97,7 @@ async def chat_completions(
             media_type="text/event-stream",
             headers=_headers(run, SSE_HEADERS),
         )
-    text = "".join([piece async for piece in run.text()])
+    text = await run.answer()
     completion = ChatCompletion(
         id=f"chatcmpl-{run.id}",
         created=run.created,
@@ -177,6 +178,7 @@ async def completions(
         body.claw,
         peer_of(dict(request.scope["state"])),
         json_mode=body.json_mode(),
+        streamed=body.stream,
     )
     await _begin(run)
     prefix = prompt.text if body.echo and prompt.text is not None else ""
@@ -188,7 +190,7 @@ async def completions(
             media_type="text/event-stream",
             headers=_headers(run, SSE_HEADERS),
         )
-    text = "".join([piece async for piece in run.text()])
+    text = await run.answer()
     completion = Completion(
         id=f"cmpl-{run.id}",
         created=run.created,
