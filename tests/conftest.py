@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -206,7 +207,7 @@ def add_serial_profile(home: Path) -> str:
     shipped = (bundled_dir("edge_profiles") / f"{TEST_PROFILE}.toml").read_text()
     target = Paths.build(home).profiles_dir / f"{SERIAL_PROFILE}.toml"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(f"parallel = 1\n{shipped}")
+    target.write_text(re.sub(r"(?m)^parallel = \d+$", "parallel = 1", shipped))
     return SERIAL_PROFILE
 
 
