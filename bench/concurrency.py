@@ -158,14 +158,13 @@ def start_clawd(home: Path, stack: contextlib.ExitStack) -> tuple[Server, httpx.
     return concurrent_streams(make, {}), make()
 
 
-def start_llama_server(binary: Path, model: Path, n: int, stack: contextlib.ExitStack) -> Server:
+def serve_tcp(command: list[str], stack: contextlib.ExitStack) -> Server:
+    """Start an OpenAI-compatible server on a free loopback port (`command` takes the port as
+    its last argument) and return its N-streams runner."""
     port = free_port()
     proc = subprocess.Popen(
-        [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-         "-c", str(N_CTX), "-b", str(N_BATCH), "-ub", str(N_BATCH), "-t", str(THREADS),
-         "-tb", str(THREADS), "-np", str(n), "-fa", "off", "--no-webui"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [*command, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     stack.callback(_stop, proc)
     wait_for(tcp_up(port))
 
@@ -173,23 +172,24 @@ def start_llama_server(binary: Path, model: Path, n: int, stack: contextlib.Exit
         return stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600))
 
     return concurrent_streams(make, {})
+
+
+def start_llama_server(binary: Path, model: Path, n: int, stack: contextlib.ExitStack) -> Server:
+    return serve_tcp(
+        [str(binary), "-m", str(model), "-c", str(N_CTX), "-b", str(N_BATCH), "-ub", str(N_BATCH),
+         "-t", str(THREADS), "-tb", str(THREADS), "-np", str(n), "-fa", "off", "--no-webui",
+         "--host", "127.0.0.1", "--port"],
+        stack,
+    )  # fmt: skip
 
 
 def start_llama_cpp_server(model: Path, stack: contextlib.ExitStack) -> Server:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", str(N_CTX), "--n_batch", str(N_BATCH),
-         "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    return serve_tcp(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_ctx", str(N_CTX),
+         "--n_batch", str(N_BATCH), "--n_threads", str(THREADS), "--n_threads_batch",
+         str(THREADS), "--host", "127.0.0.1", "--port"],
+        stack,
     )  # fmt: skip
-    stack.callback(_stop, proc)
-    wait_for(tcp_up(port))
-
-    def make() -> httpx.Client:
-        return stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600))
-
-    return concurrent_streams(make, {})
 
 
 @dataclass

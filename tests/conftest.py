@@ -197,18 +197,38 @@ def daemon(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
-SERIAL_PROFILE = "x86-serial"
+def derived_profile(home: Path, name: str, **values: int) -> str:
+    """A copy of the test profile under `name` in `home`'s config, with `values` changed."""
+    text = (bundled_dir("edge_profiles") / f"{TEST_PROFILE}.toml").read_text()
+    for key, value in values.items():
+        text, found = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        assert found == 1, key
+    target = Paths.build(home).profiles_dir / f"{name}.toml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    return name
 
 
 def add_serial_profile(home: Path) -> str:
-    """A copy of the test profile that decodes one generation at a time, for tests that compare
-    concurrent outputs with ones computed alone token for token: batched decoding rounds
-    differently (a many-token batch takes another matmul path), and near-ties then flip."""
-    shipped = (bundled_dir("edge_profiles") / f"{TEST_PROFILE}.toml").read_text()
-    target = Paths.build(home).profiles_dir / f"{SERIAL_PROFILE}.toml"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(re.sub(r"(?m)^parallel = \d+$", "parallel = 1", shipped))
-    return SERIAL_PROFILE
+    """The test profile decoding one generation at a time, for tests that compare concurrent
+    outputs with ones computed alone token for token: batched decoding rounds differently (a
+    many-token batch takes another matmul path), and near-ties then flip."""
+    return derived_profile(home, "x86-serial", parallel=1)
+
+
+def copy_home(source: Path, target: Path) -> Path:
+    """A home with `source`'s models (hard links: no copying of blobs) and nothing else."""
+    shutil.copytree(source / "data" / "models", target / "data" / "models", copy_function=os.link)
+    return target
+
+
+def tcp_config(directory: Path, token: str) -> tuple[Path, int]:
+    """A clawd.toml that also serves 127.0.0.1 on a free port, with a bearer token."""
+    port = free_port()
+    (directory / "token").write_text(token)
+    config = directory / "clawd.toml"
+    config.write_text(f'[tcp]\nlisten = "127.0.0.1:{port}"\ntoken_file = "{directory / "token"}"\n')
+    return config, port
 
 
 def run_cli(

@@ -7,7 +7,6 @@ the valid requests it generates (any `max_tokens`) stay quick; bounded in exampl
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,11 +20,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from clawctl.resources import bundled_dir
-from tests.conftest import TEST_PROFILE, free_port, run_daemon
+from tests.conftest import copy_home, derived_profile, run_daemon, tcp_config
 
 TOKEN = "fuzz-token"
-SMALL_PROFILE = "x86-fuzz"
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +30,13 @@ def fuzz_target(
     session_home: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, dict[str, str]]]:
     base = tmp_path_factory.mktemp("fuzz")
-    home = base / "home"
-    models = session_home / "data" / "models"
-    shutil.copytree(models, home / "data" / "models", copy_function=os.link)
-    profiles = home / "config" / "edge_profiles"
-    profiles.mkdir(parents=True, exist_ok=True)
-    shipped = (bundled_dir("edge_profiles") / f"{TEST_PROFILE}.toml").read_text()
-    (profiles / f"{SMALL_PROFILE}.toml").write_text(shipped.replace("n_ctx = 4096", "n_ctx = 256"))
-    port = free_port()
-    (base / "token").write_text(TOKEN)
-    config = base / "clawd.toml"
-    config.write_text(f'[tcp]\nlisten = "127.0.0.1:{port}"\ntoken_file = "{base / "token"}"\n')
+    home = copy_home(session_home, base / "home")
+    profile = derived_profile(home, "x86-fuzz", n_ctx=256)
+    config, port = tcp_config(base, TOKEN)
     sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
     try:
         with run_daemon(
-            home, sock_dir / "f.sock", base, CLAW_CONFIG=str(config), CLAW_PROFILE=SMALL_PROFILE
+            home, sock_dir / "f.sock", base, CLAW_CONFIG=str(config), CLAW_PROFILE=profile
         ):
             yield f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {TOKEN}"}
     finally:

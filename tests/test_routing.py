@@ -21,15 +21,10 @@ import openai
 import pytest
 
 from clawctl.engines.meter import SIGNALS
-from tests.conftest import Daemon, free_port, run_cli, run_daemon
+from tests.conftest import Daemon, copy_home, run_cli, run_daemon, tcp_config
 
 TOKEN = "remote-s3cret"
 QUESTION = [{"role": "user", "content": "Is 5 pounds of steel heavier than 2 pounds of air?"}]
-
-
-def _copy_home(source: Path, target: Path) -> Path:
-    shutil.copytree(source / "data" / "models", target / "data" / "models", copy_function=os.link)
-    return target
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +39,8 @@ def remote_server(
 ) -> Iterator[tuple[Daemon, str]]:
     """A second clawd on 127.0.0.1 with a bearer token: the remote tier, and its base URL."""
     base = tmp_path_factory.mktemp("remote")
-    home = _copy_home(session_home, base / "home")
-    port = free_port()
-    (base / "token").write_text(TOKEN)
-    config = base / "clawd.toml"
-    config.write_text(f'[tcp]\nlisten = "127.0.0.1:{port}"\ntoken_file = "{base / "token"}"\n')
+    home = copy_home(session_home, base / "home")
+    config, port = tcp_config(base, TOKEN)
     sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
     try:
         with run_daemon(home, sock_dir / "r.sock", base, CLAW_CONFIG=str(config)) as daemon:
@@ -60,7 +52,7 @@ def remote_server(
 @pytest.fixture(scope="module")
 def local(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     base = tmp_path_factory.mktemp("local")
-    home = _copy_home(session_home, base / "home")
+    home = copy_home(session_home, base / "home")
     (home / "key").write_text(TOKEN)
     sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
     try:
