@@ -121,8 +121,8 @@ class Engine(Protocol):
         ...
 
     def admits(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
-        """Whether a generation can join the open ones now (a free sequence, room in the
-        context). With none open, any prompt that fits the context is admitted."""
+        """Whether a generation can join the open ones now (a free sequence). With none open,
+        any prompt that fits the context is admitted."""
         ...
 
     def open(

@@ -89,7 +89,7 @@ class Slot:
 
 @dataclass
 class Planned:
-    """A slot's part of one batch: `count` tokens from batch index `start`."""
+    """A slot's part of one batch: its `tokens` from batch index `start`."""
 
     slot: Slot
     start: int
