@@ -353,7 +353,8 @@ class SlotBatch:
             # The cells of `last` and of the confirmed drafts stay; the rejected ones go.
             keep = decoded[: len(sampled)]
             self._hold(slot, keep)
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, len(slot.held), -1)
+            if len(keep) < len(decoded):
+                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, len(slot.held), -1)
             slot.accepted += len(sampled) - 1
             if drafts:
                 self._adapt(slot, len(drafts), len(sampled) - 1)
