@@ -13,7 +13,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
-import os
 import shutil
 import socket
 import statistics
@@ -29,7 +28,16 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import RESULTS, write_section
-from foundation import N_BATCH, N_CTX, PROFILE, _stop, connects, load_paths_for, machine, wait_for
+from foundation import (
+    N_BATCH,
+    N_CTX,
+    PROFILE,
+    _stop,
+    load_paths_for,
+    machine,
+    spawn_clawd,
+    wait_for,
+)
 from llama_server import ensure_llama_server
 
 BIN = Path(sys.executable).parent
@@ -138,15 +146,7 @@ def tcp_up(port: int) -> Callable[[], bool]:
 
 
 def start_clawd(home: Path, stack: contextlib.ExitStack) -> tuple[Server, httpx.Client]:
-    sock_dir = Path(tempfile.mkdtemp(prefix="claw-conc-", dir="/tmp"))
-    stack.callback(shutil.rmtree, sock_dir, True)
-    sock = sock_dir / "clawd.sock"
-    env = dict(os.environ, CLAW_HOME=str(home), CLAW_SOCKET=str(sock), CLAW_PROFILE=PROFILE)
-    proc = subprocess.Popen(
-        [str(BIN / "clawd")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    stack.callback(_stop, proc)
-    wait_for(lambda: connects(sock))
+    _, sock = spawn_clawd(home, stack)
 
     def make() -> httpx.Client:
         return stack.enter_context(

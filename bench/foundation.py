@@ -141,8 +141,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
-def through_clawd(home: Path, stack: contextlib.ExitStack) -> tuple[Once, int]:
-    """clawd on a temporary socket; returns the run function and its idle RSS (no model)."""
+def spawn_clawd(home: Path, stack: contextlib.ExitStack) -> tuple[subprocess.Popen[bytes], Path]:
+    """clawd with the bench profile on a temporary socket, stopped with `stack`; returns the
+    process and its socket once it accepts connections."""
     sock_dir = Path(tempfile.mkdtemp(prefix="claw-bench-", dir="/tmp"))
     stack.callback(shutil.rmtree, sock_dir, True)
     sock = sock_dir / "clawd.sock"
@@ -152,6 +153,12 @@ def through_clawd(home: Path, stack: contextlib.ExitStack) -> tuple[Once, int]:
     )
     stack.callback(_stop, proc)
     wait_for(lambda: connects(sock))
+    return proc, sock
+
+
+def through_clawd(home: Path, stack: contextlib.ExitStack) -> tuple[Once, int]:
+    """clawd on a temporary socket; returns the run function and its idle RSS (no model)."""
+    proc, sock = spawn_clawd(home, stack)
     time.sleep(1.0)
     idle_rss = psutil.Process(proc.pid).memory_info().rss
     client = stack.enter_context(
