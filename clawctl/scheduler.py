@@ -154,7 +154,6 @@ class ModelWorker:
         self.outstanding_by_caller: dict[str, int] = {}
         self.load_seconds = 0.0
         self.failed = False
-        self.running = 0  # generations open in the engine (written by the model thread)
         self._running: dict[int, Job] = {}  # by the engine's generation id
         self._adapters: tuple[AdapterSpec, ...] = ()
         self._exclusive = False  # the open generation needs the context to itself
@@ -169,6 +168,11 @@ class ModelWorker:
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    @property
+    def running(self) -> int:
+        """Generations open in the engine (a size read across threads: atomic in CPython)."""
+        return len(self._running)
 
     def submit(self, job: Job) -> None:
         self._jobs.put(job)
@@ -274,7 +278,6 @@ class ModelWorker:
             return True
         self._running[slot] = job
         self._exclusive = exclusive
-        self.running = len(self._running)
         return True
 
     def _step(self, engine: Engine) -> None:
@@ -286,14 +289,13 @@ class ModelWorker:
             for job in self._running.values():
                 job.emit(Failed(error))
             self._running.clear()
-            self.running = 0
+            self._exclusive = False
             return
         for slot, event in events:
             job = self._running[slot]
             job.emit(event)
             if isinstance(event, Finished):
                 del self._running[slot]
-                self.running = len(self._running)
                 self._finished(engine, job)
 
     def _finished(self, engine: Engine, job: Job) -> None:
