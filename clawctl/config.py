@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -71,11 +71,25 @@ class LedgerSection(_Strict):
     retention_days: float = Field(90.0, gt=0)
 
 
+class CacheSection(_Strict):
+    """The answer cache: identical deterministic requests in flight share one generation, and
+    finished answers are reused (exact match, then by prompt embedding)."""
+
+    enabled: bool = True
+    embedding_model: str = "minilm-l6"  # semantic lookup is off while it is not installed
+    threshold: float = Field(0.998, gt=0, le=1)
+    sampled: bool = False  # answer requests with temperature > 0 from the cache too
+    max_entries: int = Field(2048, ge=1)
+    max_mb: int = Field(64, ge=1)
+    ttl_seconds: float = Field(86400.0, gt=0)
+
+
 class ConfigFile(_Strict):
     daemon: DaemonSection = DaemonSection()
     tcp: TcpSection = TcpSection()
     snapshots: SnapshotSection = SnapshotSection()
     ledger: LedgerSection = LedgerSection()
+    cache: CacheSection = CacheSection()
 
 
 @dataclass(frozen=True)
@@ -105,6 +119,7 @@ class DaemonConfig:
     systemd: SystemdEnv
     snapshots: SnapshotSection
     ledger: LedgerSection
+    cache: CacheSection = field(default_factory=CacheSection)
 
     def redacted(self) -> dict[str, str]:
         """The effective settings for the start-up log, with secrets hidden."""
@@ -221,6 +236,7 @@ def load_daemon_config(socket: Path | None = None, profile: str | None = None) -
         config_file=config_path,
         snapshots=file.snapshots,
         ledger=file.ledger,
+        cache=file.cache,
         systemd=SystemdEnv(
             notify_socket=_env("NOTIFY_SOCKET"),
             watchdog_usec=int(watchdog) if watchdog and watchdog.isdigit() else None,

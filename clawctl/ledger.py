@@ -48,6 +48,9 @@ class LedgerRow(BaseModel):
     latency_ms: float
     escalation_reason: str | None = None
     finish_reason: str
+    cached: str | None = None  # "exact", "semantic" or "coalesced": answered without generating
+    tokens_saved: int = 0  # prompt + completion tokens the answer cache spared
+    cost_saved: float = 0.0  # what generating it would have cost (the original's remote cost)
 
 
 class SummaryRow(BaseModel):
@@ -60,9 +63,13 @@ class SummaryRow(BaseModel):
     prefill_tokens_saved: int
     remote_cost: float
     all_remote_cost: float
+    cached: int = 0
+    tokens_saved: int = 0
+    cost_saved: float = 0.0
 
     @property
     def saved_cost(self) -> float:
+        """Saved against all-remote: by local answers, escalation and the answer cache."""
         return self.all_remote_cost - self.remote_cost
 
 
@@ -108,9 +115,16 @@ def _create_escalations(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX escalations_ts ON escalations (ts)")
 
 
+def _add_cache_columns(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE requests ADD COLUMN cached TEXT")
+    db.execute("ALTER TABLE requests ADD COLUMN tokens_saved INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE requests ADD COLUMN cost_saved REAL NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("m001_requests", _create_requests),
     ("m002_escalations", _create_escalations),
+    ("m003_answer_cache", _add_cache_columns),
 ]
 COLUMNS = list(LedgerRow.model_fields)
 
@@ -205,7 +219,8 @@ class Ledger:
             "day": "date(ts, 'unixepoch')",
         }[by]
         query = f"""SELECT {key}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),
-                    SUM(prefill_tokens_saved), SUM(remote_cost), SUM(all_remote_cost)
+                    SUM(prefill_tokens_saved), SUM(remote_cost), SUM(all_remote_cost),
+                    COUNT(cached), SUM(tokens_saved), SUM(cost_saved)
                     FROM requests WHERE ts >= ? GROUP BY 1 ORDER BY 1"""
         return [
             SummaryRow(
@@ -216,6 +231,9 @@ class Ledger:
                 prefill_tokens_saved=r[4],
                 remote_cost=r[5],
                 all_remote_cost=r[6],
+                cached=r[7],
+                tokens_saved=r[8],
+                cost_saved=r[9],
             )
             for r in self._db.execute(query, (since or 0.0,))
         ]

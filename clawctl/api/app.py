@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clawctl import __version__
 from clawctl.api import admin_routes, openai_routes
+from clawctl.api.dedup import Flights
 from clawctl.api.errors import envelope, install_error_handlers
 from clawctl.api.openapi import install_openapi
 from clawctl.api.peer import transport_of
@@ -51,6 +52,7 @@ def create_app(services: Services) -> FastAPI:
 
     app = FastAPI(title="clawd", version=__version__, lifespan=lifespan)
     app.state.services = services
+    app.state.flights = Flights()
     install_error_handlers(app)
 
     app.add_middleware(TcpTokenGuard, token=services.config.tcp_token)

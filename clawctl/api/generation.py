@@ -111,7 +111,7 @@ class GenerationRun:
 
     def _route(self) -> None:
         policies = self.services.policies
-        found = policies.find(self.model) if _is_policy_name(self.model) else None
+        found = policies.find(self.model) if is_policy_name(self.model) else None
         if found is None:
             return
         policy = self.policy = found.policy
@@ -581,5 +581,5 @@ def _prompt_text(prompt: Prompt) -> str:
     return prompt.text or ""
 
 
-def _is_policy_name(name: str) -> bool:
+def is_policy_name(name: str) -> bool:
     return re.fullmatch(POLICY_NAME, name) is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -9,12 +11,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from clawctl.api.dedup import Answer, Flights, open_answer
 from clawctl.api.errors import validation_error
 from clawctl.api.generation import GenerationRun
 from clawctl.api.peer import peer_of
 from clawctl.api.sse import DONE, TokenFrames, error_frame, frame
 from clawctl.engines.base import ChatTurn, Prompt, SamplingParams
-from clawctl.errors import ClawError
+from clawctl.errors import BadInput, ClawError
+from clawctl.ledger import LedgerRow
 from clawctl.schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -26,6 +30,10 @@ from clawctl.schemas.openai import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
     ModelCard,
     ModelList,
     SamplingRequest,
@@ -33,7 +41,7 @@ from clawctl.schemas.openai import (
 from clawctl.services import Services
 
 router = APIRouter()
-Body = TypeVar("Body", ChatCompletionRequest, CompletionRequest)
+Body = TypeVar("Body", ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
 
 
 def json_body(model: type[Body]) -> Callable[[Request], Awaitable[Body]]:
@@ -52,6 +60,11 @@ def json_body(model: type[Body]) -> Callable[[Request], Awaitable[Body]]:
 def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
+
+
+def _flights(request: Request) -> Flights:
+    flights: Flights = request.app.state.flights
+    return flights
 
 
 def _sampling(body: SamplingRequest, max_tokens: int | None) -> SamplingParams:
@@ -89,44 +102,36 @@ async def chat_completions(
         json_mode=body.json_mode(),
         streamed=body.stream,
     )
-    await _begin(run)
+    answer = await open_answer(run, _flights(request))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _chat_stream(run, include_usage),
+            _chat_stream(answer, include_usage),
             media_type="text/event-stream",
-            headers=_headers(run, SSE_HEADERS),
+            headers=_headers(answer, SSE_HEADERS),
         )
-    text = await run.answer()
+    text = await answer.answer()
     completion = ChatCompletion(
-        id=f"chatcmpl-{run.id}",
-        created=run.created,
-        model=run.model,
+        id=f"chatcmpl-{answer.id}",
+        created=answer.created,
+        model=answer.model,
         choices=[
-            ChatChoice(message=AssistantMessage(content=text), finish_reason=run.finish_reason)
+            ChatChoice(message=AssistantMessage(content=text), finish_reason=answer.finish_reason)
         ],
-        usage=run.usage(),
-        claw=run.info(),
+        usage=answer.usage(),
+        claw=answer.info(),
     )
-    return JSONResponse(completion.model_dump(mode="json"), headers=_headers(run))
+    return JSONResponse(completion.model_dump(mode="json"), headers=_headers(answer))
 
 
-async def _begin(run: GenerationRun) -> None:
-    """Start the run; a routed one also runs until its answering tier has committed, so the
-    response's headers (and any error before that) can be given properly."""
-    await run.start()
-    if run.policy is not None:
-        await run.commit()
-
-
-def _headers(run: GenerationRun, base: dict[str, str] | None = None) -> dict[str, str]:
+def _headers(run: Answer, base: dict[str, str] | None = None) -> dict[str, str]:
     headers = dict(base or {})
     if run.tier_name is not None:
         headers["x-claw-tier"] = run.tier_name
     return headers
 
 
-async def _chat_stream(run: GenerationRun, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_stream(run: Answer, include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(delta: ChunkDelta, **extra: Any) -> ChatCompletionChunk:
         finish = extra.pop("finish_reason", None)
         return ChatCompletionChunk(
@@ -180,31 +185,29 @@ async def completions(
         json_mode=body.json_mode(),
         streamed=body.stream,
     )
-    await _begin(run)
+    answer = await open_answer(run, _flights(request))
     prefix = prompt.text if body.echo and prompt.text is not None else ""
     if body.stream:
         return StreamingResponse(
             _completion_stream(
-                run, prefix, bool(body.stream_options and body.stream_options.include_usage)
+                answer, prefix, bool(body.stream_options and body.stream_options.include_usage)
             ),
             media_type="text/event-stream",
-            headers=_headers(run, SSE_HEADERS),
+            headers=_headers(answer, SSE_HEADERS),
         )
-    text = await run.answer()
+    text = await answer.answer()
     completion = Completion(
-        id=f"cmpl-{run.id}",
-        created=run.created,
-        model=run.model,
-        choices=[CompletionChoice(text=prefix + text, finish_reason=run.finish_reason)],
-        usage=run.usage(),
-        claw=run.info(),
+        id=f"cmpl-{answer.id}",
+        created=answer.created,
+        model=answer.model,
+        choices=[CompletionChoice(text=prefix + text, finish_reason=answer.finish_reason)],
+        usage=answer.usage(),
+        claw=answer.info(),
     )
-    return JSONResponse(completion.model_dump(mode="json"), headers=_headers(run))
+    return JSONResponse(completion.model_dump(mode="json"), headers=_headers(answer))
 
 
-async def _completion_stream(
-    run: GenerationRun, prefix: str, include_usage: bool
-) -> AsyncIterator[bytes]:
+async def _completion_stream(run: Answer, prefix: str, include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(text: str, **extra: Any) -> Completion:
         finish = extra.pop("finish_reason", None)
         return Completion(
@@ -229,10 +232,73 @@ async def _completion_stream(
     yield DONE
 
 
+@router.post("/v1/embeddings")
+async def embeddings(
+    request: Request, body: EmbeddingRequest = Depends(json_body(EmbeddingRequest))
+) -> JSONResponse:
+    """Embed texts with an embedding model (default: the answer cache's, minilm-l6). Texts
+    longer than the model's limit (256 tokens for MiniLM) are truncated, as
+    sentence-transformers does."""
+    import base64
+
+    services = _services(request)
+    started = time.perf_counter()
+    model = body.model or services.config.cache.embedding_model
+    texts = body.texts()
+    if any(not text.strip() for text in texts):
+        raise BadInput("input texts must not be empty", param="input")
+    try:
+        result = await services.embeddings.embed(model, texts)
+    except ClawError as exc:
+        services.metrics.requests.labels("embeddings", str(exc.http_status)).inc()
+        raise
+    dim = int(result.vectors.shape[1])
+    if body.dimensions is not None and body.dimensions != dim:
+        raise BadInput(
+            f"{model} gives {dim} dimensions; it cannot shorten them", param="dimensions"
+        )
+    data = []
+    for index, vector in enumerate(result.vectors):
+        encoded: list[float] | str = (
+            base64.b64encode(vector.astype("<f4").tobytes()).decode()
+            if body.encoding_format == "base64"
+            else vector.tolist()
+        )
+        data.append(Embedding(index=index, embedding=encoded))
+    tokens = result.total_tokens
+    services.metrics.requests.labels("embeddings", "200").inc()
+    services.metrics.embeddings.labels(model).inc(len(texts))
+    services.metrics.prompt_tokens.labels(model).inc(tokens)
+    peer = peer_of(dict(request.scope["state"]))
+    services.ledger.record(
+        LedgerRow(
+            request_id=uuid.uuid4().hex[:24],
+            ts=time.time(),
+            uid=peer.uid if peer else None,
+            pid=peer.pid if peer else None,
+            app=None,
+            endpoint="embeddings",
+            model=model,
+            prompt_tokens=tokens,
+            completion_tokens=0,
+            usage_by_tier={},
+            prefill_tokens_saved=0,
+            prefix_source=None,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            finish_reason="stop",
+        )
+    )
+    listing = EmbeddingList(
+        data=data, model=model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+    )
+    return JSONResponse(listing.model_dump(mode="json"))
+
+
 # The bodies the routes above parse with `json_body`, for the OpenAPI document.
 BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
 }
 
 

@@ -51,7 +51,15 @@ def summary(
         emit_json(rows)
         return
     grid = table(
-        by.upper(), "REQUESTS", "PROMPT", "COMPLETION", "PREFILL SAVED", "REMOTE COST", "SAVED COST"
+        by.upper(),
+        "REQUESTS",
+        "PROMPT",
+        "COMPLETION",
+        "PREFILL SAVED",
+        "CACHED",
+        "CACHE SAVED",
+        "REMOTE COST",
+        "SAVED COST",
     )
     for r in rows:
         grid.add_row(
@@ -60,22 +68,28 @@ def summary(
             str(r.prompt_tokens),
             str(r.completion_tokens),
             str(r.prefill_tokens_saved),
+            str(r.cached),
+            str(r.tokens_saved),
             f"{r.remote_cost:.4f}",
             f"{r.saved_cost:.4f}",
         )
     out.print(grid if rows else "no requests in that span")
     days = ledger.summary("day", start)
     if days:
-        top = max(max(d.prompt_tokens + d.completion_tokens, d.prefill_tokens_saved) for d in days)
-        out.print("\ntokens computed (#) and prefill avoided (=) per day")
+        top = max(
+            max(d.prompt_tokens + d.completion_tokens, d.prefill_tokens_saved + d.tokens_saved)
+            for d in days
+        )
+        out.print("\ntokens computed (#) and avoided by snapshots and the cache (=) per day")
         for d in days:
             used = round(BAR * (d.prompt_tokens + d.completion_tokens) / max(top, 1))
-            saved = round(BAR * d.prefill_tokens_saved / max(top, 1))
+            avoided = d.prefill_tokens_saved + d.tokens_saved
+            saved = round(BAR * avoided / max(top, 1))
             out.print(
                 f"{d.key}  {'#' * used:<{BAR}} {d.prompt_tokens + d.completion_tokens}",
                 markup=False,
             )
-            out.print(f"{'':10}  {'=' * saved:<{BAR}} {d.prefill_tokens_saved}", markup=False)
+            out.print(f"{'':10}  {'=' * saved:<{BAR}} {avoided}", markup=False)
 
 
 @app.command()

@@ -9,6 +9,7 @@ import typer
 
 from clawctl.cli._console import RichProgress, emit_json, err, human_bytes, out, table
 from clawctl.cli._options import JsonOption
+from clawctl.errors import BadInput
 
 if TYPE_CHECKING:
     from clawctl.store.models import ModelStore
@@ -37,9 +38,7 @@ def list_models(json_: JsonOption = False) -> None:
         return
     grid = table("NAME", "ARCH", "QUANT", "SIZE", "DIGEST", "SOURCE")
     for m in manifests:
-        grid.add_row(
-            m.name, m.gguf.architecture, m.gguf.quant, human_bytes(m.size), m.digest[:12], m.source
-        )
+        grid.add_row(m.name, m.architecture, m.quant, human_bytes(m.size), m.digest[:12], m.source)
     out.print(grid if manifests else "no models installed; try 'clawctl models pull smollm2-135m'")
 
 
@@ -53,21 +52,45 @@ def show(name: str, json_: JsonOption = False) -> None:
     if json_:
         emit_json(manifest)
         return
-    info = manifest.gguf
     grid = table("FIELD", "VALUE")
     rows = {
         "name": manifest.name,
         "digest": f"sha256:{manifest.digest}",
         "size": human_bytes(manifest.size),
         "source": manifest.source,
-        "architecture": info.architecture,
-        "model": info.model_name,
-        "quant": info.quant,
-        "parameters": f"{info.n_params / 1e6:.0f}M",
-        "context length": str(info.context_length),
-        "chat template": "yes" if info.chat_template else "no (plain prompt format)",
-        "parent": manifest.parent or "-",
+        "format": manifest.format,
     }
+    if manifest.gguf is not None:
+        info = manifest.gguf
+        rows |= {
+            "architecture": info.architecture,
+            "model": info.model_name,
+            "quant": info.quant,
+            "parameters": f"{info.n_params / 1e6:.0f}M",
+            "context length": str(info.context_length),
+            "chat template": "yes" if info.chat_template else "no (plain prompt format)",
+        }
+    if manifest.onnx is not None:
+        onnx = manifest.onnx
+        rows |= {
+            "task": onnx.task,
+            "architecture": onnx.architecture,
+            "parameters": f"{onnx.parameters / 1e6:.0f}M",
+            "weights": manifest.quant
+            + (
+                f" (block {onnx.block_size}, accuracy level {onnx.accuracy_level})"
+                if onnx.bits
+                else ""
+            ),
+            "max tokens": str(onnx.max_tokens),
+        }
+        if onnx.dim is not None:
+            rows["dimensions"] = str(onnx.dim)
+        if onnx.quality is not None:
+            rows["cosine vs float"] = f"{onnx.quality:.4f}"
+        if onnx.warning:
+            rows["warning"] = f"[yellow]{onnx.warning}[/yellow]"
+    rows["parent"] = manifest.parent or "-"
     for key, value in rows.items():
         grid.add_row(key, value)
     out.print(grid)
@@ -83,8 +106,10 @@ def pull(
 
     Example: clawctl models pull smollm2-135m
     """
+    from clawctl.convert.onnx_store import pull_model
+
     with RichProgress() as progress:
-        manifest, fetched = _store().pull(ref, sha256=sha256, progress=progress)
+        manifest, fetched = pull_model(_store(), ref, sha256=sha256, progress=progress)
     if json_:
         emit_json(manifest)
         return
@@ -110,7 +135,7 @@ def add(
         emit_json(manifest)
         return
     err.print(
-        f"added {manifest.name} ({manifest.gguf.architecture} {manifest.gguf.quant}, "
+        f"added {manifest.name} ({manifest.architecture} {manifest.quant}, "
         f"{human_bytes(manifest.size)})"
     )
 
@@ -154,15 +179,56 @@ def verify(
 @app.command()
 def quantize(
     name: Annotated[str, typer.Argument(help="Installed source model.")],
-    to: Annotated[str, typer.Option("--to", help="Target type, e.g. q4_0, q4_k_m, q2_0, q2_k.")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to", help="GGUF: a llama.cpp type (q4_0, q4_k_m, q2_0, q2_k…); ONNX: int8|int4|int2."
+        ),
+    ],
     new_name: Annotated[str | None, typer.Option("--name", help="Name of the result.")] = None,
-    imatrix: Annotated[Path | None, typer.Option(help="Importance matrix (GGUF).")] = None,
+    imatrix: Annotated[Path | None, typer.Option(help="Importance matrix (GGUF only).")] = None,
+    block_size: Annotated[
+        int | None, typer.Option(help="ONNX: weights per scale (16-256; 2-bit: 32-128).")
+    ] = None,
+    accuracy_level: Annotated[
+        int | None,
+        typer.Option(help="ONNX: MatMulNBits compute type 0-4 (4: int8 activations, fastest)."),
+    ] = None,
     json_: JsonOption = False,
 ) -> None:
-    """Quantize an installed model with llama.cpp's quantizer, in-process.
+    """Quantize an installed model: GGUF with llama.cpp's quantizer, ONNX with onnxruntime's
+    MatMulNBits quantizer (reporting the embeddings' cosine against the float model).
 
     Example: clawctl models quantize smollm2-135m --to q2_0
+    Example: clawctl models quantize minilm-l6 --to int8
     """
+    if to.lower() in ("int8", "int4", "int2"):
+        from clawctl.convert.onnx_store import quantize_onnx_model
+
+        result = quantize_onnx_model(
+            _store(),
+            name,
+            int(to[3:]),
+            block_size=block_size,
+            accuracy_level=accuracy_level,
+            new_name=new_name,
+        )
+        manifest = result.manifest
+        if json_:
+            emit_json(manifest)
+            return
+        quality = ""
+        if manifest.onnx is not None and manifest.onnx.quality is not None:
+            quality = f", cosine vs float {result.mean_cosine:.4f} (min {result.min_cosine:.4f})"
+        err.print(
+            f"quantized {name} → {manifest.name} ({manifest.quant}, "
+            f"{human_bytes(manifest.size)}{quality})"
+        )
+        if manifest.onnx is not None and manifest.onnx.warning:
+            err.print(f"[yellow]warning:[/yellow] {manifest.onnx.warning}")
+        return
+    if block_size is not None or accuracy_level is not None:
+        raise BadInput("--block-size and --accuracy-level apply to ONNX int8/int4/int2 only")
     from clawctl.quantize import quantize_model
 
     manifest = quantize_model(_store(), name, to, new_name=new_name, imatrix=imatrix)
@@ -170,5 +236,5 @@ def quantize(
         emit_json(manifest)
         return
     err.print(
-        f"quantized {name} → {manifest.name} ({manifest.gguf.quant}, {human_bytes(manifest.size)})"
+        f"quantized {name} → {manifest.name} ({manifest.quant}, {human_bytes(manifest.size)})"
     )

@@ -155,12 +155,21 @@ class Rule(_Strict):
         return value
 
 
+class CacheSettings(_Strict):
+    """The policy's say over the answer cache (unset keys take clawd.toml's [cache])."""
+
+    enabled: bool = True
+    threshold: float | None = Field(None, gt=0, le=1)  # cosine for a semantic hit
+    sampled: bool | None = None  # may requests with temperature > 0 be answered from it?
+
+
 class Policy(_Strict):
     name: str = Field(pattern=POLICY_NAME)
     description: str = ""
     start: str
     on_remote_failure: Literal["degraded", "error"] = "degraded"
     store_prompts: bool = False
+    cache: CacheSettings = CacheSettings()
     tiers: Annotated[tuple[Tier, ...], Field(min_length=1)]
     rules: tuple[Rule, ...] = ()
 

@@ -65,6 +65,11 @@ class ClawRequest(_Strict):
         True,
         description="Draft tokens by prompt lookup when decoding greedily (temperature 0).",
     )
+    cache: bool = Field(
+        True,
+        description="Share an identical request in flight and answer a deterministic one from "
+        "the answer cache (exact, then semantic); false always generates.",
+    )
 
 
 class ContentPart(_Lenient):
@@ -221,6 +226,12 @@ class ClawInfo(BaseModel):
     usage_by_tier: dict[str, Usage] = Field(default_factory=dict)
     cost: float = 0.0
     all_remote_cost: float = 0.0
+    # dedup: "exact" or "semantic" (answered from the cache), "coalesced" (an identical
+    # request's generation in flight was shared); None: generated for this request
+    cached: Literal["exact", "semantic", "coalesced"] | None = None
+    similarity: float | None = None  # semantic hits: cosine of the prompt embeddings
+    cached_from: str | None = None  # the request whose answer was reused
+    tokens_saved: int = 0  # prompt plus completion tokens not computed for this request
 
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -298,6 +309,47 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class EmbeddingRequest(_Lenient):
+    """`POST /v1/embeddings` (OpenAI shape). Token-id inputs are accepted only by models that
+    share the caller's tokenizer, which an ONNX encoder cannot promise, so text is required."""
+
+    model: str | None = None
+    input: str | list[str] = Field(description="A text or a list of up to 2048 texts.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, gt=0)
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _texts(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("input must not be empty")
+        if isinstance(value, list) and len(value) > 2048:
+            raise ValueError("at most 2048 inputs per request")
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64 of little-endian float32 when asked for
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ErrorBody(BaseModel):

@@ -42,7 +42,19 @@ class FilePart(_Frozen):
 Part = Annotated[PypiPart | UrlPart | FilePart, Field(discriminator="kind")]
 
 
+class SourceFile(_Frozen):
+    """A further file a conversion reads (config, tokenizer), pinned by its sha256."""
+
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    part: Part
+
+
 class CatalogEntry(_Frozen):
+    """A model by name. `parts` concatenate to the bytes that hash to `sha256`: the model
+    itself, or for a converted model (`convert`) its source weights, which a recipe turns into
+    the stored format together with `inputs`."""
+
     name: str
     description: str
     family: str
@@ -50,6 +62,9 @@ class CatalogEntry(_Frozen):
     size: int
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     parts: list[Part] = Field(min_length=1)
+    format: Literal["gguf", "onnx"] = "gguf"
+    convert: Literal["bert-onnx"] | None = None
+    inputs: list[SourceFile] = []
 
     def source_label(self) -> str:
         first = self.parts[0]

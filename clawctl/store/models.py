@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -32,19 +33,70 @@ STALE_TEMP_SECONDS = 24 * 3600
 Checked = TypeVar("Checked")
 
 
+ONNX_MAIN_FILE = "model.onnx"
+
+
+class OnnxInfo(BaseModel):
+    """What the store records about an ONNX model (written by whoever built it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task: Literal["embedding", "generation"]
+    architecture: str
+    parameters: int
+    dim: int | None = None  # embedding width
+    max_tokens: int = 256  # longest input the model is run on (embeddings truncate there)
+    bits: int | None = None  # weight bits of the quantized MatMuls; None: float32
+    block_size: int | None = None
+    accuracy_level: int | None = None
+    quality: float | None = None  # embeddings: min cosine vs the float model on probe texts
+    warning: str | None = None  # e.g. "int2 collapses embeddings", shown by `models show`
+
+
 class ModelManifest(BaseModel):
-    """One installed model: its name, its blob and what its GGUF header says."""
+    """One installed model: its name, its blob and what its header says.
+
+    A GGUF model is one blob. An ONNX model is a directory of blobs (`files`: file name to
+    digest; `digest` is its `model.onnx`), which `ModelStore.model_dir` lays out for runtimes
+    that load a directory.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     name: str
     digest: str
     size: int
-    format: str = "gguf"
+    format: Literal["gguf", "onnx"] = "gguf"
     source: str
     created_at: datetime
-    gguf: GgufInfo
+    gguf: GgufInfo | None = None
+    onnx: OnnxInfo | None = None
+    files: dict[str, str] = {}
     parent: str | None = None
+
+    def gguf_info(self) -> GgufInfo:
+        """The GGUF header of a model that llama.cpp runs; a clear error for other formats."""
+        if self.gguf is None:
+            raise BadInput(
+                f"model {self.name!r} is an ONNX {self.onnx.task if self.onnx else ''} model;"
+                " this needs a GGUF model",
+                param="model",
+            )
+        return self.gguf
+
+    @property
+    def architecture(self) -> str:
+        return self.gguf.architecture if self.gguf else self.onnx.architecture if self.onnx else ""
+
+    @property
+    def quant(self) -> str:
+        if self.gguf is not None:
+            return self.gguf.quant
+        bits = self.onnx.bits if self.onnx else None
+        return "F32" if bits is None else f"INT{bits}"
+
+    def blob_digests(self) -> set[str]:
+        return {self.digest, *self.files.values()}
 
 
 class VerifyResult(BaseModel):
@@ -101,11 +153,46 @@ class ModelStore:
             ) from None
 
     def model_file(self, name: str) -> Path:
+        """The blob of a GGUF model (or the `model.onnx` of an ONNX one)."""
         manifest = self.get(name)
         blob = self.blob_path(manifest.digest)
         if not blob.is_file():
             raise IntegrityError(f"blob of {name!r} is missing; pull or add the model again")
         return blob
+
+    def model_dir(self, manifest: ModelManifest) -> Path:
+        """A directory holding an ONNX model's files under their names (symlinks to blobs).
+
+        Runtimes such as onnxruntime-genai load a directory; the store keeps blobs. The layout
+        is built once per digest set in a temp directory and renamed into place, so a reader
+        never sees half of it.
+        """
+        key = hashlib.sha256(
+            "\n".join(f"{k}={v}" for k, v in sorted(manifest.files.items())).encode()
+        ).hexdigest()[:24]
+        target = self.paths.models_dir / "dirs" / key
+        if target.is_dir():
+            return target
+        missing = [n for n, d in manifest.files.items() if not self.blob_path(d).is_file()]
+        if missing:
+            raise IntegrityError(
+                f"model {manifest.name!r} lost files ({', '.join(missing)}); pull it again"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
+        try:
+            for file_name, digest in manifest.files.items():
+                link = staging / file_name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(self.blob_path(digest))
+            os.replace(staging, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return target
 
     # --- writing -------------------------------------------------------------------------
 
@@ -121,12 +208,53 @@ class ModelStore:
         finally:
             tmp.unlink(missing_ok=True)
 
+    @contextlib.contextmanager
+    def temp_dir(self) -> Iterator[Path]:
+        """A scratch directory in the blobs dir (so its files can be renamed into blobs),
+        removed with whatever the caller did not adopt."""
+        self.paths.blobs_dir.mkdir(parents=True, exist_ok=True)
+        self._sweep_stale_temps()
+        work = Path(tempfile.mkdtemp(prefix=".partial-", suffix=".tmp", dir=self.paths.blobs_dir))
+        try:
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
     def _sweep_stale_temps(self) -> None:
         cutoff = time.time() - STALE_TEMP_SECONDS
         for tmp in self.paths.blobs_dir.glob(".partial-*.tmp"):
             with contextlib.suppress(OSError):
                 if tmp.stat().st_mtime < cutoff:
-                    tmp.unlink()
+                    if tmp.is_dir():
+                        shutil.rmtree(tmp)
+                    else:
+                        tmp.unlink()
+
+    def fetch(
+        self,
+        label: str,
+        parts: list[Part],
+        expected_sha256: str,
+        dest: Path,
+        progress: ProgressSink,
+        total: int | None = None,
+    ) -> None:
+        """Stream parts into `dest` (a scratch file), refusing bytes that do not hash to
+        `expected_sha256`: sources a conversion reads are pinned like models are."""
+        digest = hashlib.sha256()
+        with dest.open("wb") as out:
+            started = False
+            for part in parts:
+                with open_part(part, self.paths.download_cache, progress) as (stream, size):
+                    if not started:
+                        progress.start(f"fetching {label}", total or size)
+                        started = True
+                    copy_hashing(stream, out, digest, progress.advance)
+        if digest.hexdigest() != expected_sha256.lower():
+            raise IntegrityError(
+                f"{label}: the bytes hash to {digest.hexdigest()[:12]}…, expected "
+                f"{expected_sha256[:12]}…; the source changed or is damaged"
+            )
 
     def commit_blob(self, tmp: Path, digest: str) -> Path:
         blob = self.blob_path(digest)
@@ -240,26 +368,58 @@ class ModelStore:
         blob = self.commit_blob(built, digest)
         return self._write_manifest(validate_model_name(name), digest, blob, source, parent)
 
+    def import_onnx(
+        self,
+        name: str,
+        files: dict[str, Path],
+        info: OnnxInfo,
+        source: str,
+        parent: str | None = None,
+    ) -> ModelManifest:
+        """Adopt an ONNX model's files (built inside the blobs dir, e.g. in a temp dir there):
+        each becomes a blob, then the manifest is written last."""
+        if ONNX_MAIN_FILE not in files:
+            raise BadInput(f"an ONNX model needs a {ONNX_MAIN_FILE}")
+        digests: dict[str, str] = {}
+        for file_name, path in files.items():
+            digest = sha256_file(path)
+            self.commit_blob(path, digest)
+            digests[file_name] = digest
+        main = digests[ONNX_MAIN_FILE]
+        manifest = ModelManifest(
+            name=validate_model_name(name),
+            digest=main,
+            size=sum(self.blob_path(d).stat().st_size for d in set(digests.values())),
+            format="onnx",
+            source=source,
+            created_at=datetime.now(timezone.utc),
+            onnx=info,
+            files=digests,
+            parent=parent,
+        )
+        atomic_write(self._manifest_path(name), manifest.model_dump_json(indent=2).encode())
+        return manifest
+
     def remove(self, name: str) -> ModelManifest:
         manifest = self.get(name)
         self._manifest_path(name).unlink()
         fsync_dir(self.paths.manifests_dir)
-        if not any(m.digest == manifest.digest for m in self.installed()):
-            self.blob_path(manifest.digest).unlink(missing_ok=True)
+        in_use = set().union(*(m.blob_digests() for m in self.installed()))
+        for digest in manifest.blob_digests() - in_use:
+            self.blob_path(digest).unlink(missing_ok=True)
         return manifest
 
     def verify(self, names: list[str] | None = None) -> list[VerifyResult]:
         targets = [self.get(n) for n in names] if names else self.installed()
         results = []
         for manifest in targets:
-            blob = self.blob_path(manifest.digest)
-            actual = sha256_file(blob) if blob.is_file() else None
+            ok, actual = True, None
+            for digest in sorted(manifest.blob_digests()):
+                blob = self.blob_path(digest)
+                found = sha256_file(blob) if blob.is_file() else None
+                if found != digest:
+                    ok, actual = False, found
             results.append(
-                VerifyResult(
-                    name=manifest.name,
-                    digest=manifest.digest,
-                    ok=actual == manifest.digest,
-                    actual=actual,
-                )
+                VerifyResult(name=manifest.name, digest=manifest.digest, ok=ok, actual=actual)
             )
         return results
