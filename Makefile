@@ -53,6 +53,7 @@ bench: model
 	$(PY) bench/adapters.py
 	$(PY) bench/cascade.py
 	$(PY) bench/concurrency.py
+	$(PY) bench/onnx_dedup.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build

@@ -51,8 +51,11 @@ def request_key(
     params: SamplingParams,
     adapters: tuple[tuple[str, float], ...],
     json_mode: bool,
+    routing: tuple[str | int | None, ...] = (),
 ) -> CacheKey:
-    """The cache key of a generation request (see the module docstring)."""
+    """The cache key of a generation request (see the module docstring). `routing` holds what
+    a policy's rules may match besides the prompt (impact, app, uid): for a request routed by a
+    policy these choose tiers, adapters and sampling, so they are part of the scope."""
     if prompt.chat is not None:
         *context, last = prompt.chat
         text = last.content
@@ -70,6 +73,7 @@ def request_key(
         "params": settings,
         "turns": turns,
         "tokens": prompt.tokens is not None,
+        "routing": list(routing),
     }
     scope_digest = _digest(json.dumps(scope, sort_keys=True, default=str))
     return CacheKey(scope_digest, _digest(scope_digest + "\0" + text), text)

@@ -35,7 +35,7 @@ from clawctl.engines.base import (
     estimate_kv_bytes,
 )
 from clawctl.engines.meter import Thresholds
-from clawctl.errors import ClawError, ContextOverflow, EngineError, Overloaded
+from clawctl.errors import BadInput, ClawError, ContextOverflow, EngineError, Overloaded
 from clawctl.profiles import EdgeProfile
 from clawctl.schemas.admin import LoadedModel
 from clawctl.statekeeper import StateKeeper, StateOutcome, StateRequest
@@ -49,6 +49,8 @@ class ManifestLookup(Protocol):
     def get(self, name: str) -> ModelManifest: ...
 
     def blob_path(self, digest: str) -> Path: ...
+
+    def model_dir(self, manifest: ModelManifest) -> Path: ...
 
 
 NO_STATE = StateOutcome(0, None)
@@ -256,7 +258,13 @@ class ModelWorker:
             waited_for_load = job.enqueued_at < load_started + self.load_seconds
             queued = time.perf_counter() - job.enqueued_at
             outcome = NO_STATE
-            if self.keeper is not None and not busy:
+            if not engine.stateful and job.state.needs_context():
+                raise BadInput(
+                    f"{self.name} cannot save or restore state (snapshots, sessions): "
+                    "that needs a GGUF model",
+                    param="claw",
+                )
+            if self.keeper is not None and not busy and engine.stateful:
                 outcome = self.keeper.before(engine, prepared.tokens, job.state)
             slot = engine.open(prepared, job.params, job.cancel.is_set, job.watch)
             if busy and (shared := engine.shared_prefix(slot)):
@@ -299,7 +307,7 @@ class ModelWorker:
                 self._finished(engine, job)
 
     def _finished(self, engine: Engine, job: Job) -> None:
-        if self.keeper is not None and job.state.session:
+        if self.keeper is not None and job.state.session and engine.stateful:
             try:  # after the response: freezing the session never delays it
                 self.keeper.after(engine, job.state)
             except Exception:
@@ -361,6 +369,8 @@ class ModelManager:
         self._reaper: asyncio.Task[None] | None = None
 
     def settings_for(self, manifest: ModelManifest) -> EngineSettings:
+        if manifest.onnx is not None:
+            return self._onnx_settings(manifest)
         n_ctx = self.profile.n_ctx
         context_length = manifest.gguf_info().context_length
         if context_length:
@@ -377,7 +387,29 @@ class ModelManager:
             draft_max=self.profile.draft_max,
         )
 
+    def _onnx_settings(self, manifest: ModelManifest) -> EngineSettings:
+        onnx = manifest.onnx
+        assert onnx is not None
+        if onnx.task != "generation":
+            raise BadInput(
+                f"model {manifest.name!r} is an embedding model: use /v1/embeddings",
+                param="model",
+            )
+        return EngineSettings(
+            model_path=self.store.model_dir(manifest),
+            n_ctx=min(self.profile.n_ctx, onnx.context_length or self.profile.n_ctx),
+            n_batch=self.profile.n_batch,
+            n_threads=self.profile.effective_threads(),
+            kv_cache_type="f32",
+            model_digest=manifest.digest,
+            format="onnx",
+        )
+
     def estimate(self, manifest: ModelManifest, settings: EngineSettings) -> int:
+        if manifest.onnx is not None:  # float32 KV cache, one generation at a time
+            onnx = manifest.onnx
+            kv = 2 * (onnx.layers or 0) * settings.n_ctx * (onnx.kv_width or 0) * 4
+            return manifest.size + kv
         info = manifest.gguf_info()
         kv = estimate_kv_bytes(
             info.block_count or 0,

@@ -47,7 +47,7 @@ class Services:
 
     @classmethod
     def build(cls, config: DaemonConfig, load_engine: LoadEngine | None = None) -> Services:
-        load_engine = load_engine or LazyLoader("gguf")
+        load_engine = load_engine or LazyLoader()
         profile = load_profile(config.paths, config.profile)
         store = ModelStore(config.paths)
         snap = config.snapshots

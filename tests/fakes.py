@@ -59,6 +59,10 @@ class FakeEngine:
     def active(self) -> int:
         return len(self.slots)
 
+    @property
+    def stateful(self) -> bool:
+        return True
+
     def prepare(self, prompt: Prompt) -> PreparedPrompt:
         self.threads.add(threading.get_ident())
         if prompt.chat is not None:

@@ -194,13 +194,15 @@ def test_speculation_is_reported_in_claw_and_metrics(daemon: Daemon) -> None:
         "messages": [{"role": "user", "content": JSON_TASK}],
         "max_tokens": 48,
         "temperature": 0,
+        "claw": {"cache": False},  # the same request twice must generate twice
     }
     with daemon.client() as client:
         claw = client.post("/v1/chat/completions", json=body).json()["claw"]
         assert claw["draft_tokens"] > 0
         assert 0 < claw["draft_accepted"] <= claw["draft_tokens"]
         off = client.post(
-            "/v1/chat/completions", json={**body, "claw": {"speculative": False}}
+            "/v1/chat/completions",
+            json={**body, "claw": {"speculative": False, "cache": False}},
         ).json()["claw"]
         assert off["draft_tokens"] == 0
         metrics = client.get("/metrics").text

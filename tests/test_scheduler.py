@@ -56,6 +56,9 @@ class FakeStore:
     def blob_path(self, digest: str) -> Path:
         return Path("/nonexistent") / digest
 
+    def model_dir(self, manifest: ModelManifest) -> Path:
+        return Path("/nonexistent") / manifest.digest
+
 
 def profile(budget_mb: int = 1000, max_loaded: int = 2, parallel: int = 4) -> EdgeProfile:
     return EdgeProfile(

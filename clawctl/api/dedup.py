@@ -76,9 +76,11 @@ def _plan(run: GenerationRun) -> CachePlan | None:
     if not settings.enabled or not claw.cache or claw.session or claw.snapshot:
         return None
     threshold, sampled = settings.threshold, settings.sampled
+    routing: tuple[str | int | None, ...] = ()
     if is_policy_name(run.model):
         found = services.policies.find(run.model)
         if found is not None:
+            routing = (claw.impact, claw.app, run.peer.uid if run.peer else None)
             cache = found.policy.cache
             if not cache.enabled:
                 return None
@@ -90,7 +92,9 @@ def _plan(run: GenerationRun) -> CachePlan | None:
     with contextlib.suppress(ClawError):  # a model's adapters by content, when it is one
         specs = services.adapter_specs(run.model, claw.adapters) if claw.adapters else ()
         adapters = tuple((s.digest, s.scale) for s in specs)
-    key = request_key(run.endpoint, run.model, run.prompt, run.params, adapters, run.json_mode)
+    key = request_key(
+        run.endpoint, run.model, run.prompt, run.params, adapters, run.json_mode, routing
+    )
     semantic = settings.embedding_model
     try:
         services.embeddings.manifest(semantic)

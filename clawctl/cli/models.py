@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from clawctl.store.models import ModelStore
 
 app = typer.Typer(
-    help="Manage local models: pull, add, list, show, rm, verify, quantize.", no_args_is_help=True
+    help="Manage local models: pull, add, list, show, rm, verify, quantize, convert.",
+    no_args_is_help=True,
 )
 
 
@@ -237,4 +238,28 @@ def quantize(
         return
     err.print(
         f"quantized {name} → {manifest.name} ({manifest.quant}, {human_bytes(manifest.size)})"
+    )
+
+
+@app.command()
+def convert(
+    name: Annotated[str, typer.Argument(help="Installed GGUF language model.")],
+    to: Annotated[str, typer.Option("--to", help="onnx-int4 (or onnx-int8).")],
+    new_name: Annotated[str | None, typer.Option("--name", help="Name of the result.")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Rebuild a GGUF model as an onnxruntime-genai ONNX model (needs the build tools:
+    pip install 'clawctl[convert]'). Q4_1 weights are carried over exactly.
+
+    Example: clawctl models convert smollm2-135m --to onnx-int4
+    """
+    from clawctl.convert.onnx_store import convert_model
+
+    with err.status(f"converting {name} to {to} (dequantize, build, carry weights over)…"):
+        manifest = convert_model(_store(), name, to, new_name=new_name)
+    if json_:
+        emit_json(manifest)
+        return
+    err.print(
+        f"converted {name} → {manifest.name} ({manifest.quant}, {human_bytes(manifest.size)})"
     )

@@ -188,3 +188,36 @@ def quantize_onnx_model(
             target_name, files, info, f"quantize:{name}:int{bits}", parent=name
         )
     return QuantizedOnnx(manifest, mean, low, time.perf_counter() - started)
+
+
+def convert_model(
+    store: ModelStore, name: str, target: str, *, new_name: str | None = None
+) -> ModelManifest:
+    """`clawctl models convert NAME --to onnx-int4`: an installed GGUF language model rebuilt
+    as an onnxruntime-genai model (see `gguf_onnx`), adopted into the store as a directory."""
+    from clawctl.convert.gguf_onnx import convert_gguf_to_genai
+
+    formats = {"onnx-int4": 4, "onnx-int8": 8}
+    if target not in formats:
+        raise BadInput(f"unknown target {target!r}; choose one of {', '.join(formats)}", param="to")
+    bits = formats[target]
+    source = store.get(name)
+    source.gguf_info()  # ONNX in, ONNX out is not a conversion
+    target_name = validate_model_name(new_name or f"{name}-{target}")
+    if any(m.name == target_name for m in store.installed()):
+        raise BadInput(f"model {target_name!r} already exists; pass --name or rm it first")
+    with store.temp_dir() as work:
+        out = work / "model"
+        done = convert_gguf_to_genai(store.model_file(name), out, work / "build", bits=bits)
+        files = {f: out / f for f in done.files}
+        info = OnnxInfo(
+            task="generation",
+            architecture=source.architecture,
+            parameters=done.parameters,
+            bits=bits,
+            context_length=done.context_length,
+            layers=done.layers,
+            kv_width=done.kv_width,
+            exact_weights=done.exact_weights,
+        )
+        return store.import_onnx(target_name, files, info, f"convert:{name}:{target}", name)

@@ -29,6 +29,7 @@ class EngineSettings:
     kv_cache_type: str = "f16"
     flash_attn: bool = False
     model_digest: str = ""
+    format: str = "gguf"  # which engine loads it: "gguf" (llama.cpp) or "onnx" (onnxruntime-genai)
     parallel: int = 1  # sequences decoded together in one context (continuous batching)
     draft_max: int = 0  # prompt-lookup draft tokens per step for greedy requests (0: off)
 
@@ -118,6 +119,12 @@ class Engine(Protocol):
     @property
     def active(self) -> int:
         """How many generations are open."""
+        ...
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the context's state can be prefilled, captured and restored (snapshots,
+        sessions, the prefix pool); the state methods below raise otherwise."""
         ...
 
     def admits(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:

@@ -137,6 +137,10 @@ class LlamaEngine:
     def active(self) -> int:
         return len(self._slots.slots)
 
+    @property
+    def stateful(self) -> bool:
+        return True
+
     def admits(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
         return self._slots.admits(prompt, params)
 

@@ -10,8 +10,12 @@ import importlib
 from typing import cast
 
 from clawctl.engines.base import Engine, EngineSettings, LoadEngine
+from clawctl.errors import BadInput
 
-ENGINES = {"gguf": "clawctl.engines.llama:load_llama_engine"}
+ENGINES = {
+    "gguf": "clawctl.engines.llama:load_llama_engine",
+    "onnx": "clawctl.engines.onnx_genai:load_genai_engine",
+}
 
 
 def resolve(name: str) -> LoadEngine:
@@ -20,13 +24,15 @@ def resolve(name: str) -> LoadEngine:
 
 
 class LazyLoader:
-    """A `LoadEngine` that imports its engine module on the first load."""
+    """A `LoadEngine` that imports the engine module for a model's format on its first load."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._load: LoadEngine | None = None
+    def __init__(self) -> None:
+        self._loads: dict[str, LoadEngine] = {}
 
     def __call__(self, settings: EngineSettings) -> Engine:
-        if self._load is None:
-            self._load = resolve(self.name)
-        return self._load(settings)
+        load = self._loads.get(settings.format)
+        if load is None:
+            if settings.format not in ENGINES:
+                raise BadInput(f"no engine runs {settings.format!r} models")
+            load = self._loads[settings.format] = resolve(settings.format)
+        return load(settings)

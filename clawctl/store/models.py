@@ -49,8 +49,13 @@ class OnnxInfo(BaseModel):
     bits: int | None = None  # weight bits of the quantized MatMuls; None: float32
     block_size: int | None = None
     accuracy_level: int | None = None
-    quality: float | None = None  # embeddings: min cosine vs the float model on probe texts
+    quality: float | None = None  # embeddings: mean cosine vs the float model on probe texts
     warning: str | None = None  # e.g. "int2 collapses embeddings", shown by `models show`
+    # generation models: what the scheduler sizes the KV cache by
+    context_length: int | None = None
+    layers: int | None = None
+    kv_width: int | None = None  # key/value heads x head size
+    exact_weights: bool | None = None  # the GGUF's own quantized weights, not re-quantized
 
 
 class ModelManifest(BaseModel):
