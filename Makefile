@@ -32,13 +32,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The ONNX conversion tools (torch CPU, transformers): tests and benchmarks convert a model;
+# `make run` does not need them.
+CONVERT_STAMP := $(VENV)/.convert-stamp
+$(CONVERT_STAMP): $(STAMP)
+	$(PIP) install --quiet -e '.[convert]'
+	touch $(CONVERT_STAMP)
+
 model: install
 	$(VENV)/bin/clawctl models pull $(DEFAULT_MODEL)
 
 run: model
 	$(VENV)/bin/clawd
 
-test: model
+test: model $(CONVERT_STAMP)
 	$(PY) -m pytest
 
 lint: install
@@ -47,7 +54,7 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-bench: model
+bench: model $(CONVERT_STAMP)
 	$(PY) bench/foundation.py
 	$(PY) bench/snapshots.py
 	$(PY) bench/adapters.py

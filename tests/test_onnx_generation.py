@@ -1,0 +1,148 @@
+"""ONNX text generation through the daemon: SmolLM2 converted by `clawctl models convert` to an
+onnxruntime-genai INT4 model answers over the socket with the same `claw.entropy` metadata as a
+GGUF model, streams, refuses what it cannot do (snapshots, adapters) with a 400, and serves as
+a routing tier whose entropy meter escalates to the next tier."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+pytest.importorskip("onnxruntime_genai")  # the runtime; CI installs it with the build tools
+
+from tests.conftest import DOWNLOAD_CACHE, Daemon, copy_home, run_cli, run_daemon  # noqa: E402
+
+pytestmark = pytest.mark.integration
+ONNX = "smollm2-135m-onnx-int4"
+QUESTION = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def onnx_home(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = copy_home(session_home, tmp_path_factory.mktemp("onnx-home"))
+    env = {**os.environ, "CLAW_HOME": str(home), "CLAW_DOWNLOAD_CACHE": str(DOWNLOAD_CACHE)}
+    done = run_cli("models", "convert", "smollm2-135m", "--to", "onnx-int4", env=env, timeout=900)
+    assert done.returncode == 0, done.stderr
+    shown = run_cli("models", "show", ONNX, "--json", env=env)
+    assert '"task": "generation"' in shown.stdout
+    return home
+
+
+@pytest.fixture(scope="module")
+def onnx_daemon(onnx_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
+    try:
+        with run_daemon(onnx_home, sock_dir / "d.sock", tmp_path_factory.mktemp("log")) as d:
+            yield d
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def _openai(daemon: Daemon) -> openai.OpenAI:
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), timeout=300)
+    return openai.OpenAI(base_url="http://clawd/v1", api_key="local", http_client=http)
+
+
+def test_chat_through_the_daemon_reports_entropy(onnx_daemon: Daemon) -> None:
+    with _openai(onnx_daemon) as client:
+        reply = client.chat.completions.create(
+            model=ONNX,
+            messages=QUESTION,  # type: ignore[arg-type]
+            max_tokens=24,
+            temperature=0,
+            extra_body={"claw": {"cache": False}},
+        )
+    text = reply.choices[0].message.content or ""
+    assert text.strip()
+    claw: dict[str, Any] = (reply.model_extra or {})["claw"]
+    assert claw["model"] == ONNX
+    entropy = claw["entropy"]
+    assert entropy["tokens"] == reply.usage.completion_tokens  # type: ignore[union-attr]
+    assert 0.0 <= entropy["mean"] <= entropy["max"]
+    assert 0.0 < entropy["min_prob"] <= 1.0
+    assert claw["timings"]["decode_tokens_per_s"] > 0
+
+
+def test_streaming_and_stop_strings(onnx_daemon: Daemon) -> None:
+    with _openai(onnx_daemon) as client:
+        stream = client.chat.completions.create(
+            model=ONNX,
+            messages=QUESTION,  # type: ignore[arg-type]
+            max_tokens=32,
+            temperature=0,
+            stream=True,
+            extra_body={"claw": {"cache": False}},
+        )
+        pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        full = "".join(pieces)
+        assert len([p for p in pieces if p]) > 1
+        cut = full.strip().split()[1]  # the second word as a stop string
+        stopped = client.chat.completions.create(
+            model=ONNX,
+            messages=QUESTION,  # type: ignore[arg-type]
+            max_tokens=32,
+            temperature=0,
+            stop=[cut],
+            extra_body={"claw": {"cache": False}},
+        )
+    assert cut not in (stopped.choices[0].message.content or "")
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "claw",
+    [{"snapshot": {"save": "nope"}}, {"session": "s1"}, {"adapters": [{"name": "any"}]}],
+)
+def test_what_onnx_models_cannot_do_is_a_400(onnx_daemon: Daemon, claw: dict[str, Any]) -> None:
+    with onnx_daemon.client() as client:
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": ONNX, "messages": QUESTION, "max_tokens": 4, "claw": claw},
+        )
+    assert response.status_code in (400, 404), response.text
+    assert "\n" not in response.json()["error"]["message"]
+
+
+def test_an_onnx_tier_escalates_on_its_entropy(onnx_daemon: Daemon) -> None:
+    policy = onnx_daemon.home / "onnx-first.toml"
+    policy.write_text(
+        f"""name = "onnx-first"
+start = "onnx"
+
+[[tiers]]
+name = "onnx"
+kind = "local"
+model = "{ONNX}"
+[tiers.escalate]
+window_entropy = 0.0001
+window = 1
+decide_within = 16
+
+[[tiers]]
+name = "gguf"
+kind = "local"
+model = "smollm2-135m"
+"""
+    )
+    env = {**os.environ, "CLAW_HOME": str(onnx_daemon.home)}
+    applied = run_cli("route", "apply", str(policy), env=env)
+    assert applied.returncode == 0, applied.stderr
+    with onnx_daemon.client() as client:
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": "onnx-first", "messages": QUESTION, "max_tokens": 16},
+        )
+    assert response.status_code == 200, response.text
+    claw = response.json()["claw"]
+    assert claw["path"] == ["onnx", "gguf"]
+    assert claw["escalated"] is True
+    assert "window_entropy" in claw["reason"]
+    assert response.headers["x-claw-tier"] == "gguf"
