@@ -11,17 +11,39 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from clawctl.engines.onnx_embed import Embeddings, OnnxEmbedder
 from clawctl.errors import BadInput
 from clawctl.store.models import ModelManifest, ModelStore
+
+GGUF_MAX_TOKENS = 512
+
+
+class Embedder(Protocol):
+    dim: int
+
+    def embed(self, texts: list[str]) -> Embeddings: ...
+
+    def close(self) -> None: ...
+
+
+def _load(store: ModelStore, manifest: ModelManifest, threads: int) -> Embedder:
+    """An ONNX encoder with onnxruntime, or a GGUF embedding model with llama.cpp."""
+    if manifest.onnx is not None:
+        return OnnxEmbedder(store.model_dir(manifest), threads, manifest.onnx.max_tokens)
+    from clawctl.engines.llama_embed import GgufEmbedder
+
+    info = manifest.gguf_info()
+    limit = min(info.context_length or GGUF_MAX_TOKENS, GGUF_MAX_TOKENS)
+    return GgufEmbedder(store.model_file(manifest.name), threads, limit)
 
 
 @dataclass
 class _Loaded:
     digest: str
     executor: ThreadPoolExecutor
-    embedder: OnnxEmbedder | None = None
+    embedder: Embedder | None = None
 
 
 class EmbeddingService:
@@ -33,11 +55,13 @@ class EmbeddingService:
     def manifest(self, model: str) -> ModelManifest:
         """The installed embedding model `model`; a clear 400 for a model that cannot embed."""
         manifest = self.store.get(model)
+        if manifest.gguf is not None and manifest.gguf.pooling_type:
+            return manifest  # a GGUF embedding model (pooled output): llama.cpp embeds
         if manifest.onnx is None or manifest.onnx.task != "embedding":
             kind = "a GGUF generation model" if manifest.gguf else "not an embedding model"
             raise BadInput(
                 f"model {model!r} is {kind}; embeddings need an embedding model such as "
-                "minilm-l6 ('clawctl models pull minilm-l6')",
+                "minilm-l6 or minilm-l6-gguf ('clawctl models pull minilm-l6')",
                 param="model",
             )
         return manifest
@@ -53,10 +77,7 @@ class EmbeddingService:
 
     def _run(self, manifest: ModelManifest, slot: _Loaded, texts: list[str]) -> Embeddings:
         if slot.embedder is None:
-            assert manifest.onnx is not None
-            slot.embedder = OnnxEmbedder(
-                self.store.model_dir(manifest), self.threads, manifest.onnx.max_tokens
-            )
+            slot.embedder = _load(self.store, manifest, self.threads)
         return slot.embedder.embed(texts)
 
     async def embed(self, model: str, texts: list[str]) -> Embeddings:
@@ -70,5 +91,7 @@ class EmbeddingService:
 
     def close(self) -> None:
         for slot in self._loaded.values():
-            slot.executor.shutdown(wait=True, cancel_futures=True)
+            if slot.embedder is not None:  # freed on the thread that used it (llama.cpp)
+                slot.executor.submit(slot.embedder.close)
+            slot.executor.shutdown(wait=True, cancel_futures=False)
         self._loaded.clear()

@@ -34,6 +34,8 @@ def quant_home(embed_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         done = run_cli("models", "quantize", "minilm-l6", "--to", bits, env=env)
         assert done.returncode == 0, done.stderr
         assert "cosine vs float" in done.stderr
+    pulled = run_cli("models", "pull", "minilm-l6-gguf", env=env)  # llama.cpp's BERT
+    assert pulled.returncode == 0, pulled.stderr
     return home
 
 
@@ -167,3 +169,16 @@ def test_verify_and_remove_keep_shared_files(quant_home: Path, tmp_path: Path) -
     damaged = run_cli("models", "verify", "minilm-l6", env=env)
     assert damaged.returncode != 0
     assert "damaged" in damaged.stderr
+
+
+def test_gguf_embedding_model_is_served_by_llama_cpp(embed_daemon: Daemon) -> None:
+    """The same MiniLM as a GGUF embedding model (pooling metadata) goes through llama.cpp and
+    gives the ONNX model's vectors."""
+    with _client(embed_daemon) as client:
+        onnx = client.embeddings.create(model="minilm-l6", input=TEXTS)
+        gguf = client.embeddings.create(model="minilm-l6-gguf", input=TEXTS)
+    a = np.array([d.embedding for d in onnx.data])
+    b = np.array([d.embedding for d in gguf.data])
+    assert b.shape == a.shape
+    assert np.min(np.sum(a * b, axis=1)) >= 0.999
+    assert gguf.usage.prompt_tokens == onnx.usage.prompt_tokens

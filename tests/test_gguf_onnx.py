@@ -10,20 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
+import onnxruntime_genai as og
 import pytest
 
-# The `convert` extra; CI installs it, so this skips only on a developer's machine without it.
-og = pytest.importorskip("onnxruntime_genai")
-
-import llama_cpp  # noqa: E402
-
-from clawctl.convert.gguf_onnx import (  # noqa: E402
+from clawctl.convert.gguf_onnx import (
     MISSING_TOOLS,
     GenaiConversion,
     convert_gguf_to_genai,
 )
-from clawctl.errors import BadInput, EngineError  # noqa: E402
+from clawctl.errors import BadInput, EngineError
 
 STEPS = 32
 # Near-ties make whole greedy continuations diverge now and then (SmolLM2-135M at Q4_1 does not

@@ -16,9 +16,7 @@ import httpx
 import openai
 import pytest
 
-pytest.importorskip("onnxruntime_genai")  # the runtime; CI installs it with the build tools
-
-from tests.conftest import DOWNLOAD_CACHE, Daemon, copy_home, run_cli, run_daemon  # noqa: E402
+from tests.conftest import DOWNLOAD_CACHE, Daemon, copy_home, run_cli, run_daemon
 
 pytestmark = pytest.mark.integration
 ONNX = "smollm2-135m-onnx-int4"
@@ -29,8 +27,9 @@ QUESTION = [{"role": "user", "content": "Name three colours."}]
 def onnx_home(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = copy_home(session_home, tmp_path_factory.mktemp("onnx-home"))
     env = {**os.environ, "CLAW_HOME": str(home), "CLAW_DOWNLOAD_CACHE": str(DOWNLOAD_CACHE)}
-    done = run_cli("models", "convert", "smollm2-135m", "--to", "onnx-int4", env=env, timeout=900)
-    assert done.returncode == 0, done.stderr
+    for target in ("onnx-int4", "onnx-int2"):
+        done = run_cli("models", "convert", "smollm2-135m", "--to", target, env=env, timeout=900)
+        assert done.returncode == 0, done.stderr
     shown = run_cli("models", "show", ONNX, "--json", env=env)
     assert '"task": "generation"' in shown.stdout
     return home
@@ -146,3 +145,22 @@ model = "smollm2-135m"
     assert claw["escalated"] is True
     assert "window_entropy" in claw["reason"]
     assert response.headers["x-claw-tier"] == "gguf"
+
+
+def test_int2_is_experimental_and_the_meter_sees_it(onnx_daemon: Daemon) -> None:
+    """2-bit ONNX SmolLM2 runs but rambles: its manifest warns, and the entropy meter reads a
+    far less certain distribution than the int4 model's on the same question."""
+    env = {**os.environ, "CLAW_HOME": str(onnx_daemon.home)}
+    shown = run_cli("models", "show", "smollm2-135m-onnx-int2", env=env)
+    assert shown.returncode == 0
+    assert "experimental" in shown.stdout
+    entropy = {}
+    with onnx_daemon.client() as client:
+        for model in (ONNX, "smollm2-135m-onnx-int2"):
+            response = client.post(
+                "/v1/chat/completions",
+                json={"model": model, "messages": QUESTION, "max_tokens": 24, "temperature": 0},
+            )
+            assert response.status_code == 200, response.text
+            entropy[model] = response.json()["claw"]["entropy"]["mean"]
+    assert entropy["smollm2-135m-onnx-int2"] > entropy[ONNX] + 0.5

@@ -244,7 +244,9 @@ def quantize(
 @app.command()
 def convert(
     name: Annotated[str, typer.Argument(help="Installed GGUF language model.")],
-    to: Annotated[str, typer.Option("--to", help="onnx-int4 (or onnx-int8).")],
+    to: Annotated[
+        str, typer.Option("--to", help="onnx-int4, onnx-int8, or onnx-int2 (experimental).")
+    ],
     new_name: Annotated[str | None, typer.Option("--name", help="Name of the result.")] = None,
     json_: JsonOption = False,
 ) -> None:

@@ -58,7 +58,7 @@ TOOL_MODULES = (
     "safetensors",
     "numpy",
 )
-PRECISIONS = {4: "int4", 8: "int8"}
+PRECISIONS = {4: "int4", 8: "int8", 32: "fp32"}  # fp32: for quantizing further ourselves
 # The GGUF tensors that become the builder's MatMulNBits layers (blk.N.<name>.weight).
 LAYER_MATRICES = frozenset(
     {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
@@ -165,7 +165,7 @@ def _precision(bits: int) -> str:
             "mixture-of-experts layers, not dense ones; use bits=4"
         )
     if bits not in PRECISIONS:
-        raise BadInput(f"bits must be 4 or 8 for an ONNX conversion, not {bits}")
+        raise BadInput(f"bits must be 4, 8 or 32 for an ONNX conversion, not {bits}")
     return PRECISIONS[bits]
 
 

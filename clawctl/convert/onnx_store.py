@@ -1,5 +1,6 @@
-"""ONNX models in the store: pulled by conversion from their published weights, and quantized to
-8, 4 or 2 bits with the quality loss measured and recorded.
+"""Converted models in the store: pulled by conversion from their published weights (MiniLM as
+ONNX or as a GGUF embedding model), ONNX models quantized to 8, 4 or 2 bits with the quality loss
+measured and recorded, and GGUF language models rebuilt for onnxruntime-genai.
 
 Everything is built in a scratch directory inside the blobs dir and adopted only when it
 verifies, so an interrupted pull or quantization leaves the store as it was.
@@ -72,8 +73,6 @@ def pull_converted(
         and all(store.blob_path(d).is_file() for d in existing.blob_digests())
     ):
         return existing, False
-    if entry.convert != "bert-onnx":  # pragma: no cover - the catalog schema allows no other
-        raise BadInput(f"unknown conversion {entry.convert!r}")
     with store.temp_dir() as work:
         sources = work / "source"
         sources.mkdir()
@@ -95,6 +94,14 @@ def pull_converted(
             )
         built = work / "built"
         built.mkdir()
+        if entry.convert == "bert-gguf":
+            from clawctl.convert.bert_gguf import convert_bert_gguf
+
+            convert_bert_gguf(sources, built / "model.gguf", name=entry.name)
+            manifest = store.import_built(
+                entry.name, built / "model.gguf", entry.source_label(), parent=None
+            )
+            return manifest, True
         converted = convert_bert(sources, built / ONNX_MAIN_FILE)
         shutil.copyfile(sources / TOKENIZER_FILE, built / TOKENIZER_FILE)
         info = OnnxInfo(
@@ -194,10 +201,15 @@ def convert_model(
     store: ModelStore, name: str, target: str, *, new_name: str | None = None
 ) -> ModelManifest:
     """`clawctl models convert NAME --to onnx-int4`: an installed GGUF language model rebuilt
-    as an onnxruntime-genai model (see `gguf_onnx`), adopted into the store as a directory."""
-    from clawctl.convert.gguf_onnx import convert_gguf_to_genai
+    as an onnxruntime-genai model (see `gguf_onnx`), adopted into the store as a directory.
 
-    formats = {"onnx-int4": 4, "onnx-int8": 8}
+    onnx-int2 is experimental: the builder has no 2-bit dense layers, so the model is built in
+    float32 and its MatMuls quantized to 2 bits here (block 32, accuracy level 4, the fast
+    kernel); SmolLM2-135M then answers gibberish, which the manifest's warning says."""
+    from clawctl.convert.gguf_onnx import convert_gguf_to_genai
+    from clawctl.quantize_onnx import OnnxQuantOptions, quantize_onnx
+
+    formats = {"onnx-int4": 4, "onnx-int8": 8, "onnx-int2": 2}
     if target not in formats:
         raise BadInput(f"unknown target {target!r}; choose one of {', '.join(formats)}", param="to")
     bits = formats[target]
@@ -207,9 +219,23 @@ def convert_model(
     if any(m.name == target_name for m in store.installed()):
         raise BadInput(f"model {target_name!r} already exists; pass --name or rm it first")
     with store.temp_dir() as work:
-        out = work / "model"
-        done = convert_gguf_to_genai(store.model_file(name), out, work / "build", bits=bits)
-        files = {f: out / f for f in done.files}
+        built = work / ("float" if bits == 2 else "model")
+        done = convert_gguf_to_genai(
+            store.model_file(name), built, work / "build", bits=32 if bits == 2 else bits
+        )
+        files = {f: built / f for f in done.files}
+        extra: dict[str, object] = {}
+        if bits == 2:
+            options = OnnxQuantOptions(bits=2)
+            report = quantize_onnx(built / ONNX_MAIN_FILE, work / ONNX_MAIN_FILE, options)
+            files = {f: p for f, p in files.items() if not f.startswith(ONNX_MAIN_FILE)}
+            files[ONNX_MAIN_FILE] = work / ONNX_MAIN_FILE  # one file: the weights are inline
+            extra = {
+                "block_size": report.block_size,
+                "accuracy_level": report.accuracy_level,
+                "warning": "experimental: 2-bit weights leave this model unusable "
+                "(SmolLM2-135M answers gibberish); use onnx-int4",
+            }
         info = OnnxInfo(
             task="generation",
             architecture=source.architecture,
@@ -219,5 +245,6 @@ def convert_model(
             layers=done.layers,
             kv_width=done.kv_width,
             exact_weights=done.exact_weights,
+            **extra,
         )
         return store.import_onnx(target_name, files, info, f"convert:{name}:{target}", name)

@@ -98,7 +98,8 @@ class OnnxEmbedder:
         self.file_bytes = model.stat().st_size
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in self._tokenizer.encode_batch(texts)]
+        """Tokens each text uses (padding, which a batch adds, is not counted)."""
+        return [sum(e.attention_mask) for e in self._tokenizer.encode_batch(texts)]
 
     def embed(self, texts: list[str]) -> Embeddings:
         import numpy as np
@@ -118,3 +119,6 @@ class OnnxEmbedder:
             )
             vectors[chunk] = out
         return Embeddings(vectors, tuple(lengths))
+
+    def close(self) -> None:
+        self._session = None  # onnxruntime frees the session with its last reference

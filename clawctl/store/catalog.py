@@ -63,7 +63,7 @@ class CatalogEntry(_Frozen):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     parts: list[Part] = Field(min_length=1)
     format: Literal["gguf", "onnx"] = "gguf"
-    convert: Literal["bert-onnx"] | None = None
+    convert: Literal["bert-onnx", "bert-gguf"] | None = None
     inputs: list[SourceFile] = []
 
     def source_label(self) -> str:

@@ -64,6 +64,7 @@ class GgufInfo(BaseModel):
     n_tensors: int
     n_params: int
     chat_template: str | None
+    pooling_type: int | None = None  # set by embedding models (BERT...): they can embed
 
 
 def _field(reader: Any, key: str) -> object:
@@ -115,4 +116,5 @@ def read_gguf_info(path: Path) -> GgufInfo:
         n_tensors=len(reader.tensors),
         n_params=n_params,
         chat_template=template if isinstance(template, str) else None,
+        pooling_type=_optional_int(_field(reader, f"{arch}.pooling_type")),
     )

@@ -366,7 +366,9 @@ class ModelStore:
         part = FilePart(kind="file", path=str(path))
         return self._ingest(model_name, [part], None, f"file:{path}", progress or NullProgress())
 
-    def import_built(self, name: str, built: Path, source: str, parent: str) -> ModelManifest:
+    def import_built(
+        self, name: str, built: Path, source: str, parent: str | None
+    ) -> ModelManifest:
         """Adopt a file produced inside the blobs dir (e.g. by the quantizer)."""
         digest = sha256_file(built)
         read_gguf_info(built)
