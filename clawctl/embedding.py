@@ -28,7 +28,7 @@ class Embedder(Protocol):
     def close(self) -> None: ...
 
 
-def _load(store: ModelStore, manifest: ModelManifest, threads: int) -> Embedder:
+def load_embedder(store: ModelStore, manifest: ModelManifest, threads: int) -> Embedder:
     """An ONNX encoder with onnxruntime, or a GGUF embedding model with llama.cpp."""
     if manifest.onnx is not None:
         return OnnxEmbedder(store.model_dir(manifest), threads, manifest.onnx.max_tokens)
@@ -77,7 +77,7 @@ class EmbeddingService:
 
     def _run(self, manifest: ModelManifest, slot: _Loaded, texts: list[str]) -> Embeddings:
         if slot.embedder is None:
-            slot.embedder = _load(self.store, manifest, self.threads)
+            slot.embedder = load_embedder(self.store, manifest, self.threads)
         return slot.embedder.embed(texts)
 
     async def embed(self, model: str, texts: list[str]) -> Embeddings:
