@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from clawctl.paths import Paths
@@ -118,6 +119,11 @@ class Daemon:
             timeout=timeout,
         )
 
+    def openai(self, timeout: float = 120.0) -> openai.OpenAI:
+        """The official openai client, talking to this clawd over its Unix socket."""
+        http = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), timeout=timeout)
+        return openai.OpenAI(base_url="http://clawd/v1", api_key="unused", http_client=http)
+
     def complete(self, prompt: str, max_tokens: int = 16, **claw: object) -> dict[str, Any]:
         """A greedy /v1/completions call with a `claw` object; asserts it succeeded."""
         with self.client() as client:
@@ -197,15 +203,39 @@ def run_daemon(
         daemon.stop()
 
 
+@contextlib.contextmanager
+def serve(home: Path, log_dir: Path, **env: str) -> Iterator[Daemon]:
+    """A real clawd on `home`, on a socket in a short temporary directory (AF_UNIX paths must
+    stay under ~100 bytes), stopped and cleaned up afterwards."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
+    try:
+        with run_daemon(home, sock_dir / "d.sock", log_dir, **env) as daemon:
+            yield daemon
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def daemon(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """A real clawd serving the real default model, shared by a test module."""
-    sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
-    try:
-        with run_daemon(session_home, sock_dir / "d.sock", tmp_path_factory.mktemp("log")) as d:
-            yield d
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
+    with serve(session_home, tmp_path_factory.mktemp("log")) as d:
+        yield d
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """all-MiniLM-L6-v2's source files (weights, config, tokenizer), fetched and checked against
+    the catalog's sha256 the way `models pull` does, from the shared download cache."""
+    from clawctl.store.sources import NullProgress
+
+    store = ModelStore(Paths.build(tmp_path_factory.mktemp("home"), DOWNLOAD_CACHE))
+    entry = store.catalog.get("minilm-l6")
+    target = tmp_path_factory.mktemp("minilm")
+    weights = target / "model.safetensors"
+    store.fetch(entry.name, list(entry.parts), entry.sha256, weights, NullProgress(), entry.size)
+    for extra in entry.inputs:
+        store.fetch(extra.name, [extra.part], extra.sha256, target / extra.name, NullProgress())
+    return target
 
 
 def derived_profile(home: Path, name: str, **values: int) -> str:

@@ -22,8 +22,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 @pytest.fixture
 def oai(daemon: Daemon) -> Iterator[openai.OpenAI]:
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), timeout=120)
-    with openai.OpenAI(base_url="http://clawd/v1", api_key="unused", http_client=http) as client:
+    with daemon.openai() as client:
         yield client
 
 

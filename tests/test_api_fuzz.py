@@ -7,8 +7,6 @@ the valid requests it generates (any `max_tokens`) stay quick; bounded in exampl
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from tests.conftest import copy_home, derived_profile, run_daemon, tcp_config
+from tests.conftest import copy_home, derived_profile, serve, tcp_config
 
 TOKEN = "fuzz-token"
 
@@ -33,14 +31,8 @@ def fuzz_target(
     home = copy_home(session_home, base / "home")
     profile = derived_profile(home, "x86-fuzz", n_ctx=256)
     config, port = tcp_config(base, TOKEN)
-    sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
-    try:
-        with run_daemon(
-            home, sock_dir / "f.sock", base, CLAW_CONFIG=str(config), CLAW_PROFILE=profile
-        ):
-            yield f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {TOKEN}"}
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
+    with serve(home, base, CLAW_CONFIG=str(config), CLAW_PROFILE=profile):
+        yield f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.mark.integration

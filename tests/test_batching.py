@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import llama_cpp
 import numpy as np
 import openai
@@ -137,8 +136,7 @@ def test_a_joining_prompt_copies_the_shared_prefix(engine: LlamaEngine) -> None:
 
 @pytest.fixture
 def oai(daemon: Daemon) -> Iterator[openai.OpenAI]:
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), timeout=120)
-    with openai.OpenAI(base_url="http://clawd/v1", api_key="unused", http_client=http) as client:
+    with daemon.openai() as client:
         yield client
 
 

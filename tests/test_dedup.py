@@ -6,19 +6,15 @@ is a ledger row with the tokens it saved."""
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
-import openai
 import pytest
 
-from tests.conftest import Daemon, run_daemon
+from tests.conftest import Daemon, serve
 
 pytestmark = pytest.mark.integration
 
@@ -42,28 +38,14 @@ TICKET = (
 
 @pytest.fixture(scope="module")
 def cache_daemon(embed_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
     config = tmp_path_factory.mktemp("config") / "clawd.toml"
     config.write_text(f"[cache]\nthreshold = {THRESHOLD}\n")
-    try:
-        with run_daemon(
-            embed_home,
-            sock_dir / "d.sock",
-            tmp_path_factory.mktemp("log"),
-            CLAW_CONFIG=str(config),
-        ) as daemon:
-            yield daemon
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
-
-
-def _client(daemon: Daemon) -> openai.OpenAI:
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), timeout=120)
-    return openai.OpenAI(base_url="http://clawd/v1", api_key="local", http_client=http)
+    with serve(embed_home, tmp_path_factory.mktemp("log"), CLAW_CONFIG=str(config)) as daemon:
+        yield daemon
 
 
 def _ask(daemon: Daemon, question: str, max_tokens: int = 24, **extra: Any) -> dict[str, Any]:
-    with _client(daemon) as client:
+    with daemon.openai() as client:
         body = {"claw": extra.pop("claw", {"app": "dedup-test"})}
         response = client.chat.completions.create(
             model="smollm2-135m",
@@ -113,7 +95,7 @@ def test_a_streaming_caller_shares_a_flight_with_a_plain_one(cache_daemon: Daemo
     question = "Name two planets of the solar system."
 
     def streamed() -> tuple[str, dict[str, Any] | None]:
-        with _client(cache_daemon) as client:
+        with cache_daemon.openai() as client:
             stream = client.chat.completions.create(
                 model="smollm2-135m",
                 messages=[{"role": "user", "content": question}],

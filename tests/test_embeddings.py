@@ -6,20 +6,16 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
-import openai
 import pytest
 
 from clawctl.engines.onnx_embed import OnnxEmbedder
 from clawctl.paths import Paths
 from clawctl.store.models import ModelStore
-from tests.conftest import DOWNLOAD_CACHE, Daemon, copy_home, run_cli, run_daemon
+from tests.conftest import DOWNLOAD_CACHE, Daemon, copy_home, run_cli, serve
 
 pytestmark = pytest.mark.integration
 TEXTS = ["How do I reset my password?", "The weather in Paris is sunny.", "def f(x): return x"]
@@ -41,17 +37,8 @@ def quant_home(embed_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="module")
 def embed_daemon(quant_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
-    try:
-        with run_daemon(quant_home, sock_dir / "d.sock", tmp_path_factory.mktemp("log")) as d:
-            yield d
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
-
-
-def _client(daemon: Daemon) -> openai.OpenAI:
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), timeout=120)
-    return openai.OpenAI(base_url="http://clawd/v1", api_key="local", http_client=http)
+    with serve(quant_home, tmp_path_factory.mktemp("log")) as daemon:
+        yield daemon
 
 
 def _store(home: Path) -> ModelStore:
@@ -59,7 +46,7 @@ def _store(home: Path) -> ModelStore:
 
 
 def test_openai_client_gets_the_models_own_vectors(embed_daemon: Daemon) -> None:
-    with _client(embed_daemon) as client:
+    with embed_daemon.openai() as client:
         response = client.embeddings.create(model="minilm-l6", input=TEXTS)
     vectors = np.array([d.embedding for d in response.data], dtype=np.float32)
     assert vectors.shape == (3, 384)
@@ -174,7 +161,7 @@ def test_verify_and_remove_keep_shared_files(quant_home: Path, tmp_path: Path) -
 def test_gguf_embedding_model_is_served_by_llama_cpp(embed_daemon: Daemon) -> None:
     """The same MiniLM as a GGUF embedding model (pooling metadata) goes through llama.cpp and
     gives the ONNX model's vectors."""
-    with _client(embed_daemon) as client:
+    with embed_daemon.openai() as client:
         onnx = client.embeddings.create(model="minilm-l6", input=TEXTS)
         gguf = client.embeddings.create(model="minilm-l6-gguf", input=TEXTS)
     a = np.array([d.embedding for d in onnx.data])

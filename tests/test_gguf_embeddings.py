@@ -22,10 +22,6 @@ from clawctl.convert.bert_onnx import BertConfig, reference_embeddings
 from clawctl.engines.llama_embed import GgufEmbedder, read_embedding_header, supports_embeddings
 from clawctl.engines.onnx_embed import load_tokenizer
 from clawctl.errors import BadInput, IntegrityError
-from clawctl.paths import Paths
-from clawctl.store.models import ModelStore
-from clawctl.store.sources import NullProgress
-from tests.conftest import DOWNLOAD_CACHE
 
 DIM, LAYERS, MAX_TOKENS = 384, 6, 256
 MIN_COSINE = 0.999
@@ -61,19 +57,6 @@ TRICKY = (
     "",
     "   ",
 )
-
-
-@pytest.fixture(scope="session")
-def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """all-MiniLM-L6-v2's source files, fetched and checked the way `models pull` does."""
-    store = ModelStore(Paths.build(tmp_path_factory.mktemp("home"), DOWNLOAD_CACHE))
-    entry = store.catalog.get("minilm-l6")
-    target = tmp_path_factory.mktemp("minilm")
-    weights = target / "model.safetensors"
-    store.fetch(entry.name, list(entry.parts), entry.sha256, weights, NullProgress(), entry.size)
-    for extra in entry.inputs:
-        store.fetch(extra.name, [extra.part], extra.sha256, target / extra.name, NullProgress())
-    return target
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from clawctl.convert.gguf_onnx import (
     convert_gguf_to_genai,
 )
 from clawctl.errors import BadInput, EngineError
+from clawctl.store.snapshots import common_prefix
 
 STEPS = 32
 # Near-ties make whole greedy continuations diverge now and then (SmolLM2-135M at Q4_1 does not
@@ -64,15 +65,6 @@ def _llama_cpp_greedy(gguf: Path, prompt: list[int]) -> list[int]:
     return tokens
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @pytest.mark.integration
 def test_greedy_tokens_follow_llama_cpp(converted: GenaiConversion, smollm2_gguf: Path) -> None:
     config = og.Config(str(converted.out_dir))
@@ -110,7 +102,7 @@ def test_greedy_tokens_follow_llama_cpp(converted: GenaiConversion, smollm2_gguf
         while not free.is_done():
             free.generate_next_token()
         own = [int(t) for t in free.get_sequence(0)[len(prompt) :]]
-        prefixes.append(_common_prefix(own, reference))
+        prefixes.append(common_prefix(own, reference))
     assert max(prefixes) >= 8, prefixes  # free-running greedy too, on at least one prompt
 
 

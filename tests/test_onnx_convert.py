@@ -26,27 +26,9 @@ from clawctl.convert.bert_onnx import (
 )
 from clawctl.engines.onnx_embed import load_tokenizer
 from clawctl.errors import BadInput, IntegrityError
-from clawctl.paths import Paths
-from clawctl.store.models import ModelStore
-from clawctl.store.sources import NullProgress
-from tests.conftest import DOWNLOAD_CACHE
 
 DIM, LAYERS = 384, 6
 MIN_COSINE = 0.9999
-
-
-@pytest.fixture(scope="session")
-def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """all-MiniLM-L6-v2's source files (weights, config, tokenizer), fetched and checked against
-    the catalog's sha256 the way `models pull` does, from the shared download cache."""
-    store = ModelStore(Paths.build(tmp_path_factory.mktemp("home"), DOWNLOAD_CACHE))
-    entry = store.catalog.get("minilm-l6")
-    target = tmp_path_factory.mktemp("minilm")
-    weights = target / "model.safetensors"
-    store.fetch(entry.name, list(entry.parts), entry.sha256, weights, NullProgress(), entry.size)
-    for extra in entry.inputs:
-        store.fetch(extra.name, [extra.part], extra.sha256, target / extra.name, NullProgress())
-    return target
 
 
 @dataclass(frozen=True)

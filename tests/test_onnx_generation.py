@@ -6,17 +6,13 @@ a routing tier whose entropy meter escalates to the next tier."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-import openai
 import pytest
 
-from tests.conftest import DOWNLOAD_CACHE, Daemon, copy_home, run_cli, run_daemon
+from tests.conftest import DOWNLOAD_CACHE, Daemon, copy_home, run_cli, serve
 
 pytestmark = pytest.mark.integration
 ONNX = "smollm2-135m-onnx-int4"
@@ -37,21 +33,12 @@ def onnx_home(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="module")
 def onnx_daemon(onnx_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
-    try:
-        with run_daemon(onnx_home, sock_dir / "d.sock", tmp_path_factory.mktemp("log")) as d:
-            yield d
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
-
-
-def _openai(daemon: Daemon) -> openai.OpenAI:
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), timeout=300)
-    return openai.OpenAI(base_url="http://clawd/v1", api_key="local", http_client=http)
+    with serve(onnx_home, tmp_path_factory.mktemp("log")) as daemon:
+        yield daemon
 
 
 def test_chat_through_the_daemon_reports_entropy(onnx_daemon: Daemon) -> None:
-    with _openai(onnx_daemon) as client:
+    with onnx_daemon.openai(timeout=300) as client:
         reply = client.chat.completions.create(
             model=ONNX,
             messages=QUESTION,  # type: ignore[arg-type]
@@ -71,7 +58,7 @@ def test_chat_through_the_daemon_reports_entropy(onnx_daemon: Daemon) -> None:
 
 
 def test_streaming_and_stop_strings(onnx_daemon: Daemon) -> None:
-    with _openai(onnx_daemon) as client:
+    with onnx_daemon.openai(timeout=300) as client:
         stream = client.chat.completions.create(
             model=ONNX,
             messages=QUESTION,  # type: ignore[arg-type]

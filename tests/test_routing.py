@@ -7,9 +7,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ import openai
 import pytest
 
 from clawctl.engines.meter import SIGNALS
-from tests.conftest import Daemon, copy_home, run_cli, run_daemon, tcp_config
+from tests.conftest import Daemon, copy_home, run_cli, serve, tcp_config
 
 TOKEN = "remote-s3cret"
 QUESTION = [{"role": "user", "content": "Is 5 pounds of steel heavier than 2 pounds of air?"}]
@@ -41,12 +39,8 @@ def remote_server(
     base = tmp_path_factory.mktemp("remote")
     home = copy_home(session_home, base / "home")
     config, port = tcp_config(base, TOKEN)
-    sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
-    try:
-        with run_daemon(home, sock_dir / "r.sock", base, CLAW_CONFIG=str(config)) as daemon:
-            yield daemon, f"http://127.0.0.1:{port}/v1"
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
+    with serve(home, base, CLAW_CONFIG=str(config)) as daemon:
+        yield daemon, f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +48,8 @@ def local(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     base = tmp_path_factory.mktemp("local")
     home = copy_home(session_home, base / "home")
     (home / "key").write_text(TOKEN)
-    sock_dir = Path(tempfile.mkdtemp(prefix="claw-", dir="/tmp"))
-    try:
-        with run_daemon(home, sock_dir / "l.sock", base) as daemon:
-            yield daemon
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
+    with serve(home, base) as daemon:
+        yield daemon
 
 
 def policy_text(
@@ -120,11 +110,6 @@ def apply(daemon: Daemon, text: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def openai_client(daemon: Daemon) -> openai.OpenAI:
-    http_client = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)))
-    return openai.OpenAI(base_url="http://clawd/v1", api_key="unused", http_client=http_client)
-
-
 def chat(daemon: Daemon, model: str, **extra: Any) -> httpx.Response:
     body = {"model": model, "messages": QUESTION, "max_tokens": 24, "temperature": 0, **extra}
     with daemon.client() as client:
@@ -169,7 +154,7 @@ def test_low_threshold_escalates_to_the_remote_tier(local: Daemon, remote: str) 
 
 def test_streaming_never_shows_the_abandoned_tier(local: Daemon, remote: str) -> None:
     apply(local, policy_text("esc", remote, key_file=str(local.home / "key")))
-    client = openai_client(local)
+    client = local.openai()
     stream = client.chat.completions.create(
         model="esc",
         messages=QUESTION,
@@ -501,7 +486,7 @@ model = "smollm2-135m"
     assert body["claw"]["path"] == ["int2", "int4"]
     assert body["claw"]["reason"].startswith("int2: window_entropy")
     assert body["choices"][0]["message"]["content"] == direct
-    stream = openai_client(local).chat.completions.create(
+    stream = local.openai().chat.completions.create(
         model="local-only",
         messages=QUESTION,  # type: ignore[arg-type]
         max_tokens=24,

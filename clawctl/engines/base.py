@@ -7,12 +7,14 @@ shapes live only in `schemas/` and `api/`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from clawctl.engines.meter import Signals, Thresholds, Trigger
+from clawctl.engines.decoding import TextStream
+from clawctl.engines.meter import EntropyMeter, Signals, Thresholds, Trigger
 from clawctl.store.snapshot_format import StateIdentity
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -217,6 +219,43 @@ def generate(
                 yield event
                 if isinstance(event, Finished):
                     return
+
+
+Event = tuple[int, TokenEvent | Finished]
+
+
+def finish_events(
+    generation: int,
+    reason: FinishReason,
+    text: TextStream,
+    meter: EntropyMeter | None,
+    counts: tuple[int, int],
+    times: tuple[float, float | None],
+    drafts: tuple[int, int] = (0, 0),
+) -> list[Event]:
+    """How every engine ends a generation: the meter judges a finished answer, the text held
+    back for a possible stop string is released (not for a cancelled one), then `Finished`.
+    `counts` is (prompt tokens, tokens sampled), `times` (opened, first token), `drafts`
+    (drafted, accepted)."""
+    ended = time.perf_counter()
+    opened, first = times[0], times[1] or ended
+    if meter is not None and reason != "cancelled" and meter.trigger is None:
+        meter.finish()
+    tail = "" if reason == "cancelled" else text.flush()
+    done = Finished(
+        finish_reason=reason,
+        prompt_tokens=counts[0],
+        completion_tokens=counts[1],
+        prompt_seconds=first - opened,
+        decode_seconds=ended - first,
+        signals=meter.signals() if meter else None,
+        escalate=meter.trigger if meter else None,
+        drafted=drafts[0],
+        accepted=drafts[1],
+    )
+    if tail:
+        return [(generation, TokenEvent(tail, counts[1])), (generation, done)]
+    return [(generation, done)]
 
 
 KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}

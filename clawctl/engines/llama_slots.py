@@ -34,7 +34,14 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp import _internals
 
-from clawctl.engines.base import Finished, FinishReason, PreparedPrompt, SamplingParams, TokenEvent
+from clawctl.engines.base import (
+    Finished,
+    FinishReason,
+    PreparedPrompt,
+    SamplingParams,
+    TokenEvent,
+    finish_events,
+)
 from clawctl.engines.decoding import NgramIndex, TextStream
 from clawctl.engines.meter import EntropyMeter, Thresholds
 from clawctl.errors import EngineError
@@ -388,27 +395,17 @@ class SlotBatch:
 
     def _finish(self, slot: Slot, reason: FinishReason) -> list[tuple[int, TokenEvent | Finished]]:
         """Close the slot: the text held back for a possible stop string, then `Finished`."""
-        ended = time.perf_counter()
-        first = slot.first or ended
-        meter = slot.meter
-        if meter is not None and reason != "cancelled" and meter.trigger is None:
-            meter.finish()
-        tail = "" if reason == "cancelled" else slot.text.flush()
-        self._close(slot)
-        done = Finished(
-            finish_reason=reason,
-            prompt_tokens=slot.prompt_tokens,
-            completion_tokens=slot.sampled,
-            prompt_seconds=first - slot.opened,
-            decode_seconds=ended - first,
-            signals=meter.signals() if meter else None,
-            escalate=meter.trigger if meter else None,
-            drafted=slot.drafted,
-            accepted=slot.accepted,
+        events = finish_events(
+            slot.seq,
+            reason,
+            slot.text,
+            slot.meter,
+            (slot.prompt_tokens, slot.sampled),
+            (slot.opened, slot.first),
+            (slot.drafted, slot.accepted),
         )
-        if tail:
-            return [(slot.seq, TokenEvent(tail, slot.sampled)), (slot.seq, done)]
-        return [(slot.seq, done)]
+        self._close(slot)
+        return events
 
     def _close(self, slot: Slot) -> None:
         self.slots.pop(slot.seq, None)

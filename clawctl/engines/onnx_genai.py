@@ -29,6 +29,7 @@ from clawctl.engines.base import (
     Prompt,
     SamplingParams,
     TokenEvent,
+    finish_events,
 )
 from clawctl.engines.decoding import TextStream
 from clawctl.engines.meter import EntropyMeter, Thresholds
@@ -214,25 +215,15 @@ class GenaiEngine:
     def _finish(
         self, current: _Open, reason: FinishReason
     ) -> list[tuple[int, TokenEvent | Finished]]:
-        ended = time.perf_counter()
-        first = current.first or ended
-        meter = current.meter
-        if meter is not None and reason != "cancelled" and meter.trigger is None:
-            meter.finish()
-        tail = "" if reason == "cancelled" else current.text.flush()
         self._close()
-        done = Finished(
-            finish_reason=reason,
-            prompt_tokens=current.prompt_tokens,
-            completion_tokens=current.sampled,
-            prompt_seconds=first - current.opened,
-            decode_seconds=ended - first,
-            signals=meter.signals() if meter else None,
-            escalate=meter.trigger if meter else None,
+        return finish_events(
+            GENERATION,
+            reason,
+            current.text,
+            current.meter,
+            (current.prompt_tokens, current.sampled),
+            (current.opened, current.first),
         )
-        if tail:
-            return [(GENERATION, TokenEvent(tail, current.sampled)), (GENERATION, done)]
-        return [(GENERATION, done)]
 
     def _close(self) -> None:
         self._open = None  # dropping the generator frees its KV cache
