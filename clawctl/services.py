@@ -12,7 +12,7 @@ from clawctl.config import DaemonConfig, environment
 from clawctl.embedding import EmbeddingService
 from clawctl.engines.base import AdapterSpec, LoadEngine
 from clawctl.engines.registry import LazyLoader
-from clawctl.errors import BadInput
+from clawctl.errors import BadInput, ClawError
 from clawctl.ledger import Ledger
 from clawctl.metrics import Metrics
 from clawctl.profiles import EdgeProfile, load_profile
@@ -20,7 +20,7 @@ from clawctl.routing.policy import Tier
 from clawctl.routing.remote import RemoteTier
 from clawctl.routing.store import PolicyStore
 from clawctl.scheduler import ModelManager
-from clawctl.schemas.admin import Health
+from clawctl.schemas.admin import CacheStatus, Health
 from clawctl.schemas.openai import AdapterChoice
 from clawctl.statekeeper import SnapshotWriter, StateKeeper
 from clawctl.store.adapters import AdapterStore
@@ -125,4 +125,22 @@ class Services:
             default_model=self.config.default_model,
             memory_budget_bytes=self.manager.budget_bytes,
             loaded=loaded,
+            cache=self.cache_status(),
+        )
+
+    def cache_status(self) -> CacheStatus:
+        stats, semantic = self.answers.stats, self.config.cache.embedding_model
+        try:
+            self.embeddings.manifest(semantic)
+        except ClawError:
+            semantic = ""
+        return CacheStatus(
+            entries=len(self.answers),
+            bytes=self.answers.bytes,
+            exact_hits=stats.exact_hits,
+            semantic_hits=stats.semantic_hits,
+            misses=stats.misses,
+            near_misses=stats.near_misses,
+            semantic_model=semantic or None,
+            embedding_models=self.embeddings.loaded(),
         )

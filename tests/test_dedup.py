@@ -6,6 +6,7 @@ is a ledger row with the tokens it saved."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, serve
+from tests.conftest import Daemon, run_cli, serve
 
 pytestmark = pytest.mark.integration
 
@@ -178,3 +179,20 @@ def test_reuse_shows_in_metrics_and_the_ledger_summary(cache_daemon: Daemon) -> 
     assert all(r["tier_path"] == "cache:exact" and r["tokens_saved"] > 0 for r in rows)
     usage = json.loads(rows[-1]["usage_by_tier"])
     assert usage == {}
+    with cache_daemon.client() as client:
+        cache = client.get("/health").json()["cache"]
+    assert cache["entries"] > 0
+    assert cache["bytes"] > 0
+    assert cache["exact_hits"] >= len(rows)
+    assert cache["semantic_hits"] >= len(PARAPHRASES)
+    assert cache["near_misses"] >= 1  # the ticket dated 4 March
+    assert cache["semantic_model"] == "minilm-l6"
+    assert "minilm-l6" in cache["embedding_models"]
+    env = {
+        **os.environ,
+        "CLAW_HOME": str(cache_daemon.home),
+        "CLAW_SOCKET": str(cache_daemon.socket),
+    }
+    status = run_cli("status", env=env)
+    assert status.returncode == 0, status.stderr
+    assert "answer cache:" in status.stdout

@@ -48,6 +48,14 @@ def register(app: typer.Typer) -> None:
             f"{len(health.loaded)} model(s) loaded, "
             f"budget {human_bytes(health.memory_budget_bytes)}"
         )
+        cache = health.cache
+        if cache is not None:
+            matching = f"semantic ({cache.semantic_model})" if cache.semantic_model else "exact"
+            out.print(
+                f"answer cache: {cache.entries} answers ({human_bytes(cache.bytes)}), "
+                f"{cache.exact_hits} exact and {cache.semantic_hits} semantic hits, "
+                f"{cache.misses} misses; matching {matching}"
+            )
 
     @app.command()
     def ps(json_: JsonOption = False) -> None:

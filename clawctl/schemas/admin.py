@@ -18,6 +18,19 @@ class LoadedModel(BaseModel):
     queued_requests: int
 
 
+class CacheStatus(BaseModel):
+    """The answer cache at a glance (counts since clawd started)."""
+
+    entries: int
+    bytes: int
+    exact_hits: int
+    semantic_hits: int
+    misses: int
+    near_misses: int  # similar enough, but the numbers differed
+    semantic_model: str | None  # None: exact matching only (the model is not installed)
+    embedding_models: list[str] = []  # loaded
+
+
 class Health(BaseModel):
     status: str
     version: str
@@ -28,3 +41,4 @@ class Health(BaseModel):
     default_model: str
     memory_budget_bytes: int
     loaded: list[LoadedModel]
+    cache: CacheStatus | None = None
