@@ -221,14 +221,14 @@ def test_files_shrink_with_the_bits(models: Models, mlp: tuple[Path, Array, Arra
             assert payload <= report.dst_bytes <= payload + 2048
         sizes.append(models[bits, 4, False][1].dst_bytes)
     assert sizes[2] < sizes[1] < sizes[0] < src_bytes
-    assert sizes[0] < 0.3 * src_bytes  # 8 bits + 40 bits per 128 weights, vs 32 bits
+    assert sizes[0] < 0.3 * src_bytes  # 8 bits + 40 bits per 32 weights, vs 32 bits
 
 
 def test_defaults_and_slow_path_warnings(models: Models) -> None:
     assert OnnxQuantOptions(bits=2) == OnnxQuantOptions(2, 32, 4, False)
     assert OnnxQuantOptions.create(2, None, None) == OnnxQuantOptions(bits=2)
     assert OnnxQuantOptions(bits=4).resolved == (32, 4)
-    assert OnnxQuantOptions(bits=8).resolved == (128, 4)
+    assert OnnxQuantOptions(bits=8).resolved == (32, 4)
     for bits in ALL_BITS:
         assert OnnxQuantOptions(bits=bits).slow_path_warnings() == ()
         assert models[bits, 4, False][1].warnings == ()

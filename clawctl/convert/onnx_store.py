@@ -139,7 +139,7 @@ def quality_warning(bits: int, mean_cosine: float) -> str | None:
     if mean_cosine < DRIFT_COSINE:
         return (
             f"int{bits} embeddings drift from float (cosine {mean_cosine:.3f}): cache thresholds "
-            "near 0.998 will rarely match; int8 keeps >= 0.999"
+            "near 0.998 will rarely match; int8 keeps >= 0.9995"
         )
     return None
 
