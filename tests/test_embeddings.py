@@ -169,3 +169,17 @@ def test_gguf_embedding_model_is_served_by_llama_cpp(embed_daemon: Daemon) -> No
     assert b.shape == a.shape
     assert np.min(np.sum(a * b, axis=1)) >= 0.999
     assert gguf.usage.prompt_tokens == onnx.usage.prompt_tokens
+
+
+def test_many_texts_come_back_in_order(embed_daemon: Daemon) -> None:
+    """More texts than one batch: embedded in length-sorted batches, returned in input order,
+    each as it is alone, and usage counts each text's own tokens (no padding)."""
+    texts = [f"Ticket {i}: " + "the router drops the line " * (i % 7 + 1) for i in range(40)]
+    with embed_daemon.openai() as client:
+        many = client.embeddings.create(model="minilm-l6", input=texts)
+        alone = [client.embeddings.create(model="minilm-l6", input=text) for text in texts]
+    vectors = np.array([d.embedding for d in many.data])
+    assert [d.index for d in many.data] == list(range(40))
+    singles = np.array([one.data[0].embedding for one in alone])
+    assert np.min(np.sum(vectors * singles, axis=1)) > 0.99999
+    assert many.usage.prompt_tokens == sum(one.usage.prompt_tokens for one in alone)

@@ -244,9 +244,7 @@ def quantize(
 @app.command()
 def convert(
     name: Annotated[str, typer.Argument(help="Installed GGUF language model.")],
-    to: Annotated[
-        str, typer.Option("--to", help="onnx-int4, onnx-int8, or onnx-int2 (experimental).")
-    ],
+    to: Annotated[str, typer.Option("--to", help="onnx-int4, or onnx-int2 (experimental).")],
     new_name: Annotated[str | None, typer.Option("--name", help="Name of the result.")] = None,
     json_: JsonOption = False,
 ) -> None:

@@ -209,7 +209,7 @@ def convert_model(
     from clawctl.convert.gguf_onnx import convert_gguf_to_genai
     from clawctl.quantize_onnx import OnnxQuantOptions, quantize_onnx
 
-    formats = {"onnx-int4": 4, "onnx-int8": 8, "onnx-int2": 2}
+    formats = {"onnx-int4": 4, "onnx-int2": 2}
     if target not in formats:
         raise BadInput(f"unknown target {target!r}; choose one of {', '.join(formats)}", param="to")
     bits = formats[target]

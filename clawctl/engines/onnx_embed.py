@@ -106,19 +106,28 @@ class OnnxEmbedder:
 
         if not texts:
             return Embeddings(np.zeros((0, self.dim), dtype=np.float32), ())
+        if len(texts) <= BATCH:  # one batch: tokenized once (the cache's lookups are this case)
+            vectors, lengths = self._run(texts)
+            return Embeddings(vectors, tuple(lengths))
         lengths = self.count_tokens(texts)
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
         vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(order), BATCH):
             chunk = order[start : start + BATCH]
-            encoded = self._tokenizer.encode_batch([texts[i] for i in chunk])
-            ids = np.array([e.ids for e in encoded], dtype=np.int64)
-            mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
-            (out,) = self._session.run(
-                ["sentence_embedding"], {"input_ids": ids, "attention_mask": mask}
-            )
-            vectors[chunk] = out
+            vectors[chunk] = self._run([texts[i] for i in chunk])[0]
         return Embeddings(vectors, tuple(lengths))
+
+    def _run(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """One padded batch through the session: its vectors and each text's token count."""
+        import numpy as np
+
+        encoded = self._tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in encoded], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+        (out,) = self._session.run(
+            ["sentence_embedding"], {"input_ids": ids, "attention_mask": mask}
+        )
+        return out, [int(n) for n in mask.sum(axis=1)]
 
     def close(self) -> None:
         self._session = None  # onnxruntime frees the session with its last reference
