@@ -301,10 +301,12 @@ class ModelWorker:
             return
         for slot, event in events:
             job = self._running[slot]
-            job.emit(event)
             if isinstance(event, Finished):
-                del self._running[slot]
+                del self._running[slot]  # before the caller hears of it: it may ask at once
+                job.emit(event)
                 self._finished(engine, job)
+            else:
+                job.emit(event)
 
     def _finished(self, engine: Engine, job: Job) -> None:
         if self.keeper is not None and job.state.session and engine.stateful:
@@ -372,7 +374,13 @@ class ModelManager:
         if manifest.onnx is not None:
             return self._onnx_settings(manifest)
         n_ctx = self.profile.n_ctx
-        context_length = manifest.gguf_info().context_length
+        info = manifest.gguf_info()
+        if info.pooling_type:
+            raise BadInput(
+                f"model {manifest.name!r} is an embedding model: use /v1/embeddings",
+                param="model",
+            )
+        context_length = info.context_length
         if context_length:
             n_ctx = min(n_ctx, context_length)
         return EngineSettings(
@@ -406,10 +414,12 @@ class ModelManager:
         )
 
     def estimate(self, manifest: ModelManifest, settings: EngineSettings) -> int:
-        if manifest.onnx is not None:  # float32 KV cache, one generation at a time
+        if manifest.onnx is not None:  # one generation at a time
             onnx = manifest.onnx
-            kv = 2 * (onnx.layers or 0) * settings.n_ctx * (onnx.kv_width or 0) * 4
-            return manifest.size + kv
+            kv_bytes = estimate_kv_bytes(
+                onnx.layers or 0, settings.n_ctx, onnx.kv_width or 0, settings.kv_cache_type
+            )
+            return manifest.size + kv_bytes
         info = manifest.gguf_info()
         kv = estimate_kv_bytes(
             info.block_count or 0,

@@ -90,6 +90,17 @@ def test_bad_requests_get_one_line_errors(
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("model", ["minilm-l6", "minilm-l6-gguf"])
+def test_embedding_models_do_not_chat(embed_daemon: Daemon, model: str) -> None:
+    with embed_daemon.client() as client:
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert response.status_code == 400, response.text
+    assert "use /v1/embeddings" in response.json()["error"]["message"]
+
+
 def test_quantized_models_record_their_quality(quant_home: Path) -> None:
     store = _store(quant_home)
     quality = {}

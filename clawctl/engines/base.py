@@ -258,7 +258,7 @@ def finish_events(
     return [(generation, done)]
 
 
-KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+KV_BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 def estimate_kv_bytes(n_layer: int, n_ctx: int, n_embd_kv: int, kv_cache_type: str) -> int:

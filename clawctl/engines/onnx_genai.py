@@ -29,6 +29,7 @@ from clawctl.engines.base import (
     Prompt,
     SamplingParams,
     TokenEvent,
+    estimate_kv_bytes,
     finish_events,
 )
 from clawctl.engines.decoding import TextStream
@@ -37,7 +38,6 @@ from clawctl.errors import BadInput, EngineError
 from clawctl.store.snapshot_format import StateIdentity
 
 GENERATION = 0  # the id of the one open generation
-FLOAT32_BYTES = 4  # onnxruntime-genai keeps the KV cache in the model's float type
 
 
 @dataclass
@@ -234,7 +234,7 @@ class GenaiEngine:
         layers = int(decoder.get("num_hidden_layers") or 0)
         kv_width = int(decoder.get("num_key_value_heads") or 0) * int(decoder.get("head_size") or 0)
         weights = sum(p.stat().st_size for p in self.settings.model_path.iterdir() if p.is_file())
-        return weights + 2 * layers * self._context * kv_width * FLOAT32_BYTES
+        return weights + estimate_kv_bytes(layers, self._context, kv_width, "f32")
 
     # --- what ONNX models do not support ----------------------------------------------------
 
