@@ -56,7 +56,7 @@ def prepare_home(home: Path, with_onnx_generation: bool) -> tuple[list[str], str
     """Install the models into a throw-away home; returns the embedding models and the ONNX
     generation model's name (None when the build tools are missing)."""
     from clawctl.config import load_paths
-    from clawctl.convert.onnx_store import convert_model, pull_model, quantize_onnx_model
+    from clawctl.convert.recipes import convert_model, pull_model, quantize_onnx_model
     from clawctl.errors import BadInput
     from clawctl.paths import Paths
     from clawctl.store.models import ModelStore

@@ -107,7 +107,7 @@ def pull(
 
     Example: clawctl models pull smollm2-135m
     """
-    from clawctl.convert.onnx_store import pull_model
+    from clawctl.convert.recipes import pull_model
 
     with RichProgress() as progress:
         manifest, fetched = pull_model(_store(), ref, sha256=sha256, progress=progress)
@@ -204,7 +204,7 @@ def quantize(
     Example: clawctl models quantize minilm-l6 --to int8
     """
     if to.lower() in ("int8", "int4", "int2"):
-        from clawctl.convert.onnx_store import quantize_onnx_model
+        from clawctl.convert.recipes import quantize_onnx_model
 
         result = quantize_onnx_model(
             _store(),
@@ -253,7 +253,7 @@ def convert(
 
     Example: clawctl models convert smollm2-135m --to onnx-int4
     """
-    from clawctl.convert.onnx_store import convert_model
+    from clawctl.convert.recipes import convert_model
 
     with err.status(f"converting {name} to {to} (dequantize, build, carry weights over)…"):
         manifest = convert_model(_store(), name, to, new_name=new_name)
