@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from clawctl.convert.bert_onnx import (
     PROBES,
     BertConfig,
-    _check_modules,
-    _checked_weights,
-    _max_length,
+    check_modules,
+    checked_weights,
     reference_embeddings,
+    truncation_length,
 )
 from clawctl.engines.onnx_embed import PAD_TOKEN, load_tokenizer
 from clawctl.errors import BadInput, IntegrityError
@@ -114,8 +114,8 @@ def convert_bert_gguf(
     if out.is_dir():
         raise BadInput(f"{out}: is a directory; give the path of the .gguf file to write")
     config = BertConfig.from_json(model_dir / "config.json")
-    _check_modules(model_dir, config)  # mean pooling (or no modules.json), no Dense layers
-    max_length = _max_length(model_dir, config)
+    check_modules(model_dir, config)  # mean pooling (or no modules.json), no Dense layers
+    max_length = truncation_length(model_dir, config)
     vocab = _read_vocab(model_dir / "tokenizer.json", config)
     tokenizer = load_tokenizer(model_dir / "tokenizer.json", max_length)
     weights = _load_weights(model_dir / "model.safetensors", config)
@@ -281,7 +281,7 @@ def _load_weights(path: Path, config: BertConfig) -> dict[str, FloatArray]:
         raw = load_file(str(path))
     except (OSError, SafetensorError, ValueError, TypeError) as exc:
         raise BadInput(f"{path}: unreadable safetensors ({_one_line(exc)})") from None
-    return _checked_weights(raw, config)
+    return checked_weights(raw, config)
 
 
 # --- writing ---------------------------------------------------------------------------------

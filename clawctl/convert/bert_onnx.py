@@ -146,8 +146,8 @@ def convert_bert(model_dir: Path, out: Path) -> BertConversion:
     if out.is_dir():
         raise BadInput(f"{out}: is a directory; give the path of the .onnx file to write")
     config = BertConfig.from_json(model_dir / "config.json")
-    _check_modules(model_dir, config)
-    max_length = _max_length(model_dir, config)
+    check_modules(model_dir, config)
+    max_length = truncation_length(model_dir, config)
     tokenizer = load_tokenizer(model_dir / "tokenizer.json", max_length)
     weights = _load_weights(model_dir / "model.safetensors", config)
 
@@ -191,7 +191,7 @@ def reference_embeddings(
     """
     import numpy as np
 
-    checked = _checked_weights(weights, config)
+    checked = checked_weights(weights, config)
     ids = np.asarray(input_ids, dtype=np.int64)
     mask = np.asarray(attention_mask) != 0
     if ids.ndim != 2 or ids.shape != mask.shape:
@@ -264,7 +264,7 @@ def _positive_int(raw: dict[str, Any], key: str, path: Path) -> int:
     return value
 
 
-def _check_modules(model_dir: Path, config: BertConfig) -> None:
+def check_modules(model_dir: Path, config: BertConfig) -> None:
     """Refuse sentence-transformers pipelines this graph would not reproduce (Dense, CLS pooling).
 
     A directory without modules.json is taken as a plain BERT with mean pooling.
@@ -297,7 +297,7 @@ def _check_modules(model_dir: Path, config: BertConfig) -> None:
         raise BadInput(f"{pooling_file}: word_embedding_dimension {dim} != {config.hidden_size}")
 
 
-def _max_length(model_dir: Path, config: BertConfig) -> int:
+def truncation_length(model_dir: Path, config: BertConfig) -> int:
     """The truncation length sentence-transformers uses, capped by the position table."""
     st_file = model_dir / "sentence_bert_config.json"
     if not st_file.is_file():
@@ -334,7 +334,7 @@ def _expected_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _checked_weights(
+def checked_weights(
     weights: dict[str, np.ndarray[Any, Any]], config: BertConfig
 ) -> dict[str, FloatArray]:
     """The tensors the encoder uses, as float32, under BertModel names (no `bert.` prefix).
@@ -372,7 +372,7 @@ def _load_weights(path: Path, config: BertConfig) -> dict[str, FloatArray]:
         raw = load_file(str(path))
     except (OSError, SafetensorError, ValueError, TypeError) as exc:
         raise BadInput(f"{path}: unreadable safetensors ({_one_line(exc)})") from None
-    checked = _checked_weights(raw, config)
+    checked = checked_weights(raw, config)
     if sum(t.nbytes for t in checked.values()) > MAX_WEIGHT_BYTES:
         raise BadInput(f"{path}: weights exceed the 2 GiB limit of a single-file ONNX model")
     return checked
