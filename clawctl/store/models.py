@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import IO, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -246,20 +246,28 @@ class ModelStore:
     ) -> None:
         """Stream parts into `dest` (a scratch file), refusing bytes that do not hash to
         `expected_sha256`: sources a conversion reads are pinned like models are."""
-        digest = hashlib.sha256()
         with dest.open("wb") as out:
-            started = False
-            for part in parts:
-                with open_part(part, self.paths.download_cache, progress) as (stream, size):
-                    if not started:
-                        progress.start(f"fetching {label}", total or size)
-                        started = True
-                    copy_hashing(stream, out, digest, progress.advance)
-        if digest.hexdigest() != expected_sha256.lower():
-            raise IntegrityError(
-                f"{label}: the bytes hash to {digest.hexdigest()[:12]}…, expected "
-                f"{expected_sha256[:12]}…; the source changed or is damaged"
-            )
+            actual = self._copy_parts(out, parts, f"fetching {label}", progress, total)
+        _check_digest(label, actual, expected_sha256)
+
+    def _copy_parts(
+        self,
+        out: IO[bytes],
+        parts: list[Part],
+        description: str,
+        progress: ProgressSink,
+        total: int | None,
+    ) -> str:
+        """Append every part's bytes to `out`; returns their sha256."""
+        digest = hashlib.sha256()
+        started = False
+        for part in parts:
+            with open_part(part, self.paths.download_cache, progress) as (stream, size):
+                if not started:
+                    progress.start(description, total or size)
+                    started = True
+                copy_hashing(stream, out, digest, progress.advance)
+        return digest.hexdigest()
 
     def commit_blob(self, tmp: Path, digest: str) -> Path:
         blob = self.blob_path(digest)
@@ -298,23 +306,12 @@ class ModelStore:
         (which raises to refuse it) and only then given its content address. Returns the digest,
         the blob path and what `check` returned."""
         with self.temp_blob() as (tmp, fd):
-            digest = hashlib.sha256()
             with os.fdopen(fd, "wb") as out:
-                started = False
-                for part in parts:
-                    with open_part(part, self.paths.download_cache, progress) as (stream, size):
-                        if not started:
-                            progress.start(f"importing {label}", total or size)
-                            started = True
-                        copy_hashing(stream, out, digest, progress.advance)
+                actual = self._copy_parts(out, parts, f"importing {label}", progress, total)
                 out.flush()
                 os.fsync(out.fileno())
-            actual = digest.hexdigest()
-            if expected_sha256 is not None and actual != expected_sha256.lower():
-                raise IntegrityError(
-                    f"{label}: the bytes hash to {actual[:12]}…, expected "
-                    f"{expected_sha256[:12]}…; the source changed or is damaged"
-                )
+            if expected_sha256 is not None:
+                _check_digest(label, actual, expected_sha256)
             checked = check(tmp)  # rejects truncated or foreign files before they are visible
             blob = self.commit_blob(tmp, actual)
         return actual, blob, checked
@@ -430,3 +427,11 @@ class ModelStore:
                 VerifyResult(name=manifest.name, digest=manifest.digest, ok=ok, actual=actual)
             )
         return results
+
+
+def _check_digest(label: str, actual: str, expected: str) -> None:
+    if actual != expected.lower():
+        raise IntegrityError(
+            f"{label}: the bytes hash to {actual[:12]}…, expected "
+            f"{expected[:12]}…; the source changed or is damaged"
+        )
