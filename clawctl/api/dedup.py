@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -31,7 +30,6 @@ from clawctl.answer_cache import CacheKey, Hit, StoredAnswer, deterministic, req
 from clawctl.api.generation import GenerationRun, is_policy_name
 from clawctl.engines.base import FinishReason
 from clawctl.errors import ClawError
-from clawctl.ledger import LedgerRow
 from clawctl.schemas.openai import ClawInfo, Timings, Usage
 
 if TYPE_CHECKING:
@@ -66,7 +64,6 @@ class Answer(Protocol):
 class CachePlan:
     key: CacheKey
     threshold: float
-    semantic_model: str | None  # None: exact matches only
 
 
 def _plan(run: GenerationRun) -> CachePlan | None:
@@ -95,14 +92,7 @@ def _plan(run: GenerationRun) -> CachePlan | None:
     key = request_key(
         run.endpoint, run.model, run.prompt, run.params, adapters, run.json_mode, routing
     )
-    semantic = settings.embedding_model
-    try:
-        services.embeddings.manifest(semantic)
-    except ClawError:
-        semantic_model = None
-    else:
-        semantic_model = semantic
-    return CachePlan(key, threshold, semantic_model)
+    return CachePlan(key, threshold)
 
 
 @dataclass
@@ -126,8 +116,8 @@ async def open_answer(run: GenerationRun, flights: Flights) -> Answer:
     if (flight := flights.running.get(plan.key.exact)) is not None:
         return await flight.join(run)
     vector = None
-    if plan.semantic_model is not None and cache.has_scope(plan.key):
-        vector = await _embed(run, plan.semantic_model, plan.key.text)
+    if cache.has_scope(plan.key) and (model := _semantic_model(run)) is not None:
+        vector = await _embed(run, model, plan.key.text)
         if vector is not None:
             hit = cache.nearest(plan.key, vector, plan.threshold)
             if hit is not None:
@@ -152,6 +142,17 @@ async def begin(run: GenerationRun) -> None:
     await run.start()
     if run.policy is not None:
         await run.commit()
+
+
+def _semantic_model(run: GenerationRun) -> str | None:
+    """The embedding model for semantic lookups, or None (exact matches only) while it is not
+    installed. Asked only where an embedding would follow, never on every request."""
+    name = run.services.config.cache.embedding_model
+    try:
+        run.services.embeddings.manifest(name)
+    except ClawError:
+        return None
+    return name
 
 
 async def _embed(run: GenerationRun, model: str, text: str) -> np.ndarray | None:
@@ -231,8 +232,8 @@ class Flight:
         if run.degraded or run.finish_reason == "cancelled":
             return  # a fallback answer is not the answer this request deserves next time
         vector = self.vector
-        if vector is None and self.plan.semantic_model is not None:
-            vector = await _embed(run, self.plan.semantic_model, self.plan.key.text)
+        if vector is None and (model := _semantic_model(run)) is not None:
+            vector = await _embed(run, model, self.plan.key.text)
         usage = run.usage()
         stored = StoredAnswer(
             text="".join(self.pieces),
@@ -407,13 +408,7 @@ def _record_reuse(
     )
     info = stored.info
     services.ledger.record(
-        LedgerRow(
-            request_id=run.id or uuid.uuid4().hex,
-            ts=time.time(),
-            uid=run.peer.uid if run.peer else None,
-            pid=run.peer.pid if run.peer else None,
-            app=run.claw.app,
-            endpoint=run.endpoint,
+        run.ledger_row(
             model=info.model,
             policy=info.policy,
             tier_path=f"cache:{kind}",

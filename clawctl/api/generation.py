@@ -446,13 +446,7 @@ class GenerationRun:
         )
         state = self.started.state if self.started else None
         self.services.ledger.record(
-            LedgerRow(
-                request_id=self.id,
-                ts=time.time(),
-                uid=self.peer.uid if self.peer else None,
-                pid=self.peer.pid if self.peer else None,
-                app=self.claw.app,
-                endpoint=self.endpoint,
+            self.ledger_row(
                 model=answered.model,
                 policy=self.policy.name if self.policy else None,
                 tier_path=self.path.text,
@@ -473,6 +467,20 @@ class GenerationRun:
         )
         if self.policy and self.policy.store_prompts and self.path.escalated and not self.degraded:
             self._record_example(answered)
+
+    def ledger_row(self, **fields: object) -> LedgerRow:
+        """This request's ledger row: who asked, when, through which endpoint, plus `fields`."""
+        return LedgerRow.model_validate(
+            {
+                "request_id": self.id,
+                "ts": time.time(),
+                "uid": self.peer.uid if self.peer else None,
+                "pid": self.peer.pid if self.peer else None,
+                "app": self.claw.app,
+                "endpoint": self.endpoint,
+                **fields,
+            }
+        )
 
     def _record_example(self, answered: TierRun) -> None:
         assert self.policy is not None
