@@ -226,7 +226,7 @@ def speculative_runs(client: httpx.Client, runs: int) -> Speculation:
             for path, body in requests:
                 for on in (False, True):
                     full = {"model": "smollm2-135m", "max_tokens": 200, "temperature": 0,
-                            "claw": {"speculative": on}, **body}  # fmt: skip
+                            "claw": {"speculative": on, "cache": False}, **body}  # fmt: skip
                     claw = client.post(path, json=full).json()["claw"]
                     if round_ == 0:
                         continue  # warm-up: every prompt's prefix is in the daemon's memory

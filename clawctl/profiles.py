@@ -57,7 +57,7 @@ class EdgeProfile(BaseModel):
     # Continuous batching: generations of one model decoded together (llama.cpp's `-np`).
     parallel: int = Field(4, ge=1, le=32)
     # Speculative decoding by prompt lookup: draft tokens verified per step (0: off).
-    draft_max: int = Field(8, ge=0, le=64)
+    draft_max: int = Field(12, ge=0, le=64)
     snapshot_budget_mb: int = Field(2048, ge=16)
     int4_quant: str
     int2_quant: str

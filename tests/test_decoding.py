@@ -40,28 +40,44 @@ def test_stop_spanning_pieces_and_earliest_of_several() -> None:
     assert stopped
 
 
-def test_ngram_draft_proposes_what_followed_the_tail_last_time() -> None:
-    index = NgramIndex(n_min=2, n_max=3)
+def test_ngram_draft_follows_a_long_tail_seen_once() -> None:
+    index = NgramIndex(n_min=2, n_max=3, trusted_n=3)
     index.extend([1, 2, 3, 4, 5, 9, 1, 2, 3])
-    assert index.draft(3) == [4, 5, 9]  # "1 2 3" was followed by 4 5 9
+    assert index.draft(3) == [4, 5, 9]  # "1 2 3" was followed by 4, then "2 3 4" by 5, ...
     assert index.draft(1) == [4]
     index.extend([7])
     assert index.draft(4) == []  # "3 7" never occurred before
 
 
-def test_ngram_draft_prefers_the_longest_match_and_the_latest_occurrence() -> None:
-    index = NgramIndex(n_min=2, n_max=3)
-    index.extend([5, 6, 1, 8, 8, 6, 1, 9, 0, 7, 6, 1])
-    # "7 6 1" never occurred; "6 1" occurred twice, the latest was followed by 9 0
-    assert index.draft(2) == [9, 0]
-    index.extend([9])
-    assert index.draft(5) == [0, 7, 6, 1, 9]  # "6 1 9" (n=3) again, up to the tail itself
+def test_ngram_short_tail_needs_a_second_agreeing_occurrence() -> None:
+    index = NgramIndex(n_min=2, n_max=4, trusted_n=4)
+    index.extend([8, 1, 2, 5, 9, 1, 2])
+    assert index.draft(2) == []  # "1 2" -> 5 seen once, and only a 2-token tail matches
+    index.extend([5, 7, 1, 2])
+    assert index.draft(1) == [5]  # "1 2" -> 5 twice now
+
+
+def test_ngram_draft_stops_where_continuations_vary() -> None:
+    # JSON-like records: `key` `:` then a value that changes each time, then `,` `next`.
+    key, colon, comma, other = 10, 11, 12, 13
+    records = [[key, colon, value, comma, other] for value in (100, 101, 102)]
+    index = NgramIndex(n_min=2, n_max=3, trusted_n=3)
+    for record in records:
+        index.extend(record)
+    index.extend([key])
+    assert index.draft(5) == [colon]  # "other key" -> ":" always; ": value" varies
+    index.extend([colon, 103])
+    assert index.draft(5) == []  # "colon 103" is new, and "103" alone is below n_min
+    index.extend([comma])
+    assert index.draft(5) == []  # "103 ," is new
+    index.extend([other])
+    assert index.draft(5) == [key, colon]  # ", other" -> key -> ":" repeat; the value varies
 
 
 def test_ngram_never_matches_the_tail_itself() -> None:
-    index = NgramIndex(n_min=1, n_max=2)
+    index = NgramIndex(n_min=1, n_max=2, trusted_n=1)
     index.extend([4, 4])
-    assert index.draft(3) == [4]  # "4" ended at 0 and was followed by the 4 at 1
+    assert index.draft(1) == [4]  # "4" was followed by 4 once
     fresh = NgramIndex()
     fresh.extend([1, 2])
     assert fresh.draft(3) == []

@@ -3,8 +3,8 @@
 Engine-independent pieces of a decode loop, kept apart so they are tested without a model:
 `TextStream` decodes UTF-8 across token boundaries and holds back text that may be the start of
 a stop string (as llama-cpp-python's `create_completion` does); `NgramIndex` proposes the tokens
-that followed the latest n-gram the last time it occurred (prompt-lookup drafting, llama.cpp's
-`ngram` speculative mode): JSON keys, code and tool-call payloads repeat what the prompt holds.
+that have reliably followed the history's latest n-grams (prompt-lookup drafting, as llama.cpp's
+`ngram` speculative modes): JSON keys, code and tool-call payloads repeat what the prompt holds.
 """
 
 from __future__ import annotations
@@ -56,36 +56,66 @@ class TextStream:
         return text
 
 
+# An n-gram followed by different tokens at different times: nothing to draft after it.
+CONTRADICTED = -1
+
+
 class NgramIndex:
-    """Where each n-gram (n_min..n_max tokens) of a token history last ended, for drafting.
+    """What followed each n-gram (n_min..n_max tokens) of a token history, for drafting.
 
-    An n-gram is indexed one token late, so looking up the history's own tail finds the
-    previous occurrence, never the tail itself."""
+    Each n-gram maps to the one token that has followed it every time, with how often, or to
+    CONTRADICTED once two occurrences went on differently. A draft follows the history's
+    longest known tail one token at a time and stops where the continuation varies: in a run
+    of JSON records the keys and punctuation repeat but the values change, and a draft that
+    runs into a value is rejected at a cost (a verify batch of d+1 tokens costs nearly d+1
+    tokens on a small CPU). A continuation seen only once is trusted only after a tail of at
+    least `trusted_n` tokens; shorter ones need a second, agreeing occurrence."""
 
-    def __init__(self, n_min: int = 2, n_max: int = 4) -> None:
+    def __init__(self, n_min: int = 2, n_max: int = 6, trusted_n: int = 4) -> None:
         self.n_min = n_min
         self.n_max = n_max
+        self.trusted_n = trusted_n
         self.history: list[int] = []
-        self._last_end: dict[tuple[int, ...], int] = {}
+        self._next: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (token, count)
 
     def extend(self, tokens: list[int]) -> None:
         for token in tokens:
-            self._index_tail()
+            self._record(token)
             self.history.append(token)
 
-    def _index_tail(self) -> None:
-        history, end = self.history, len(self.history) - 1
-        for n in range(self.n_min, self.n_max + 1):
-            if end + 1 >= n:
-                self._last_end[tuple(history[end + 1 - n :])] = end
+    def _record(self, token: int) -> None:
+        history, following = self.history, self._next
+        for n in range(self.n_min, min(self.n_max, len(history)) + 1):
+            key = tuple(history[-n:])
+            seen = following.get(key)
+            if seen is None:
+                following[key] = (token, 1)
+            elif seen[0] == token:
+                following[key] = (token, seen[1] + 1)
+            elif seen[0] != CONTRADICTED:
+                following[key] = (CONTRADICTED, 0)
+
+    def _follower(self, tail: list[int]) -> int | None:
+        """The token that follows `tail`'s longest known n-gram, if it can be trusted."""
+        for n in range(min(self.n_max, len(tail)), self.n_min - 1, -1):
+            seen = self._next.get(tuple(tail[-n:]))
+            if seen is None:
+                continue
+            token, count = seen
+            if token == CONTRADICTED or (count < 2 and n < self.trusted_n):
+                return None
+            return token
+        return None
 
     def draft(self, limit: int) -> list[int]:
-        """Up to `limit` tokens that followed the longest matching tail last time."""
-        history = self.history
-        for n in range(self.n_max, self.n_min - 1, -1):
-            if len(history) < n:
-                continue
-            end = self._last_end.get(tuple(history[-n:]))
-            if end is not None:
-                return history[end + 1 : end + 1 + limit]
-        return []
+        """Up to `limit` tokens, each the trusted continuation of the history plus the drafts
+        before it."""
+        tail = self.history[-self.n_max :]
+        drafts: list[int] = []
+        while len(drafts) < limit:
+            token = self._follower(tail)
+            if token is None:
+                break
+            drafts.append(token)
+            tail = [*tail[1:], token] if len(tail) == self.n_max else [*tail, token]
+        return drafts

@@ -15,8 +15,9 @@ joining busy ones takes a free sequence and, when it shares a long enough prefix
 sequence, copies that sequence's stream (`llama_memory_seq_cp`) and cuts it to the shared
 prefix, then prefills only the rest.
 
-Speculative decoding: a greedy slot proposes up to `draft_max` tokens that followed the latest
-n-gram earlier in its prompt or output (prompt lookup) and verifies them in the same decode call;
+Speculative decoding: a greedy slot proposes up to `draft_max` tokens that have reliably followed
+its latest n-grams earlier in its prompt or output (prompt lookup, `NgramIndex`) and verifies
+them in the same decode call;
 the longest prefix the model agrees with is kept and the rest of the cells are dropped.
 """
 
@@ -50,8 +51,10 @@ MEMORY_SEQ = 0
 # Shared prefixes shorter than this are recomputed: copying a stream costs a buffer copy of the
 # whole stream, more than computing a few tokens.
 MIN_SHARE = 32
-# Steps without drafting after a one-token draft was rejected.
-DRAFT_COOLDOWN = 16
+# Steps without drafting after a short draft was rejected outright.
+DRAFT_COOLDOWN = 4
+# Drafts per step never adapt below this: a lone draft token costs nearly a whole step.
+MIN_DRAFT = 2
 
 
 def widen_context(llama: llama_cpp.Llama, n_seq_max: int) -> None:
@@ -296,16 +299,17 @@ class SlotBatch:
         return slot.ngrams.draft(limit) if limit > 0 else []
 
     def _adapt(self, slot: Slot, drafted: int, accepted: int) -> None:
-        """Draft as far as drafts have been paying off: a verify step of 1+d tokens costs more
-        than one token (here: 2 tokens ~1.45x, 5 ~2x, 9 ~3x), so drafts must mostly hold."""
+        """Draft as far as drafts have been paying off: a verify step of 1+d tokens costs
+        nearly 1+d single steps on a small CPU (here: 2 tokens ~2x, 5 ~3x, 9 ~4x), so a draft
+        pays only when most of a long one holds."""
         if accepted == drafted:
             slot.draft_len = min(self.draft_max, slot.draft_len * 2)
         elif accepted > 0:
-            slot.draft_len = accepted + 1
-        elif slot.draft_len > 1:
+            slot.draft_len = max(MIN_DRAFT, accepted + 1)
+        elif slot.draft_len > MIN_DRAFT:
             slot.draft_len //= 2
         else:
-            slot.cooldown = DRAFT_COOLDOWN  # this stretch does not repeat: stop for a while
+            slot.cooldown = DRAFT_COOLDOWN  # this stretch does not repeat: pause a little
 
     def _decode(self, plan: list[Planned]) -> int:
         batch = self._batch
