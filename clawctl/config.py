@@ -90,6 +90,9 @@ class ConfigFile(_Strict):
     snapshots: SnapshotSection = SnapshotSection()
     ledger: LedgerSection = LedgerSection()
     cache: CacheSection = CacheSection()
+    # Speculative decoding with a draft model: target model name -> draft model name (checked
+    # when the target loads: installed, GGUF, the same vocabulary).
+    drafts: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ class DaemonConfig:
     snapshots: SnapshotSection
     ledger: LedgerSection
     cache: CacheSection = field(default_factory=CacheSection)
+    drafts: Mapping[str, str] = field(default_factory=dict)
 
     def redacted(self) -> dict[str, str]:
         """The effective settings for the start-up log, with secrets hidden."""
@@ -237,6 +241,7 @@ def load_daemon_config(socket: Path | None = None, profile: str | None = None) -
         snapshots=file.snapshots,
         ledger=file.ledger,
         cache=file.cache,
+        drafts=file.drafts,
         systemd=SystemdEnv(
             notify_socket=_env("NOTIFY_SOCKET"),
             watchdog_usec=int(watchdog) if watchdog and watchdog.isdigit() else None,

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -358,8 +358,10 @@ class ModelManager:
         keep_alive: float,
         max_queue: int,
         keeper: StateKeeper | None = None,
+        drafts: Mapping[str, str] | None = None,
     ) -> None:
         self.store = store
+        self.drafts = dict(drafts or {})
         self.keeper = keeper
         self.profile = profile
         self.load_engine = load_engine
@@ -383,6 +385,7 @@ class ModelManager:
         context_length = info.context_length
         if context_length:
             n_ctx = min(n_ctx, context_length)
+        draft = self._draft_for(manifest)
         return EngineSettings(
             model_path=self.store.blob_path(manifest.digest),
             n_ctx=n_ctx,
@@ -393,7 +396,23 @@ class ModelManager:
             model_digest=manifest.digest,
             parallel=self.profile.parallel,
             draft_max=self.profile.draft_max,
+            draft_path=None if draft is None else self.store.blob_path(draft.digest),
         )
+
+    def _draft_for(self, manifest: ModelManifest) -> ModelManifest | None:
+        """The draft model configured for `manifest` ([drafts] in clawd.toml), if any."""
+        name = self.drafts.get(manifest.name)
+        if name is None or self.profile.draft_max == 0:
+            return None
+        try:
+            draft = self.store.get(name)
+        except ClawError as exc:
+            raise EngineError(f"the draft model for {manifest.name!r}: {exc}") from None
+        if draft.gguf is None or draft.gguf_info().pooling_type:
+            raise EngineError(
+                f"the draft model {name!r} for {manifest.name!r} must be a GGUF generation model"
+            )
+        return draft
 
     def _onnx_settings(self, manifest: ModelManifest) -> EngineSettings:
         onnx = manifest.onnx
@@ -420,14 +439,18 @@ class ModelManager:
                 onnx.layers or 0, settings.n_ctx, onnx.kv_width or 0, settings.kv_cache_type
             )
             return manifest.size + kv_bytes
-        info = manifest.gguf_info()
-        kv = estimate_kv_bytes(
-            info.block_count or 0,
-            settings.n_ctx,
-            info.embedding_length or 0,
-            settings.kv_cache_type,
-        ) * max(1, settings.parallel)  # a KV stream per sequence
-        return manifest.size + kv
+        total = 0
+        draft = self._draft_for(manifest) if settings.draft_path is not None else None
+        for model in (manifest, draft):
+            if model is None:
+                continue
+            info = model.gguf_info()
+            width = info.kv_width or info.embedding_length or 0
+            kv = estimate_kv_bytes(
+                info.block_count or 0, settings.n_ctx, width, settings.kv_cache_type
+            ) * max(1, settings.parallel)  # a KV stream per sequence
+            total += model.size + kv
+        return total
 
     def _make_room(self, need: int, name: str) -> None:
         """Evict idle models, least recently used first, until `need` bytes and a slot fit."""

@@ -57,7 +57,13 @@ class Services:
         writer = SnapshotWriter(snapshots, "shuffle2" if profile.kv_cache_type == "f16" else "none")
         keeper = StateKeeper(snapshots, writer, snap.pool, snap.pool_min_tokens)
         manager = ModelManager(
-            store, profile, load_engine, config.keep_alive_seconds, config.max_queue, keeper
+            store,
+            profile,
+            load_engine,
+            config.keep_alive_seconds,
+            config.max_queue,
+            keeper,
+            config.drafts,
         )
         adapters = AdapterStore(store)
         ledger = Ledger(config.paths.ledger_file)

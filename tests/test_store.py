@@ -51,6 +51,7 @@ def test_gguf_metadata_of_default_model(smollm2_gguf: Path) -> None:
     assert info.quant == "Q4_1"
     assert info.context_length == 8192
     assert info.embedding_length == 576
+    assert info.kv_width == 192  # 3 KV heads of 9: grouped-query attention
     assert info.chat_template is not None
     assert "im_start" in info.chat_template
     assert 130e6 < info.n_params < 140e6

@@ -33,7 +33,8 @@ class EngineSettings:
     model_digest: str = ""
     format: str = "gguf"  # which engine loads it: "gguf" (llama.cpp) or "onnx" (onnxruntime-genai)
     parallel: int = 1  # sequences decoded together in one context (continuous batching)
-    draft_max: int = 0  # prompt-lookup draft tokens per step for greedy requests (0: off)
+    draft_max: int = 0  # draft tokens per step for greedy requests (0: no speculation)
+    draft_path: Path | None = None  # a draft model with the same vocabulary (GGUF)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ that have reliably followed the history's latest n-grams (prompt-lookup drafting
 from __future__ import annotations
 
 import codecs
+from dataclasses import dataclass
 
 
 class TextStream:
@@ -119,3 +120,13 @@ class NgramIndex:
             drafts.append(token)
             tail = [*tail[1:], token] if len(tail) == self.n_max else [*tail, token]
         return drafts
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """A sequence that wants up to `limit` draft tokens after `history` (the target model's
+    tokens; the last one sampled but not yet decoded), from a draft model."""
+
+    seq: int
+    history: list[int]
+    limit: int

@@ -1,4 +1,5 @@
-"""GGUF models through llama-cpp-python (with `llama_slots.py`, the only modules that import it).
+"""GGUF models through llama-cpp-python (with `llama_slots.py` and `llama_draft.py`, the only
+modules that import it).
 
 Chat prompts are rendered with the GGUF's own `tokenizer.chat_template` (the same Jinja formatter
 llama-cpp-python uses). Generation is continuous batching over the context's sequences
@@ -30,6 +31,7 @@ from clawctl.engines.base import (
     TokenEvent,
     estimate_kv_bytes,
 )
+from clawctl.engines.llama_draft import DraftModel
 from clawctl.engines.llama_slots import SlotBatch, widen_context
 from clawctl.engines.meter import Thresholds
 from clawctl.errors import BadInput, EngineError
@@ -83,7 +85,14 @@ class LlamaEngine:
         parallel = max(1, settings.parallel)
         if parallel > 1:
             widen_context(self._llama, parallel)
-        self._slots = SlotBatch(self._llama, parallel, settings.draft_max)
+        self._drafter: DraftModel | None = None
+        if settings.draft_path is not None and settings.draft_max > 0:
+            try:
+                self._drafter = DraftModel(settings.draft_path, self._llama, settings, kv_type)
+            except BaseException:
+                self._llama.close()
+                raise
+        self._slots = SlotBatch(self._llama, parallel, settings.draft_max, self._drafter)
         self._loaded_adapters: dict[str, tuple[Path, Any]] = {}
         self._active: tuple[AdapterSpec, ...] = ()
         self._formatter = self._build_formatter()
@@ -160,21 +169,12 @@ class LlamaEngine:
         return self._slots.slots[generation].shared
 
     def memory_bytes(self) -> int:
-        meta = self._llama.metadata
-        arch = meta.get("general.architecture", "llama")
-        n_embd = int(meta.get(f"{arch}.embedding_length", "0"))
-        heads = int(meta.get(f"{arch}.attention.head_count", "1")) or 1
-        kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", str(heads)))
-        n_layer = int(meta.get(f"{arch}.block_count", "0"))
-        kv = (
-            estimate_kv_bytes(
-                n_layer, self.n_ctx, n_embd * kv_heads // heads, self.settings.kv_cache_type
+        total = _memory_bytes(self._llama, self.settings.model_path, self.n_ctx, self.settings)
+        if self._drafter is not None and self.settings.draft_path is not None:
+            total += _memory_bytes(
+                self._drafter.llama, self.settings.draft_path, self.n_ctx, self.settings
             )
-            * self.parallel
-        )
-        return self.settings.model_path.stat().st_size + kv
-
-    # --- adapters -----------------------------------------------------------------------
+        return total
 
     def set_adapters(self, adapters: tuple[AdapterSpec, ...]) -> None:
         if adapters == self._active:
@@ -268,10 +268,25 @@ class LlamaEngine:
 
     def close(self) -> None:
         self._slots.close()
+        if self._drafter is not None:
+            self._drafter.close()
         for _, pointer in self._loaded_adapters.values():
             llama_cpp.llama_adapter_lora_free(pointer)
         self._loaded_adapters.clear()
         self._llama.close()
+
+
+def _memory_bytes(llama: llama_cpp.Llama, path: Path, n_ctx: int, settings: EngineSettings) -> int:
+    """A loaded model's weights plus a KV stream of `n_ctx` per sequence."""
+    meta = llama.metadata
+    arch = meta.get("general.architecture", "llama")
+    n_embd = int(meta.get(f"{arch}.embedding_length", "0"))
+    heads = int(meta.get(f"{arch}.attention.head_count", "1")) or 1
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", str(heads)))
+    n_layer = int(meta.get(f"{arch}.block_count", "0"))
+    width = n_embd * kv_heads // heads
+    kv = estimate_kv_bytes(n_layer, n_ctx, width, settings.kv_cache_type)
+    return path.stat().st_size + kv * max(1, settings.parallel)
 
 
 def _not_empty(tokens: list[int]) -> list[int]:

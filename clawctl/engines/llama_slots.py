@@ -28,7 +28,7 @@ import ctypes
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import numpy as np
@@ -43,9 +43,12 @@ from clawctl.engines.base import (
     TokenEvent,
     finish_events,
 )
-from clawctl.engines.decoding import NgramIndex, TextStream
+from clawctl.engines.decoding import DraftRequest, NgramIndex, TextStream
 from clawctl.engines.meter import EntropyMeter, Thresholds
 from clawctl.errors import EngineError
+
+if TYPE_CHECKING:
+    from clawctl.engines.llama_draft import DraftModel
 
 MEMORY_SEQ = 0
 # Shared prefixes shorter than this are recomputed: copying a stream costs a buffer copy of the
@@ -110,8 +113,15 @@ class Planned:
 class SlotBatch:
     """The open generations of one llama.cpp context. Used from the model's thread only."""
 
-    def __init__(self, llama: llama_cpp.Llama, parallel: int, draft_max: int) -> None:
+    def __init__(
+        self,
+        llama: llama_cpp.Llama,
+        parallel: int,
+        draft_max: int,
+        drafter: DraftModel | None = None,
+    ) -> None:
         self._llama = llama
+        self._drafter = drafter
         self.parallel = parallel
         self.n_ctx = int(llama_cpp.llama_n_ctx_seq(llama._ctx.ctx))  # per sequence
         self.draft_max = draft_max
@@ -254,6 +264,8 @@ class SlotBatch:
         except BaseException:
             for slot in list(self.slots.values()):  # a failed step ends every generation
                 self._close(slot)
+            if self._drafter is not None:
+                self._drafter.reset()
             raise
 
     def _step(self) -> list[tuple[int, TokenEvent | Finished]]:
@@ -272,31 +284,53 @@ class SlotBatch:
 
     def _plan(self) -> list[Planned]:
         """Decoding slots first (one token, plus drafts), then prompt chunks in what is left."""
-        plan: list[Planned] = []
-        budget = self.n_batch
         decoding = [s for s in self.slots.values() if not s.pending]
+        drafts = self._all_drafts(decoding, self.n_batch - len(decoding))
+        plan: list[Planned] = []
+        start = 0
         for slot in decoding:
             assert slot.last is not None
-            drafts = self._drafts(slot, budget - (len(decoding) - len(plan)))
-            tokens = [slot.last, *drafts]
-            plan.append(Planned(slot, self.n_batch - budget, tokens, prefill=False))
-            budget -= len(tokens)
+            tokens = [slot.last, *drafts.get(slot.seq, ())]
+            plan.append(Planned(slot, start, tokens, prefill=False))
+            start += len(tokens)
         for slot in self.slots.values():
-            if slot.pending and budget > 0:
-                chunk = slot.pending[:budget]
-                plan.append(Planned(slot, self.n_batch - budget, chunk, prefill=True))
-                budget -= len(chunk)
+            if slot.pending and start < self.n_batch:
+                chunk = slot.pending[: self.n_batch - start]
+                plan.append(Planned(slot, start, chunk, prefill=True))
+                start += len(chunk)
         return plan
 
-    def _drafts(self, slot: Slot, budget: int) -> list[int]:
-        if slot.ngrams is None or budget <= 1:
-            return []
+    def _all_drafts(self, decoding: list[Slot], budget: int) -> dict[int, list[int]]:
+        """Prompt-lookup drafts where the history repeats itself; the draft model's (if one is
+        configured) for the other speculating slots, all in one batched run of it."""
+        drafts: dict[int, list[int]] = {}
+        wanted: list[DraftRequest] = []
+        for slot in decoding:
+            limit = self._draft_limit(slot, budget)
+            if limit <= 0:
+                continue
+            assert slot.ngrams is not None
+            assert slot.last is not None
+            found = slot.ngrams.draft(limit)
+            if found:
+                drafts[slot.seq] = found
+                budget -= len(found)
+            elif self._drafter is not None:
+                wanted.append(DraftRequest(slot.seq, [*slot.held, slot.last], limit))
+                budget -= limit
+        if wanted:
+            assert self._drafter is not None
+            drafts.update(self._drafter.draft(wanted))
+        return drafts
+
+    def _draft_limit(self, slot: Slot, budget: int) -> int:
+        if slot.ngrams is None or budget <= 0:
+            return 0
         if slot.cooldown > 0:
             slot.cooldown -= 1
-            return []
+            return 0
         left = slot.max_tokens - slot.sampled - 1
-        limit = min(slot.draft_len, budget - 1, left, self.n_ctx - len(slot.held) - 2)
-        return slot.ngrams.draft(limit) if limit > 0 else []
+        return max(0, min(slot.draft_len, budget, left, self.n_ctx - len(slot.held) - 2))
 
     def _adapt(self, slot: Slot, drafted: int, accepted: int) -> None:
         """Draft as far as drafts have been paying off: a verify step of 1+d tokens costs
@@ -416,6 +450,8 @@ class SlotBatch:
         llama_cpp.llama_sampler_free(slot.sampler)
         if slot.seq != MEMORY_SEQ:
             self._drop(slot.seq)
+            if self._drafter is not None:
+                self._drafter.release(slot.seq)
 
     def _drop(self, seq: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)

@@ -65,6 +65,9 @@ class GgufInfo(BaseModel):
     n_params: int
     chat_template: str | None
     pooling_type: int | None = None  # set by embedding models (BERT...): they can embed
+    # Width of one layer's K (or V) per token: the embedding width shrunk by grouped-query
+    # attention (KV heads / heads). None in manifests written before it was recorded.
+    kv_width: int | None = None
 
 
 def _field(reader: Any, key: str) -> object:
@@ -117,4 +120,14 @@ def read_gguf_info(path: Path) -> GgufInfo:
         n_params=n_params,
         chat_template=template if isinstance(template, str) else None,
         pooling_type=_optional_int(_field(reader, f"{arch}.pooling_type")),
+        kv_width=_kv_width(reader, arch),
     )
+
+
+def _kv_width(reader: Any, arch: str) -> int | None:
+    width = _optional_int(_field(reader, f"{arch}.embedding_length"))
+    heads = _optional_int(_field(reader, f"{arch}.attention.head_count"))
+    kv_heads = _optional_int(_field(reader, f"{arch}.attention.head_count_kv")) or heads
+    if width is None or not heads or not kv_heads:
+        return width
+    return width * kv_heads // heads
