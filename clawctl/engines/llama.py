@@ -32,16 +32,11 @@ from clawctl.engines.base import (
     estimate_kv_bytes,
 )
 from clawctl.engines.llama_draft import DraftModel
-from clawctl.engines.llama_slots import SlotBatch, widen_context
+from clawctl.engines.llama_slots import SlotBatch, load_llama, uses_flash_attn
 from clawctl.engines.meter import Thresholds
 from clawctl.errors import BadInput, EngineError
 from clawctl.store.snapshot_format import AdapterRef, StateIdentity
 
-KV_TYPES = {
-    "f16": llama_cpp.GGML_TYPE_F16,
-    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
-    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
-}
 # A shared prefix this short (a lone BOS token) is recomputed: reusing it saves nothing, and
 # prefilling from position 0 keeps batch boundaries, hence rounding, canonical for cold prompts.
 MIN_REUSE = 4
@@ -60,35 +55,13 @@ class LlamaEngine:
 
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
-        kv_type = KV_TYPES.get(settings.kv_cache_type)
-        if kv_type is None:
-            raise BadInput(f"unsupported KV cache type {settings.kv_cache_type!r}")
-        try:
-            self._llama = llama_cpp.Llama(
-                model_path=str(settings.model_path),
-                n_ctx=settings.n_ctx,
-                n_batch=settings.n_batch,
-                n_ubatch=settings.n_batch,
-                n_threads=settings.n_threads,
-                n_threads_batch=settings.n_threads,
-                type_k=kv_type,
-                type_v=kv_type,
-                flash_attn=settings.flash_attn
-                or settings.kv_cache_type != "f16",  # quantized V needs it
-                verbose=False,
-            )
-        except (ValueError, RuntimeError) as exc:
-            raise EngineError(
-                f"llama.cpp could not load {settings.model_path.name}: {exc}"
-            ) from None
-        self._flash_attn = settings.flash_attn or settings.kv_cache_type != "f16"
+        self._llama = load_llama(settings.model_path, settings, settings.model_path.name)
+        self._flash_attn = uses_flash_attn(settings)
         parallel = max(1, settings.parallel)
-        if parallel > 1:
-            widen_context(self._llama, parallel)
         self._drafter: DraftModel | None = None
         if settings.draft_path is not None and settings.draft_max > 0:
             try:
-                self._drafter = DraftModel(settings.draft_path, self._llama, settings, kv_type)
+                self._drafter = DraftModel(settings.draft_path, self._llama, settings)
             except BaseException:
                 self._llama.close()
                 raise

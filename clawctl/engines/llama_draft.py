@@ -22,7 +22,7 @@ import numpy as np
 
 from clawctl.engines.base import EngineSettings
 from clawctl.engines.decoding import DraftRequest
-from clawctl.engines.llama_slots import widen_context
+from clawctl.engines.llama_slots import load_llama
 from clawctl.errors import EngineError
 
 # The draft stops where its own top token is less likely than this (llama.cpp's --draft-p-min).
@@ -46,34 +46,9 @@ def vocabulary_mismatch(target: llama_cpp.Llama, draft: llama_cpp.Llama) -> str 
 class DraftModel:
     """A draft model's context, one sequence per target sequence."""
 
-    def __init__(
-        self, path: Path, target: llama_cpp.Llama, settings: EngineSettings, kv_type: int
-    ) -> None:
+    def __init__(self, path: Path, target: llama_cpp.Llama, settings: EngineSettings) -> None:
         self._check_vocabulary(path, target)
-        flash_attn = settings.flash_attn or settings.kv_cache_type != "f16"
-        try:
-            self._llama = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=settings.n_ctx,
-                n_batch=settings.n_batch,
-                n_ubatch=settings.n_batch,
-                n_threads=settings.n_threads,
-                n_threads_batch=settings.n_threads,
-                type_k=kv_type,
-                type_v=kv_type,
-                flash_attn=flash_attn,
-                verbose=False,
-            )
-        except (ValueError, RuntimeError) as exc:
-            raise EngineError(
-                f"llama.cpp could not load the draft model ([drafts] in clawd.toml): {exc}"
-            ) from None
-        if settings.parallel > 1:
-            try:
-                widen_context(self._llama, settings.parallel)
-            except BaseException:
-                self._llama.close()
-                raise
+        self._llama = load_llama(path, settings, "the draft model ([drafts] in clawd.toml)")
         self._ctx = self._llama._ctx.ctx
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._n_vocab = int(self._llama.n_vocab())

@@ -28,6 +28,7 @@ import ctypes
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import llama_cpp
@@ -36,6 +37,7 @@ import numpy.typing as npt
 from llama_cpp import _internals
 
 from clawctl.engines.base import (
+    EngineSettings,
     Finished,
     FinishReason,
     PreparedPrompt,
@@ -45,7 +47,7 @@ from clawctl.engines.base import (
 )
 from clawctl.engines.decoding import DraftRequest, NgramIndex, TextStream
 from clawctl.engines.meter import EntropyMeter, Thresholds
-from clawctl.errors import EngineError
+from clawctl.errors import BadInput, EngineError
 
 if TYPE_CHECKING:
     from clawctl.engines.llama_draft import DraftModel
@@ -58,6 +60,47 @@ MIN_SHARE = 32
 DRAFT_COOLDOWN = 4
 # Drafts per step never adapt below this: a lone draft token costs nearly a whole step.
 MIN_DRAFT = 2
+
+
+KV_TYPES = {
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+}
+
+
+def uses_flash_attn(settings: EngineSettings) -> bool:
+    return settings.flash_attn or settings.kv_cache_type != "f16"  # quantized V needs it
+
+
+def load_llama(path: Path, settings: EngineSettings, what: str) -> llama_cpp.Llama:
+    """A GGUF model with the profile's context settings, its context holding a KV stream per
+    sequence of `settings.parallel`; `what` names it in errors."""
+    kv_type = KV_TYPES.get(settings.kv_cache_type)
+    if kv_type is None:
+        raise BadInput(f"unsupported KV cache type {settings.kv_cache_type!r}")
+    try:
+        llama = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=settings.n_ctx,
+            n_batch=settings.n_batch,
+            n_ubatch=settings.n_batch,
+            n_threads=settings.n_threads,
+            n_threads_batch=settings.n_threads,
+            type_k=kv_type,
+            type_v=kv_type,
+            flash_attn=uses_flash_attn(settings),
+            verbose=False,
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise EngineError(f"llama.cpp could not load {what}: {exc}") from None
+    if settings.parallel > 1:
+        try:
+            widen_context(llama, settings.parallel)
+        except BaseException:
+            llama.close()
+            raise
+    return llama
 
 
 def widen_context(llama: llama_cpp.Llama, n_seq_max: int) -> None:
