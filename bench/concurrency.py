@@ -96,6 +96,7 @@ DRAFT = "smollm2-135m-q4_0"
 class Stream:
     tokens: int
     finished: bool  # the server sent a finish reason (not cut off)
+    why: str = ""  # what ended a stream that was cut off
 
 
 Server = Callable[[int], list[Stream]]  # N concurrent streams -> their outcomes
@@ -109,22 +110,28 @@ def story() -> list[dict[str, str]]:
 def stream_once(client: httpx.Client, path: str, extra: dict[str, object]) -> Stream:
     body = {"model": "smollm2-135m", "messages": story(), "max_tokens": MAX_TOKENS,
             "temperature": 0.8, "seed": next(_counter), "stream": True, **extra}  # fmt: skip
-    tokens, finished = 0, False
+    tokens, finished, last = 0, False, ""
     try:
         with client.stream("POST", path, json=body) as response:
             if response.status_code != 200:
-                return Stream(0, False)
+                return _cut(Stream(0, False, f"HTTP {response.status_code}: {response.read()!r}"))
             for line in response.iter_lines():
                 if not line.startswith("data: {"):
                     continue
+                last = line
                 for choice in json.loads(line[6:]).get("choices", []):
                     if choice.get("delta", {}).get("content"):
                         tokens += 1
                     if choice.get("finish_reason"):
                         finished = True
-    except httpx.HTTPError:
-        return Stream(tokens, False)
-    return Stream(tokens, finished)
+    except httpx.HTTPError as exc:
+        return _cut(Stream(tokens, False, f"{type(exc).__name__}: {exc}"))
+    return Stream(tokens, True) if finished else _cut(Stream(tokens, False, f"ended: {last}"))
+
+
+def _cut(stream: Stream) -> Stream:
+    print(f"cut stream after {stream.tokens} tokens: {stream.why[:300]}", file=sys.stderr)
+    return stream
 
 
 def concurrent_streams(make_client: Callable[[], httpx.Client], extra: dict[str, object]) -> Server:
