@@ -605,6 +605,7 @@ class ModelManager:
                 expires_in=None if w.outstanding else max(0.0, w.keep_alive - (now - w.last_used)),
                 active_requests=w.running,
                 queued_requests=max(0, w.outstanding - w.running),
+                draft=self.drafts.get(w.name) if w.settings.draft_path is not None else None,
             )
             for w in self._workers.values()
         ]

@@ -133,6 +133,8 @@ def test_daemon_drafts_with_the_configured_model(
             "/v1/chat/completions", json={**body, "claw": {"speculative": False, "cache": False}}
         ).json()["claw"]
         assert off["draft_tokens"] == 0
+        loaded = client.get("/health").json()["loaded"]
+        assert [(m["name"], m["draft"]) for m in loaded] == [("smollm2-135m", "smollm2-draft")]
         broken = client.post(
             "/v1/chat/completions", json={**body, "model": "smollm2-misconfigured"}
         )

@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
             expires = "busy" if m.expires_in is None else f"{m.expires_in:.0f}s"
             since = time.strftime("%H:%M:%S", time.localtime(m.loaded_at))
             grid.add_row(
-                m.name,
+                m.name if m.draft is None else f"{m.name} (draft {m.draft})",
                 human_bytes(m.memory_bytes),
                 str(m.n_ctx),
                 str(m.active_requests),

@@ -16,6 +16,7 @@ class LoadedModel(BaseModel):
     expires_in: float | None
     active_requests: int
     queued_requests: int
+    draft: str | None = None  # the draft model loaded with it for speculative decoding
 
 
 class CacheStatus(BaseModel):
