@@ -134,6 +134,35 @@ def test_a_joining_prompt_copies_the_shared_prefix(engine: LlamaEngine) -> None:
         engine.step()
 
 
+def test_an_ended_sequence_keeps_its_cells_for_the_next_joiner(engine: LlamaEngine) -> None:
+    """Like llama-server's slots: a joining prompt takes the free sequence that already holds
+    the longest prefix of it and decodes only the rest; a snapshot drops those idle cells."""
+    engine.prefill([], reuse=False)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    lead = engine.prepare(chat(*PROMPTS[3]))
+    repeat = engine.prepare(chat(*PROMPTS[2]))
+    engine.open(lead, params, lambda: False)
+    first_run = engine.open(repeat, params, lambda: False)
+    while engine.active:
+        engine.step()
+    engine.open(lead, params, lambda: False)
+    again = engine.open(repeat, params, lambda: False)
+    assert again == first_run
+    slot = engine._slots.slots[again]
+    assert engine.shared_prefix(again) == len(repeat.tokens) - 1  # all but the last token
+    assert slot.pending == repeat.tokens[-1:]
+    emitted: list[int] = []
+    while engine.active:
+        for seq, event in engine.step():
+            if isinstance(event, Finished) and seq == again:
+                emitted = list(engine._slots._idle[again][len(repeat.tokens) :])
+    assert len(emitted) >= 3  # the sampled tokens but the last, which was never decoded
+    assert again in engine._slots._idle
+    engine.capture_state()
+    assert engine._slots._idle == {}
+    assert max(alone_gaps(engine, chat(*PROMPTS[2]), emitted)) <= TOLERANCE
+
+
 @pytest.fixture
 def oai(daemon: Daemon) -> Iterator[openai.OpenAI]:
     with daemon.openai() as client:

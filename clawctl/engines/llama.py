@@ -32,7 +32,7 @@ from clawctl.engines.base import (
     estimate_kv_bytes,
 )
 from clawctl.engines.llama_draft import DraftModel
-from clawctl.engines.llama_slots import SlotBatch, load_llama, uses_flash_attn
+from clawctl.engines.llama_slots import MEMORY_SEQ, SlotBatch, load_llama, uses_flash_attn
 from clawctl.engines.meter import Thresholds
 from clawctl.errors import BadInput, EngineError
 from clawctl.store.snapshot_format import AdapterRef, StateIdentity
@@ -169,6 +169,7 @@ class LlamaEngine:
             raise EngineError("llama.cpp could not apply the adapters")
         self._active = adapters
         # Keys and values computed under other adapters are wrong under these: forget them.
+        self._slots.forget_idle()
         self._llama.n_tokens = 0
         self._llama._ctx.kv_cache_seq_rm(-1, 0, -1)
 
@@ -207,17 +208,22 @@ class LlamaEngine:
         return int(differs[0]) if len(differs) else n
 
     def prefill(self, tokens: list[int], reuse: bool = True) -> int:
+        """Make the memory sequence hold `tokens` (on an idle context). Without `reuse` it
+        starts from an empty context: every sequence's cells go."""
         llama = self._llama
         keep = self.held_prefix(tokens) if reuse else 0
         if keep < MIN_REUSE:
             keep = 0  # start batches at position 0: the canonical, reproducible prefill
+        if not reuse:
+            self._slots.forget_idle()
         llama.n_tokens = keep
-        llama._ctx.kv_cache_seq_rm(-1, keep, -1)  # drop cells past the shared prefix
+        llama._ctx.kv_cache_seq_rm(MEMORY_SEQ, keep, -1)  # drop cells past the shared prefix
         if keep < len(tokens):
             llama.eval(tokens[keep:])
         return len(tokens) - keep
 
     def capture_state(self) -> tuple[bytearray, list[int]]:
+        self._slots.forget_idle()  # the state is the memory sequence's
         ctx = self._llama._ctx.ctx
         size = int(llama_cpp.llama_state_get_size(ctx))
         raw = bytearray(size)
@@ -231,6 +237,7 @@ class LlamaEngine:
         llama = self._llama
         if len(tokens) > self.n_ctx:
             raise EngineError("the saved state holds more tokens than this context")
+        self._slots.forget_idle()  # the whole context is replaced
         read = int(llama_cpp.llama_state_set_data(llama._ctx.ctx, _c_bytes(raw), len(raw)))
         if read != len(raw):
             llama.n_tokens = 0

@@ -10,10 +10,12 @@ Each sequence has its own KV stream of the full context length (llama.cpp's non-
 attention of one sequence never scans the others' cells, which is what makes N streams cheap;
 KV memory grows with `parallel`). Sequence 0 is also the context's "memory": the state keeper
 (snapshots, sessions, the prefix pool) prepares it when a generation opens on an idle context,
-and what it holds afterwards is reused by the next request, as before batching. A generation
-joining busy ones takes a free sequence and, when it shares a long enough prefix with another
-sequence, copies that sequence's stream (`llama_memory_seq_cp`) and cuts it to the shared
-prefix, then prefills only the rest.
+and what it holds afterwards is reused by the next request, as before batching. The other
+sequences keep their cells when their generation ends, as llama-server's slots keep their last
+prompt: a generation joining busy ones takes the free sequence that already holds the longest
+prefix of its prompt, or copies a longer one from another sequence (`llama_memory_seq_cp`) and
+cuts it to the shared prefix, then prefills only the rest. Whole-context operations (snapshots,
+adapter changes) drop those idle cells first.
 
 Speculative decoding: a greedy slot proposes up to `draft_max` tokens that have reliably followed
 its latest n-grams earlier in its prompt or output (prompt lookup, `NgramIndex`) and verifies
@@ -48,18 +50,36 @@ from clawctl.engines.base import (
 from clawctl.engines.decoding import DraftRequest, NgramIndex, TextStream
 from clawctl.engines.meter import EntropyMeter, Thresholds
 from clawctl.errors import BadInput, EngineError
+from clawctl.store.snapshots import common_prefix
 
 if TYPE_CHECKING:
     from clawctl.engines.llama_draft import DraftModel
 
 MEMORY_SEQ = 0
-# Shared prefixes shorter than this are recomputed: copying a stream costs a buffer copy of the
-# whole stream, more than computing a few tokens.
-MIN_SHARE = 32
+# Another sequence's prefix is copied only when it holds this many more tokens: a copy moves the
+# whole stream (7.5 ms for a 4,096-cell SmolLM2 stream here), about what 3 prompt tokens cost.
+MIN_COPY = 8
 # Steps without drafting after a short draft was rejected outright.
 DRAFT_COOLDOWN = 4
 # Drafts per step never adapt below this: a lone draft token costs nearly a whole step.
 MIN_DRAFT = 2
+
+
+def _holding_gil(func: Any) -> Any:
+    """`func` (one of llama-cpp-python's ctypes bindings) bound through `ctypes.PyDLL`, so calling
+    it keeps the GIL. For the per-token calls of microseconds between two decode steps, ctypes'
+    usual release and re-take of the GIL costs more than the call and lets the event loop cut in
+    mid-step, so the step (and both decode threads waiting on it) stalls until the loop lets go.
+    The decode call itself still releases the GIL: that is when the event loop runs."""
+    bound = getattr(ctypes.PyDLL(llama_cpp.llama_cpp._lib._name), func.__name__)
+    bound.argtypes, bound.restype = func.argtypes, func.restype
+    return bound
+
+
+_sample = _holding_gil(llama_cpp.llama_sampler_sample)
+_is_eog = _holding_gil(llama_cpp.llama_vocab_is_eog)
+_logits_ith = _holding_gil(llama_cpp.llama_get_logits_ith)
+_seq_rm = _holding_gil(llama_cpp.llama_memory_seq_rm)
 
 
 KV_TYPES = {
@@ -175,6 +195,7 @@ class SlotBatch:
         self._memory = llama_cpp.llama_get_memory(llama._ctx.ctx)
         self._pieces: dict[int, bytes] = {}
         self.slots: dict[int, Slot] = {}
+        self._idle: dict[int, list[int]] = {}  # ended generations' sequences: tokens they hold
 
     def close(self) -> None:
         for slot in self.slots.values():
@@ -213,7 +234,7 @@ class SlotBatch:
             held, pending = list(tokens[:-1]), tokens[-1:]
             shared = 0
         else:
-            seq = next(s for s in range(self.parallel) if s not in self.slots)
+            seq = self._free_seq(tokens)
             shared = self._share_prefix(seq, tokens)
             held, pending = list(tokens[:shared]), list(tokens[shared:])
         sampler = self._sampler(params, tokens)
@@ -239,35 +260,47 @@ class SlotBatch:
         return seq
 
     def _held_by(self, seq: int) -> list[int]:
-        if seq == MEMORY_SEQ and seq not in self.slots:
+        if seq in self.slots:
+            return self.slots[seq].held
+        if seq == MEMORY_SEQ:
             llama = self._llama
             return [int(t) for t in llama.input_ids[: llama.n_tokens]]
-        return self.slots[seq].held
+        return self._idle.get(seq, [])
+
+    def _free_seq(self, tokens: list[int]) -> int:
+        """The free sequence whose cells already hold the longest prefix of `tokens` (as a
+        llama-server slot keeps its last prompt): the lowest on ties."""
+        free = [seq for seq in range(self.parallel) if seq not in self.slots]
+        return max(free, key=lambda seq: (common_prefix(self._held_by(seq), tokens), -seq))
 
     def _share_prefix(self, seq: int, tokens: list[int]) -> int:
-        """Make `seq` hold the longest prefix of `tokens` some sequence holds; its length."""
-        best, source = 0, seq
+        """Make `seq` hold the longest prefix of `tokens` that it or another sequence holds;
+        its length. Its own cells are kept in place; another's are copied when they hold at
+        least MIN_COPY tokens more."""
         limit = len(tokens) - 1  # the last prompt token is decoded: its logits are needed
-        candidates = [seq] if seq == MEMORY_SEQ else []  # its own memory, if it is idle
-        candidates += [MEMORY_SEQ] if MEMORY_SEQ not in self.slots and seq != MEMORY_SEQ else []
-        for other in [*candidates, *self.slots]:
-            held = self._held_by(other)
-            n = 0
-            for a, b in zip(held[:limit], tokens[:limit], strict=False):
-                if a != b:
-                    break
-                n += 1
-            if n > best:
-                best, source = n, other
-        if best < MIN_SHARE:
-            best = 0
-        elif source != seq:  # streams are copied whole, then cut to the shared prefix
+        own = min(limit, common_prefix(self._held_by(seq), tokens))
+        best, source = own, seq
+        for other in range(self.parallel):
+            if other != seq:
+                n = min(limit, common_prefix(self._held_by(other), tokens))
+                if n >= best + MIN_COPY:
+                    best, source = n, other
+        self._idle.pop(seq, None)
+        if source != seq:  # streams are copied whole (into an emptied one), then cut
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
             llama_cpp.llama_memory_seq_cp(self._memory, source, seq, -1, -1)
         llama_cpp.llama_memory_seq_rm(self._memory, seq, best, -1)
         if seq == MEMORY_SEQ:
             self._llama.input_ids[:best] = tokens[:best]
             self._llama.n_tokens = best
         return best
+
+    def forget_idle(self) -> None:
+        """Drop what ended generations left in their sequences: before the whole context is
+        saved (a snapshot holds the memory sequence only), replaced or invalidated."""
+        for seq in self._idle:
+            self._drop(seq)
+        self._idle.clear()
 
     def _sampler(self, params: SamplingParams, prompt: list[int]) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
@@ -306,7 +339,7 @@ class SlotBatch:
             return self._step()
         except BaseException:
             for slot in list(self.slots.values()):  # a failed step ends every generation
-                self._close(slot)
+                self._close(slot, keep=False)
             if self._drafter is not None:
                 self._drafter.reset()
             raise
@@ -433,7 +466,7 @@ class SlotBatch:
             slot.first = time.perf_counter()
         sampled: list[int] = []
         for k, index in enumerate(indexes):
-            token = int(llama_cpp.llama_sampler_sample(slot.sampler, ctx, index))
+            token = int(_sample(slot.sampler, ctx, index))
             sampled.append(token)
             if k >= len(drafts) or token != drafts[k]:
                 break
@@ -442,7 +475,7 @@ class SlotBatch:
             keep = decoded[: len(sampled)]
             self._hold(slot, keep)
             if len(keep) < len(decoded):
-                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, len(slot.held), -1)
+                _seq_rm(self._memory, slot.seq, len(slot.held), -1)
             slot.accepted += len(sampled) - 1
             if drafts:
                 self._adapt(slot, len(drafts), len(sampled) - 1)
@@ -457,7 +490,7 @@ class SlotBatch:
     def _emit(
         self, slot: Slot, token: int, index: int, events: list[tuple[int, TokenEvent | Finished]]
     ) -> FinishReason | None:
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+        if _is_eog(self._vocab, token):
             return "stop"
         slot.sampled += 1
         if slot.ngrams is not None:
@@ -488,11 +521,16 @@ class SlotBatch:
         self._close(slot)
         return events
 
-    def _close(self, slot: Slot) -> None:
+    def _close(self, slot: Slot, keep: bool = True) -> None:
+        """End `slot`'s generation. Its cells stay (`keep`), so a later prompt with the same
+        start reuses them in place; the memory sequence's are the context's memory anyway."""
         self.slots.pop(slot.seq, None)
         llama_cpp.llama_sampler_free(slot.sampler)
         if slot.seq != MEMORY_SEQ:
-            self._drop(slot.seq)
+            if keep:
+                self._idle[slot.seq] = slot.held
+            else:
+                self._drop(slot.seq)
             if self._drafter is not None:
                 self._drafter.release(slot.seq)
 
@@ -510,7 +548,7 @@ class SlotBatch:
     # --- text -----------------------------------------------------------------------------
 
     def _logits(self, index: int) -> npt.NDArray[np.float32]:
-        pointer = llama_cpp.llama_get_logits_ith(self._llama._ctx.ctx, index)
+        pointer = _logits_ith(self._llama._ctx.ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
     def _piece(self, token: int) -> bytes:
