@@ -65,23 +65,6 @@ DRAFT_COOLDOWN = 4
 MIN_DRAFT = 2
 
 
-def _holding_gil(func: Any) -> Any:
-    """`func` (one of llama-cpp-python's ctypes bindings) bound through `ctypes.PyDLL`, so calling
-    it keeps the GIL. For the per-token calls of microseconds between two decode steps, ctypes'
-    usual release and re-take of the GIL costs more than the call and lets the event loop cut in
-    mid-step, so the step (and both decode threads waiting on it) stalls until the loop lets go.
-    The decode call itself still releases the GIL: that is when the event loop runs."""
-    bound = getattr(ctypes.PyDLL(llama_cpp.llama_cpp._lib._name), func.__name__)
-    bound.argtypes, bound.restype = func.argtypes, func.restype
-    return bound
-
-
-_sample = _holding_gil(llama_cpp.llama_sampler_sample)
-_is_eog = _holding_gil(llama_cpp.llama_vocab_is_eog)
-_logits_ith = _holding_gil(llama_cpp.llama_get_logits_ith)
-_seq_rm = _holding_gil(llama_cpp.llama_memory_seq_rm)
-
-
 KV_TYPES = {
     "f16": llama_cpp.GGML_TYPE_F16,
     "q8_0": llama_cpp.GGML_TYPE_Q8_0,
@@ -466,7 +449,7 @@ class SlotBatch:
             slot.first = time.perf_counter()
         sampled: list[int] = []
         for k, index in enumerate(indexes):
-            token = int(_sample(slot.sampler, ctx, index))
+            token = int(llama_cpp.llama_sampler_sample(slot.sampler, ctx, index))
             sampled.append(token)
             if k >= len(drafts) or token != drafts[k]:
                 break
@@ -475,7 +458,7 @@ class SlotBatch:
             keep = decoded[: len(sampled)]
             self._hold(slot, keep)
             if len(keep) < len(decoded):
-                _seq_rm(self._memory, slot.seq, len(slot.held), -1)
+                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, len(slot.held), -1)
             slot.accepted += len(sampled) - 1
             if drafts:
                 self._adapt(slot, len(drafts), len(sampled) - 1)
@@ -490,7 +473,7 @@ class SlotBatch:
     def _emit(
         self, slot: Slot, token: int, index: int, events: list[tuple[int, TokenEvent | Finished]]
     ) -> FinishReason | None:
-        if _is_eog(self._vocab, token):
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             return "stop"
         slot.sampled += 1
         if slot.ngrams is not None:
@@ -548,7 +531,7 @@ class SlotBatch:
     # --- text -----------------------------------------------------------------------------
 
     def _logits(self, index: int) -> npt.NDArray[np.float32]:
-        pointer = _logits_ith(self._llama._ctx.ctx, index)
+        pointer = llama_cpp.llama_get_logits_ith(self._llama._ctx.ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
     def _piece(self, token: int) -> bytes:
