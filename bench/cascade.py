@@ -7,6 +7,12 @@ the local errors), each meter signal's AUROC for predicting a wrong local answer
 against the share of remote calls for the cascade (escalating the least sure answers by the best
 signal), a random router and the oracle, summarised as APGR and CPT(50%) (RouteLLM's metrics);
 tokens and cost at the shipped prices; and the entropy meter's decode overhead, in-process.
+
+Two oracles. The *oracle* is the issue's: it escalates exactly the local errors and knows nothing
+about the remote's answers, so below the error rate which errors it sends is a uniform draw (its
+accuracy is the expected value). The *best case* also knows where the remote is right and sends
+those errors first; no router that sees only the local generation can reach it, and it is shown
+for scale. "Recovered" is the cascade's gain over local-only as a share of the oracle's.
 Answers are graded leniently and the same way for every tier (clawctl.routing.calibrate.grade).
 AUROCs are over all examples of a set; the cascade curve is cross-fitted: examples are split into
 two folds and each fold is escalated by the signal chosen (best AUROC) on the other fold.
@@ -17,7 +23,9 @@ Writes its section of bench/RESULTS.md. Run with `make bench` (or `--limit N` pe
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -25,11 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from platformdirs import user_cache_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,10 +65,13 @@ REMOTE = "qwen2.5-coder-0.5b"
 PRICE_IN, PRICE_OUT = 0.15, 0.60  # the shipped policy's remote prices per 1M tokens
 MAX_TOKENS = 32
 RATES = [i / 20 for i in range(21)]
+# Every answer of the last run, so the analysis can be redone (`--reuse`) without asking again.
+ANSWERS = user_cache_path("clawctl") / "bench" / "cascade-answers.json"
 
 
 @dataclass
 class Answer:
+    text: str
     correct: bool
     signals: dict[str, float | None]
     prompt_tokens: int
@@ -124,8 +136,10 @@ def ask(client: httpx.Client, model: str, example: Example) -> Answer:
     response.raise_for_status()
     data = response.json()
     entropy = data["claw"].get("entropy")
+    text = data["choices"][0]["message"]["content"]
     return Answer(
-        correct=grade(data["choices"][0]["message"]["content"], example.ideal),
+        text=text,
+        correct=grade(text, example.ideal),
         signals=EntropyInfo.model_validate(entropy).features() if entropy else {},
         prompt_tokens=data["usage"]["prompt_tokens"],
         completion_tokens=data["usage"]["completion_tokens"],
@@ -174,6 +188,30 @@ def accuracy_at(
     return right / len(local)
 
 
+def top_answer(answers: list[Answer]) -> tuple[str, float]:
+    """The most common first line among `answers` and its share: a model that gives one answer to
+    most questions is right exactly when the label is that answer, which its own token
+    distributions cannot tell (so no meter signal can either)."""
+    lines = collections.Counter(a.text.strip().split("\n", 1)[0][:16] for a in answers)
+    text, count = lines.most_common(1)[0]
+    return text, count / len(answers)
+
+
+def local_error_oracle(local: list[Answer], remote: list[Answer], rate: float) -> float:
+    """Expected accuracy of the issue's oracle escalator at `rate`: it escalates the local errors
+    first (a uniform draw among them, as it does not know the remote's answers), then, past the
+    error rate, local-right answers (again a uniform draw)."""
+    n = len(local)
+    wrong = [i for i in range(n) if not local[i].correct]
+    right = [i for i in range(n) if local[i].correct]
+    budget = round(rate * n)
+    if budget <= len(wrong):
+        fixed = budget * statistics.mean(remote[i].correct for i in wrong) if wrong else 0.0
+        return (len(right) + fixed) / n
+    lost = (budget - len(wrong)) * statistics.mean(not remote[i].correct for i in right)
+    return (sum(remote[i].correct for i in wrong) + len(right) - lost) / n
+
+
 def analyse(local: list[Answer], remote: list[Answer]) -> dict[str, Any]:
     n = len(local)
     local_acc = sum(a.correct for a in local) / n
@@ -187,10 +225,10 @@ def analyse(local: list[Answer], remote: list[Answer]) -> dict[str, Any]:
     fitted = fit_score([a.signals for a in local], wrong)
     areas["score"] = fitted[2] if fitted else None  # out-of-fold
     orders, chosen = cross_fitted(local)
-    oracle = [sorted(range(n), key=lambda i: (local[i].correct, not remote[i].correct))]
+    best_case = [sorted(range(n), key=lambda i: (local[i].correct, not remote[i].correct))]
     gap = remote_acc - local_acc
     cascade = [accuracy_at(orders, local, remote, r) for r in RATES]
-    oracle_curve = [accuracy_at(oracle, local, remote, r) for r in RATES]
+    oracle_curve = [local_error_oracle(local, remote, r) for r in RATES]
     random_curve = [local_acc + r * gap for r in RATES]
     apgr = statistics.mean((c - local_acc) / gap for c in cascade) if gap > 0 else None
     reached = [r for r, c in zip(RATES, cascade, strict=True) if c - local_acc >= gap / 2]
@@ -215,12 +253,14 @@ def analyse(local: list[Answer], remote: list[Answer]) -> dict[str, Any]:
         "cascade50": cascade[half],
         "random50": random_curve[half],
         "oracle50": oracle_curve[half],
+        "best50": accuracy_at(best_case, local, remote, 0.5),
         "recovered50": recovered,
         "apgr": apgr,
         "cpt50": cpt50,
         "cost50": sum(price(remote[i]) for i in escalated),
         "cost_all_remote": sum(price(a) for a in remote),
         "local_tokens": sum(a.prompt_tokens + a.completion_tokens for a in local),
+        "top_answer": top_answer(local),
     }
 
 
@@ -251,6 +291,22 @@ def meter_overhead(runs: int) -> tuple[float, float]:
     return statistics.median(speeds[False]), statistics.median(speeds[True])
 
 
+def ask_all(limit: int) -> dict[str, list[Answer]]:
+    """Every example of every set from the remote and each local tier, keyed `set/tier`."""
+    answers: dict[str, list[Answer]] = {}
+    with contextlib.ExitStack() as stack:
+        local_client = start_clawd(stack)
+        from tests.conftest import free_port
+
+        remote_client = start_clawd(stack, tcp_port=free_port())
+        for name in SETS:
+            examples = load_examples(EVAL / f"{name}.jsonl", limit)
+            answers[f"{name}/remote"] = [ask(remote_client, REMOTE, e) for e in examples]
+            for tier, model in LOCAL.items():
+                answers[f"{name}/{tier}"] = [ask(local_client, model, e) for e in examples]
+    return answers
+
+
 def fmt(value: float | None, pattern: str = "{:.3f}") -> str:
     return "-" if value is None else pattern.format(value)
 
@@ -259,47 +315,69 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=300, help="examples per set (300: all)")
     parser.add_argument("--runs", type=int, default=5, help="meter overhead runs")
+    parser.add_argument(
+        "--reuse", action="store_true", help=f"analyse the answers saved in {ANSWERS} again"
+    )
     args = parser.parse_args()
-    ensure_models()
-    off, on = meter_overhead(args.runs)
-    results: dict[tuple[str, str], dict[str, Any]] = {}
     started = time.time()
-    with contextlib.ExitStack() as stack:
-        local_client = start_clawd(stack)
-        from tests.conftest import free_port
-
-        remote_client = start_clawd(stack, tcp_port=free_port())
-        for name in SETS:
-            examples = load_examples(EVAL / f"{name}.jsonl", args.limit)
-            remote = [ask(remote_client, REMOTE, e) for e in examples]
-            for tier, model in LOCAL.items():
-                local = [ask(local_client, model, e) for e in examples]
-                results[(name, tier)] = analyse(local, remote)
-                r = results[(name, tier)]
-                print(name, tier, {k: r[k] for k in ("local", "remote", "best", "recovered50")})
+    if args.reuse:
+        saved = json.loads(ANSWERS.read_text())
+        answers = {key: [Answer(**a) for a in rows] for key, rows in saved["answers"].items()}
+        off, on, args.limit, args.runs = saved["off"], saved["on"], saved["limit"], saved["runs"]
+        elapsed = saved["seconds"]
+    else:
+        ensure_models()
+        off, on = meter_overhead(args.runs)
+        answers = ask_all(args.limit)
+        elapsed = time.time() - started
+        ANSWERS.parent.mkdir(parents=True, exist_ok=True)
+        ANSWERS.write_text(
+            json.dumps(
+                {
+                    "limit": args.limit,
+                    "runs": args.runs,
+                    "off": off,
+                    "on": on,
+                    "seconds": elapsed,
+                    "answers": {k: [asdict(a) for a in v] for k, v in answers.items()},
+                }
+            )
+        )
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    for name in SETS:
+        for tier in LOCAL:
+            r = analyse(answers[f"{name}/{tier}"], answers[f"{name}/remote"])
+            results[(name, tier)] = r
+            print(name, tier, {k: r[k] for k in ("local", "remote", "best", "recovered50")})
+    counts = {name: results[(name, "int4")]["n"] for name in SETS}
     lines = [
         "## Cascade routing (issue 7)",
         "",
         f"Machine: {machine()}. Command: `python bench/cascade.py --limit {args.limit}` "
-        f"({args.limit} examples per set, greedy, {MAX_TOKENS} tokens; "
-        f"{time.time() - started:.0f} s). Remote tier: {REMOTE} (Q4_K_M) in a second clawd on "
+        f"(examples: {', '.join(f'{n} {counts[n]}' for n in SETS)}; greedy, {MAX_TOKENS} tokens; "
+        f"{elapsed:.0f} s). Remote tier: {REMOTE} (Q4_K_M) in a second clawd on "
         "127.0.0.1 over TCP. Development data; the cascade is cross-fitted over two folds "
-        "(see the docstring); `signal` is the one each fold's escalation used.",
+        "(see the docstring); `signal` is the one each fold's escalation used. The oracle "
+        "escalates exactly the local errors without knowing the remote's answers (the issue's "
+        "definition; expected value of its uniform pick); the best case also knows where the "
+        "remote is right and is shown for scale only.",
         "",
         "| set | local tier | local acc | remote acc | oracle rate | AUROC "
         + " / ".join(SIGNALS)
-        + " | signal | acc @50% cascade / random / oracle | recovered @50% "
-        "| APGR | CPT(50%) | cost @50% / all-remote |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        + " | signal | acc @50% cascade / random / oracle / best case | recovered @50% "
+        "| APGR | CPT(50%) | cost @50% / all-remote | top local answer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (name, tier), r in results.items():
-        a = r["auroc"]
+        a, top = r["auroc"], r["top_answer"]
         lines.append(
             f"| {name} | {tier} | {r['local']:.2f} | {r['remote']:.2f} | {r['oracle_rate']:.2f} "
             f"| {' / '.join(fmt(a[s], '{:.2f}') for s in SIGNALS)} | {r['best']} "
             f"| {r['cascade50']:.2f} / {r['random50']:.2f} / {r['oracle50']:.2f} "
+            f"/ {r['best50']:.2f} "
             f"| {fmt(r['recovered50'], '{:.0%}')} | {fmt(r['apgr'], '{:.2f}')} "
-            f"| {fmt(r['cpt50'], '{:.0%}')} | ${r['cost50']:.6f} / ${r['cost_all_remote']:.6f} |"
+            f"| {fmt(r['cpt50'], '{:.0%}')} | ${r['cost50']:.6f} / ${r['cost_all_remote']:.6f} "
+            f"| `{ascii(top[0]).replace('|', '/')}` {top[1]:.0%} |"
         )
     lines += [
         "",
@@ -310,6 +388,14 @@ def main() -> None:
         "Targets: AUROC >= 0.75 where local and remote accuracy differ; at a 50% remote rate the "
         "cascade recovers >= 80% of the oracle's gain. Rows where AUROC or recovery fall short "
         "are misses, reported as measured.",
+        "",
+        "Reading the table: an AUROC is `-` where the local tier is never right (nothing to "
+        "predict: every answer should escalate). Where one local answer dominates (`top local "
+        "answer`), the tier is right exactly when the label is that answer, which its token "
+        "distributions cannot see, so its signals stay near chance whatever their design. Where "
+        "the local tier is almost never right, the oracle is no better than the random router "
+        "(neither knows where the remote is right), and recovery above 100% is noise. The best "
+        "case shows what knowing the remote's answers too would add.",
     ]
     write_section("cascade", "\n".join(lines))
     print("\n".join(lines))
