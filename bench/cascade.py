@@ -47,6 +47,7 @@ from foundation import BIN, connects, machine, wait_for
 
 from clawctl.config import load_paths
 from clawctl.engines.meter import SIGNALS
+from clawctl.fsutil import atomic_write
 from clawctl.routing.calibrate import (
     Example,
     auroc,
@@ -331,7 +332,8 @@ def main() -> None:
         answers = ask_all(args.limit)
         elapsed = time.time() - started
         ANSWERS.parent.mkdir(parents=True, exist_ok=True)
-        ANSWERS.write_text(
+        atomic_write(
+            ANSWERS,
             json.dumps(
                 {
                     "limit": args.limit,
@@ -341,7 +343,7 @@ def main() -> None:
                     "seconds": elapsed,
                     "answers": {k: [asdict(a) for a in v] for k, v in answers.items()},
                 }
-            )
+            ).encode(),
         )
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for name in SETS:
