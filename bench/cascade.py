@@ -322,6 +322,8 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     if args.reuse:
+        if not ANSWERS.exists():
+            parser.error(f"no saved answers at {ANSWERS}: run once without --reuse")
         saved = json.loads(ANSWERS.read_text())
         answers = {key: [Answer(**a) for a in rows] for key, rows in saved["answers"].items()}
         off, on, args.limit, args.runs = saved["off"], saved["on"], saved["limit"], saved["runs"]
