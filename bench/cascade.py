@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +49,14 @@ from clawctl.config import load_paths
 from clawctl.engines.meter import SIGNALS
 from clawctl.fsutil import atomic_write
 from clawctl.routing.calibrate import (
+    PROBE_TOKENS,
     Example,
     auroc,
+    fit_probe,
     fit_score,
     grade,
     load_examples,
+    read_probe,
     unsureness,
 )
 from clawctl.schemas.openai import EntropyInfo
@@ -77,6 +80,7 @@ class Answer:
     signals: dict[str, float | None]
     prompt_tokens: int
     completion_tokens: int
+    first_top: list[tuple[int, float]] = field(default_factory=list)  # for the probe
 
 
 def ensure_models() -> None:
@@ -131,7 +135,7 @@ def ask(client: httpx.Client, model: str, example: Example) -> Answer:
         "messages": [{"role": r, "content": c} for r, c in example.messages],
         "max_tokens": MAX_TOKENS,
         "temperature": 0,
-        "claw": {"app": "bench-cascade"},
+        "claw": {"app": "bench-cascade", "meter": {"first_top": PROBE_TOKENS}},
     }
     response = client.post("/v1/chat/completions", json=body)
     response.raise_for_status()
@@ -144,17 +148,20 @@ def ask(client: httpx.Client, model: str, example: Example) -> Answer:
         signals=EntropyInfo.model_validate(entropy).features() if entropy else {},
         prompt_tokens=data["usage"]["prompt_tokens"],
         completion_tokens=data["usage"]["completion_tokens"],
+        first_top=[(t, lp) for t, lp in (entropy or {}).get("first_top") or []],
     )
 
 
 def ranking(local: list[Answer], train: list[int], ranked: list[int]) -> tuple[str, list[int]]:
-    """Choose the signal with the best AUROC on `train` (for `score`: out-of-fold, and fit on
-    `train`), and rank `ranked` least-sure-first by it."""
+    """Choose the signal with the best AUROC on `train` (for `score` and `probe`: out-of-fold,
+    and fit on `train`), and rank `ranked` least-sure-first by it."""
     wrong = [not local[i].correct for i in train]
     scored: dict[str, float] = {}
+    score = fit_score([local[i].signals for i in train], wrong)
+    probe = fit_probe([local[i].first_top for i in train], wrong)
     for s in SIGNALS:
-        if s == "score":
-            fitted = fit_score([local[i].signals for i in train], wrong)
+        fitted = {"score": score, "probe": probe}.get(s)
+        if s in ("score", "probe"):
             if fitted is not None and fitted[2] is not None:
                 scored[s] = fitted[2]
             continue
@@ -162,11 +169,11 @@ def ranking(local: list[Answer], train: list[int], ranked: list[int]) -> tuple[s
         if area is not None:
             scored[s] = area
     best = max(scored, key=lambda s: scored[s]) if scored else SIGNALS[0]
-    if best == "score":
-        fitted = fit_score([local[i].signals for i in train], wrong)
-        assert fitted is not None
-        model = fitted[0]
-        value = {i: model.probability(local[i].signals) for i in ranked}
+    if best == "score" and score is not None:
+        value = {i: score[0].probability(local[i].signals) for i in ranked}
+    elif best == "probe" and probe is not None:
+        readings = read_probe(probe[0], [local[i].first_top for i in ranked])
+        value = dict(zip(ranked, readings, strict=True))
     else:
         value = {i: unsureness(best, local[i].signals.get(best)) for i in ranked}
     return best, sorted(ranked, key=lambda i: value[i], reverse=True)
@@ -221,10 +228,12 @@ def analyse(local: list[Answer], remote: list[Answer]) -> dict[str, Any]:
     areas = {
         s: auroc([unsureness(s, a.signals.get(s)) for a in local], wrong)
         for s in SIGNALS
-        if s != "score"
+        if s not in ("score", "probe")
     }
     fitted = fit_score([a.signals for a in local], wrong)
     areas["score"] = fitted[2] if fitted else None  # out-of-fold
+    probed = fit_probe([a.first_top for a in local], wrong)
+    areas["probe"] = probed[2] if probed else None  # out-of-fold
     orders, chosen = cross_fitted(local)
     best_case = [sorted(range(n), key=lambda i: (local[i].correct, not remote[i].correct))]
     gap = remote_acc - local_acc
@@ -265,12 +274,35 @@ def analyse(local: list[Answer], remote: list[Answer]) -> dict[str, Any]:
     }
 
 
+def probe_transfer(answers: dict[str, list[Answer]], tier: str) -> dict[tuple[str, str], float]:
+    """AUROC of a probe fit on all of one set and read on another: how task-specific it is."""
+    areas: dict[tuple[str, str], float] = {}
+    for source in SETS:
+        local = answers[f"{source}/{tier}"]
+        probed = fit_probe([a.first_top for a in local], [not a.correct for a in local])
+        if probed is None:
+            continue
+        for target in SETS:
+            if target == source:
+                continue
+            other = answers[f"{target}/{tier}"]
+            readings = read_probe(probed[0], [a.first_top for a in other])
+            area = auroc(readings, [not a.correct for a in other])
+            if area is not None:
+                areas[(source, target)] = area
+    return areas
+
+
 def meter_overhead(runs: int) -> tuple[float, float]:
     """Decode tok/s with the meter off and on, in-process, alternating; medians."""
     from clawctl.engines.base import ChatTurn, EngineSettings, Prompt, SamplingParams, generate
     from clawctl.engines.llama import LlamaEngine
-    from clawctl.engines.meter import Thresholds
+    from clawctl.engines.meter import LogitProbe, Thresholds
 
+    # "on" is everything the meter does: per-token signals, and on the first token a probe of
+    # PROBE_TOKENS tokens and the top list calibration asks for.
+    probe = LogitProbe(tuple(range(PROBE_TOKENS)), (0.0,) * PROBE_TOKENS, 0.0, PROBE_TOKENS)
+    metered = Thresholds(probe_model=probe, first_top=PROBE_TOKENS)
     store = ModelStore(load_paths())
     engine = LlamaEngine(EngineSettings(store.model_file("smollm2-135m"), 2048, 512, 2))
     prompt = engine.prepare(Prompt(chat=(ChatTurn("user", "Write a long story about a cat."),)))
@@ -283,7 +315,7 @@ def meter_overhead(runs: int) -> tuple[float, float]:
                     prompt,
                     SamplingParams(max_tokens=200, temperature=0),
                     lambda: False,
-                    Thresholds() if on else None,
+                    metered if on else None,
                 )
             )
             done = events[-1]
@@ -292,17 +324,21 @@ def meter_overhead(runs: int) -> tuple[float, float]:
     return statistics.median(speeds[False]), statistics.median(speeds[True])
 
 
-def ask_all(limit: int) -> dict[str, list[Answer]]:
-    """Every example of every set from the remote and each local tier, keyed `set/tier`."""
+def ask_all(limit: int, remote: dict[str, list[Answer]] | None) -> dict[str, list[Answer]]:
+    """Every example of every set from the remote and each local tier, keyed `set/tier`; the
+    remote's answers are taken from `remote` when given (greedy: they would be the same)."""
     answers: dict[str, list[Answer]] = {}
     with contextlib.ExitStack() as stack:
         local_client = start_clawd(stack)
         from tests.conftest import free_port
 
-        remote_client = start_clawd(stack, tcp_port=free_port())
+        remote_client = None if remote else start_clawd(stack, tcp_port=free_port())
         for name in SETS:
             examples = load_examples(EVAL / f"{name}.jsonl", limit)
-            answers[f"{name}/remote"] = [ask(remote_client, REMOTE, e) for e in examples]
+            if remote_client is None:
+                answers[f"{name}/remote"] = remote[f"{name}/remote"]  # type: ignore[index]
+            else:
+                answers[f"{name}/remote"] = [ask(remote_client, REMOTE, e) for e in examples]
             for tier, model in LOCAL.items():
                 answers[f"{name}/{tier}"] = [ask(local_client, model, e) for e in examples]
     return answers
@@ -319,19 +355,35 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help=f"analyse the answers saved in {ANSWERS} again"
     )
+    parser.add_argument(
+        "--keep-remote",
+        action="store_true",
+        help="ask the local tiers again but take the remote's answers from the saved run",
+    )
     args = parser.parse_args()
     started = time.time()
-    if args.reuse:
+    saved: dict[str, Any] = {}
+    if args.reuse or args.keep_remote:
         if not ANSWERS.exists():
-            parser.error(f"no saved answers at {ANSWERS}: run once without --reuse")
+            parser.error(f"no saved answers at {ANSWERS}: run once without --reuse/--keep-remote")
         saved = json.loads(ANSWERS.read_text())
+        if args.keep_remote and saved["limit"] != args.limit:
+            parser.error(f"the saved run used --limit {saved['limit']}, not {args.limit}")
+    if args.reuse:
         answers = {key: [Answer(**a) for a in rows] for key, rows in saved["answers"].items()}
         off, on, args.limit, args.runs = saved["off"], saved["on"], saved["limit"], saved["runs"]
         elapsed = saved["seconds"]
     else:
         ensure_models()
         off, on = meter_overhead(args.runs)
-        answers = ask_all(args.limit)
+        remote = None
+        if args.keep_remote:
+            remote = {
+                key: [Answer(**a) for a in rows]
+                for key, rows in saved["answers"].items()
+                if key.endswith("/remote")
+            }
+        answers = ask_all(args.limit, remote)
         elapsed = time.time() - started
         ANSWERS.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(
@@ -343,6 +395,7 @@ def main() -> None:
                     "off": off,
                     "on": on,
                     "seconds": elapsed,
+                    "remote_kept": bool(args.keep_remote) or saved.get("remote_kept", False),
                     "answers": {k: [asdict(a) for a in v] for k, v in answers.items()},
                 }
             ).encode(),
@@ -354,12 +407,21 @@ def main() -> None:
             results[(name, tier)] = r
             print(name, tier, {k: r[k] for k in ("local", "remote", "best", "recovered50")})
     counts = {name: results[(name, "int4")]["n"] for name in SETS}
+    transfer = probe_transfer(answers, "int4")
+    kept = saved.get("remote_kept", False) if args.reuse else args.keep_remote
+    command = f"python bench/cascade.py --limit {args.limit}" + (" --keep-remote" if kept else "")
     lines = [
         "## Cascade routing (issue 7)",
         "",
-        f"Machine: {machine()}. Command: `python bench/cascade.py --limit {args.limit}` "
+        f"Machine: {machine()}. Command: `{command}` "
         f"(examples: {', '.join(f'{n} {counts[n]}' for n in SETS)}; greedy, {MAX_TOKENS} tokens; "
-        f"{elapsed:.0f} s). Remote tier: {REMOTE} (Q4_K_M) in a second clawd on "
+        f"{elapsed:.0f} s"
+        + (
+            "; local tiers asked again, the remote's greedy answers kept from the run before"
+            if kept
+            else ""
+        )
+        + f"). Remote tier: {REMOTE} (Q4_K_M) in a second clawd on "
         "127.0.0.1 over TCP. Development data; the cascade is cross-fitted over two folds "
         "(see the docstring); `signal` is the one each fold's escalation used. The oracle "
         "escalates exactly the local errors without knowing the remote's answers (the issue's "
@@ -395,11 +457,20 @@ def main() -> None:
         "",
         "Reading the table: an AUROC is `-` where the local tier is never right (nothing to "
         "predict: every answer should escalate). Where one local answer dominates (`top local "
-        "answer`), the tier is right exactly when the label is that answer, which its token "
-        "distributions cannot see, so its signals stay near chance whatever their design. Where "
+        "answer`), the tier is right exactly when the label is that answer; how peaked its "
+        "distribution is (entropy, margins, `score`) does not show that, but the rest of the "
+        "first token's distribution can (`probe`: a logistic model over the first token's "
+        f"log-probabilities at {PROBE_TOKENS} token ids, fitted by `clawctl route calibrate`; "
+        "AUROC out-of-fold, and the cascade's probe is fit on the other fold only). Where "
         "the local tier is almost never right, the oracle is no better than the random router "
         "(neither knows where the remote is right), and recovery above 100% is noise. The best "
         "case shows what knowing the remote's answers too would add.",
+        "",
+        "A probe learns the model *and* the task of its calibration data. Fit on all of one set "
+        "and read on another (int4), its AUROC is: "
+        + "; ".join(f"{a} -> {b} {v:.2f}" for (a, b), v in transfer.items())
+        + ". So a deployment calibrates on its own labelled traffic, per model and quant, as "
+        "`clawctl route calibrate` does; a probe is not a general-purpose uncertainty measure.",
     ]
     write_section("cascade", "\n".join(lines))
     print("\n".join(lines))

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clawctl.engines.meter import EntropyMeter, ScoreModel, Thresholds
+from clawctl.engines.meter import EntropyMeter, LogitProbe, ScoreModel, Thresholds
 from clawctl.errors import BadInput
 from clawctl.resources import bundled_dir
 from clawctl.routing.calibrate import (
     auroc,
+    fit_probe,
     fit_score,
     grade,
     threshold_for_error,
@@ -40,6 +41,13 @@ model = "m"
 """
 
 
+_PROBE_ONLY = 'model = "smollm2-135m"\n[tiers.escalate]\nprobe = 0.5\n'
+_PROBE_MISMATCH = (
+    'model = "smollm2-135m"\n[tiers.escalate]\nprobe = 0.5\n'
+    "[tiers.escalate.probe_model]\ntokens = [1, 2]\nweights = [0.5]\n"
+)
+
+
 def test_shipped_policy_is_valid() -> None:
     policy = load_policy(bundled_dir("daemon") / "policies" / "cascade.toml")
     assert [t.name for t in policy.tiers] == ["int2", "int4", "remote"]
@@ -57,6 +65,8 @@ def test_shipped_policy_is_valid() -> None:
         (GOOD + '\n[[rules]]\nname = "r"\nprompt_regex = "("\n', 17, "regular expression"),
         (GOOD.replace('name = "a"\n', 'name = "a"\ncolour = 3\n'), 6, "colour"),
         (GOOD.replace('start = "a"', 'start = "a'), 2, "invalid TOML"),
+        (GOOD.replace('model = "smollm2-135m"\n', _PROBE_ONLY), 8, "probe needs"),
+        (GOOD.replace('model = "smollm2-135m"\n', _PROBE_MISMATCH), 10, "one weight per token"),
     ],
 )
 def test_invalid_policies_name_the_line(broken: str, line: int, words: str) -> None:
@@ -216,6 +226,79 @@ def test_calibration_fits_a_score_that_separates() -> None:
     assert area > 0.9
     assert model.weights["mean_entropy"] > 0
     assert sum(p > 0.5 for p, w in zip(probabilities, wrong, strict=True) if w) > 30
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max()
+    return shifted - math.log(float(np.exp(shifted).sum()))
+
+
+def test_probe_reads_the_first_token_and_fires_before_any_text() -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=300).astype(np.float32) * 2
+    logprobs = _log_softmax(logits)
+    probe = LogitProbe(tokens=(5, 17, 250), weights=(0.5, -1.0, 2.0), bias=0.3, top_k=20)
+    floor = float(np.sort(logprobs)[-20])  # the 20th most likely token's log-probability
+    z = 0.3 + sum(w * max(float(logprobs[t]), floor) for t, w in zip((5, 17, 250), probe.weights))
+    expected = 1 / (1 + math.exp(-z))
+
+    meter = EntropyMeter(300, Thresholds(probe_model=probe, first_top=4), lambda _t: "No")
+    assert meter.observe(logits) is None  # measured only: no threshold
+    signals = meter.signals()
+    assert signals.probe == pytest.approx(expected, rel=1e-5)
+    best = np.argsort(-logprobs)[:4]
+    assert [t for t, _ in signals.first_top] == best.tolist()
+    assert [lp for _, lp in signals.first_top] == pytest.approx(logprobs[best].tolist(), abs=1e-4)
+    meter.observe(rng.normal(size=300).astype(np.float32))
+    assert meter.signals().probe == signals.probe  # the first token's reading, kept
+
+    firing = Thresholds(probe=expected / 2, probe_model=probe)
+    fired = EntropyMeter(300, firing, lambda _t: "No").observe(logits)
+    assert fired is not None
+    assert (fired.signal, fired.token) == ("probe", 1)
+    calm = Thresholds(probe=min(0.999, expected * 1.01), probe_model=probe)
+    assert EntropyMeter(300, calm, lambda _t: "No").observe(logits) is None
+
+    with pytest.raises(BadInput, match="recalibrate"):
+        EntropyMeter(200, firing, lambda _t: "No")  # token 250 is not in a 200-token vocabulary
+
+
+def test_probe_learns_what_entropy_and_margin_cannot_see() -> None:
+    """The first token is always the same answer with the same confidence; whether it is wrong
+    shows only in a token further down the distribution. Fitted on the meter's own first-token
+    lists, the probe predicts the errors out of fold, and the online meter reads exactly the
+    probabilities the fit computed offline."""
+    rng = np.random.default_rng(4)
+    wrong = [bool(i % 2) for i in range(60)]
+    firsts = []
+    tops = []
+    for w in wrong:
+        logits = rng.normal(size=120).astype(np.float32)
+        logits[0] = 12.0  # "No.", always, as sure as ever
+        # Tokens 9 and 10 swap places: the distribution's shape (entropy, margin) stays put.
+        logits[9], logits[10] = (6.0, 5.0) if w else (5.0, 6.0)
+        meter = EntropyMeter(120, Thresholds(first_top=16), lambda _t: "No")
+        meter.observe(logits)
+        firsts.append(logits)
+        tops.append(meter.signals().first_top)
+    margins = [EntropyMeter(120, Thresholds(), lambda _t: "No") for _ in wrong]
+    for meter, logits in zip(margins, firsts, strict=True):
+        meter.observe(logits)
+    margin_area = auroc([-(m.signals().first_margin or 0.0) for m in margins], wrong)
+    assert margin_area is not None
+    fitted = fit_probe(tops, wrong)
+    assert fitted is not None
+    probe, probabilities, area = fitted
+    assert area is not None
+    assert area > 0.9
+    assert margin_area < 0.7
+    assert probe.top_k == 16
+    assert 9 in probe.tokens
+    for logits, offline in zip(firsts, probabilities, strict=True):
+        meter = EntropyMeter(120, Thresholds(probe_model=probe), lambda _t: "No")
+        meter.observe(logits)
+        assert meter.signals().probe == pytest.approx(offline, abs=1e-3)
+    assert fit_probe([()] * len(wrong), wrong) is None  # no first-token lists: no probe
 
 
 def test_grading_is_lenient_and_the_same_for_every_tier() -> None:

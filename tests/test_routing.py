@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import math
 import os
 import socket
 import threading
@@ -194,6 +195,60 @@ def test_high_threshold_stays_local(local: Daemon, remote: str) -> None:
         response.json()["choices"][0]["message"]["content"]
         == (direct["choices"][0]["message"]["content"])
     )
+
+
+def test_a_probe_on_the_first_token_escalates_before_any_local_text(
+    local: Daemon, remote: str
+) -> None:
+    """`claw.meter.first_top` reports the first token's log-probabilities (what calibration
+    fits a probe on); a policy's probe reads the same numbers and decides at token 1."""
+    direct = chat(local, "smollm2-135m", claw={"meter": {"first_top": 8}})
+    assert direct.status_code == 200, direct.text
+    top = direct.json()["claw"]["entropy"]["first_top"]
+    assert len(top) == 8
+    logprobs = [lp for _, lp in top]
+    assert logprobs == sorted(logprobs, reverse=True)
+    assert logprobs[0] <= 0
+    assert sum(math.exp(lp) for lp in logprobs) <= 1.0001
+    token, logprob = top[0]
+    expected = 1 / (1 + math.exp(-logprob))  # weight 1 on the most likely first token
+
+    def probe_policy(name: str, threshold: float) -> str:
+        escalate = (
+            f"probe = {threshold}\n[tiers.escalate.probe_model]\n"
+            f"tokens = [{token}]\nweights = [1.0]\nbias = 0.0\ntop_k = 8"
+        )
+        return policy_text(name, remote, escalate=escalate, key_file=str(local.home / "key"))
+
+    apply(local, probe_policy("probe-low", expected * 0.9))
+    escalated = chat(local, "probe-low")
+    assert escalated.status_code == 200, escalated.text
+    claw = escalated.json()["claw"]
+    assert claw["path"] == ["small", "remote"]
+    assert claw["reason"].startswith("small: probe ")
+    assert claw["reason"].endswith("at token 1")
+    assert claw["usage_by_tier"]["small"]["completion_tokens"] == 1
+    assert escalated.json()["choices"][0]["message"]["content"] == remote_answer(remote)
+
+    apply(local, probe_policy("probe-high", min(0.999, expected * 1.1)))
+    kept = chat(local, "probe-high").json()
+    assert kept["claw"]["path"] == ["small"]
+    assert kept["claw"]["entropy"]["probe"] == pytest.approx(expected, abs=1e-3)
+    assert kept["choices"][0]["message"]["content"] == (
+        direct.json()["choices"][0]["message"]["content"]
+    )
+
+
+def test_a_probe_for_another_vocabulary_is_a_clear_error(local: Daemon, remote: str) -> None:
+    escalate = (
+        "probe = 0.5\n[tiers.escalate.probe_model]\ntokens = [999999]\nweights = [1.0]\n"
+    )
+    apply(local, policy_text("probe-alien", remote, escalate=escalate))
+    response = chat(local, "probe-alien")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "recalibrate" in error["message"]
+    assert "\n" not in error["message"]
 
 
 class _Misbehaving(http.server.BaseHTTPRequestHandler):
@@ -420,6 +475,8 @@ def test_calibrate_writes_thresholds(local: Daemon, remote: str, tmp_path: Path)
         others = [s for s in SIGNALS if s != chosen]
         assert all(escalate[s] is None for s in others)
         assert (escalate["model"] is not None) == (chosen == "score")
+        assert (escalate["probe_model"] is not None) == (chosen == "probe")
+    assert "probe" in tier["signals"]
 
 
 def test_distill_export_writes_escalations_as_chat_data(

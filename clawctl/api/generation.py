@@ -580,6 +580,8 @@ def _entropy_info(signals: Signals) -> EntropyInfo:
         answer_entropy=rounded(signals.answer_entropy),
         answer_margin=rounded(signals.answer_margin),
         score=rounded(signals.score),
+        probe=rounded(signals.probe),
+        first_top=[(t, lp) for t, lp in signals.first_top] or None,
     )
 
 

@@ -257,11 +257,13 @@ def _calibrate_tier(
 ) -> TierReport:
     from rich.progress import Progress
 
-    from clawctl.routing.calibrate import grade, report_tier
+    from clawctl.routing.calibrate import PROBE_TOKENS, FirstTop, grade, report_tier
 
     observed: list[dict[str, float | None]] = []
+    first_tops: list[FirstTop] = []
     correct: list[bool] = []
     meter = tier.escalate.model_dump(include={"window", "min_tokens", "decide_within"})
+    meter["first_top"] = PROBE_TOKENS
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task(f"{tier.name} ({tier.model})", total=len(examples))
         for example in examples:
@@ -280,9 +282,10 @@ def _calibrate_tier(
             )
             entropy = answer.claw.entropy
             observed.append(entropy.features() if entropy else {})
+            first_tops.append((entropy.first_top or []) if entropy else [])
             correct.append(grade(answer.choices[0].message.content, example.ideal))
             progress.advance(task)
-    return report_tier(tier.name, tier.model, observed, correct, rate, error)
+    return report_tier(tier.name, tier.model, observed, correct, rate, error, first_tops)
 
 
 def _report_json(report: TierReport) -> dict[str, object]:

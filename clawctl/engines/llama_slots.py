@@ -208,6 +208,8 @@ class SlotBatch:
         prefill: Callable[[list[int]], int],
     ) -> int:
         tokens = prompt.tokens
+        # First: a meter the model cannot serve is the caller's error, before any state moves.
+        meter = EntropyMeter(self._n_vocab, watch, self._text) if watch else None
         if not self.slots:
             seq = MEMORY_SEQ
             # As a request alone always has: everything but the last token in n_batch chunks
@@ -235,7 +237,7 @@ class SlotBatch:
             cancelled=cancelled,
             sampler=sampler,
             text=TextStream((*prompt.stop, *params.stop)),
-            meter=EntropyMeter(self._n_vocab, watch, self._text) if watch else None,
+            meter=meter,
             ngrams=ngrams,
             max_tokens=self._max_new(len(tokens), params),
             shared=shared,

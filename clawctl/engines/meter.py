@@ -19,7 +19,16 @@ offline fires online exactly when the summary crosses it:
   the first yes/no word and every token with a digit, or else the first content token. Small
   models wrap short answers in sentences; the span is where they commit to an answer;
 - `score`: a logistic model over all the summaries (weights from `clawctl route calibrate`),
-  the probability that the answer is wrong.
+  the probability that the answer is wrong;
+- `probe`: a logistic model over the *first* token's log-probabilities at a few hundred token ids
+  (`LogitProbe`, also fitted by calibration): the probability that the answer is wrong, judged
+  at token 1, before any text streams. Why: a small model's summaries say how peaked its
+  distribution is, not what it is leaning towards. SmolLM2 answers "No." to 90% of
+  which_is_heavier with the same confidence whatever the numbers, yet the rest of its first-token
+  distribution still moves with them: a linear read of it predicts its errors (bench/cascade.py).
+  The logits are a linear image of the last hidden state, so this is a hidden-state probe without
+  asking llama.cpp for embeddings (which would make every prompt token an output). It learns the
+  tier's model *and* the calibration data's task: recalibrate when either changes.
 
 Signals over the whole answer (`answer_*`, `score`, and `window_entropy` for short answers) are
 judged when the answer ends or when `decide_within` tokens have passed, whichever is first. After
@@ -31,9 +40,11 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
+
+from clawctl.errors import BadInput
 
 if TYPE_CHECKING:  # numpy is imported where the meter runs: policies and the CLI need none
     import numpy as np
@@ -47,6 +58,7 @@ SIGNALS = (
     "answer_entropy",
     "answer_margin",
     "score",
+    "probe",
 )
 # Signals where a *low* value means unsure; for the others a high value does.
 LOW_IS_UNSURE = frozenset({"min_prob", "first_margin", "answer_margin"})
@@ -81,7 +93,31 @@ class ScoreModel:
             center = self.center.get(name, 0.0)
             x = center if value is None else value  # missing: the average case
             z += weight * (x - center) / (self.scale.get(name, 1.0) or 1.0)
-        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+        return _sigmoid(z)
+
+
+@dataclass(frozen=True)
+class LogitProbe:
+    """Logistic regression over the first token's log-probabilities at `tokens`: P(wrong).
+
+    Calibration sees only each example's `top_k` most likely tokens, so a token below the
+    `top_k`-th is read as the `top_k`-th log-probability, online as offline."""
+
+    tokens: tuple[int, ...]
+    weights: tuple[float, ...]
+    bias: float
+    top_k: int
+
+    def probability(self, logprobs: Sequence[float], floor: float) -> float:
+        """P(wrong) from the log-probabilities at `tokens` and the `top_k`-th one (`floor`)."""
+        z = self.bias + sum(
+            w * max(lp, floor) for w, lp in zip(self.weights, logprobs, strict=True)
+        )
+        return _sigmoid(z)
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
 
 @dataclass(frozen=True)
@@ -96,6 +132,9 @@ class Thresholds:
     answer_margin: float | None = None
     score: float | None = None  # probability of a wrong answer, with `score_model`
     score_model: ScoreModel | None = None
+    probe: float | None = None  # probability of a wrong answer, with `probe_model`
+    probe_model: LogitProbe | None = None
+    first_top: int = 0  # report the first token's top log-probabilities (for calibration)
     window: int = 8
     min_tokens: int = 1
     decide_within: int = 48
@@ -119,6 +158,10 @@ class Signals:
     answer_entropy: float | None = None
     answer_margin: float | None = None
     score: float | None = None
+    probe: float | None = None
+    # The first token's most likely (token id, log-probability) pairs, best first, when asked
+    # for (`Thresholds.first_top`): what calibration fits a `LogitProbe` on.
+    first_top: tuple[tuple[int, float], ...] = ()
 
     def value(self, signal: str) -> float | None:
         value: float | None = getattr(self, signal)
@@ -162,6 +205,15 @@ class EntropyMeter:
         self._yes_no: list[tuple[float, float]] = []  # the first yes/no word
         self._digits: list[tuple[float, float]] = []  # tokens with digits
         self._judged = False
+        self._probe: float | None = None
+        self._first_top: tuple[tuple[int, float], ...] = ()
+        probe = thresholds.probe_model
+        if probe is not None and (max(probe.tokens, default=0) >= n_vocab or probe.top_k > n_vocab):
+            raise BadInput(
+                f"the escalation probe reads token {max(probe.tokens)} (top {probe.top_k}) but "
+                f"the model has {n_vocab} tokens: recalibrate the tier for this model"
+            )
+        self._probe_tokens = np.array(probe.tokens if probe else (), dtype=np.intp)
         self.trigger: Trigger | None = None
 
     def observe(self, logits: npt.NDArray[np.float32]) -> Trigger | None:
@@ -177,7 +229,25 @@ class EntropyMeter:
         p1 = 1.0 / total  # exp(0) at the maximum
         exp[top] = 0.0
         margin = p1 - float(exp.max()) / total
+        if self.tokens == 0:
+            self._first_token(shifted, math.log(total))
         return self.account(entropy, p1, margin, top)
+
+    def _first_token(self, shifted: npt.NDArray[np.float32], log_total: float) -> None:
+        """The first token's extras (once per generation, ~0.3 ms): the probe's reading and
+        the top log-probabilities calibration asked for. `shifted` is logits minus their max."""
+        np, t = self._np, self.thresholds
+        probe = t.probe_model
+        if probe is not None:
+            k = min(probe.top_k, len(shifted))
+            floor = float(np.partition(shifted, -k)[-k]) - log_total
+            logprobs = shifted[self._probe_tokens].astype(np.float64) - log_total
+            self._probe = probe.probability(logprobs.tolist(), floor)
+        if t.first_top > 0:
+            k = min(t.first_top, len(shifted))
+            best = np.argpartition(shifted, -k)[-k:]
+            best = best[np.argsort(-shifted[best], kind="stable")]
+            self._first_top = tuple((int(i), round(float(shifted[i]) - log_total, 5)) for i in best)
 
     def account(self, entropy: float, p1: float, margin: float, token: int) -> Trigger | None:
         """Fold one token's measurements in (separate from `observe` for tests)."""
@@ -199,6 +269,8 @@ class EntropyMeter:
         self._span(entropy, margin, token)
         if self.trigger is not None:
             return None
+        if n == 1 and t.probe is not None and self._probe is not None and self._probe > t.probe:
+            return self._fire("probe", self._probe, t.probe)
         first_now = self._first is not None and self._first_at == n
         if first_now and t.first_margin is not None and margin < t.first_margin:
             return self._fire("first_margin", margin, t.first_margin)
@@ -267,6 +339,8 @@ class EntropyMeter:
             first_margin=self._first[1] if self._first else None,
             answer_entropy=sum(e for e, _ in span) / len(span) if span else None,
             answer_margin=min(m for _, m in span) if span else None,
+            probe=self._probe,
+            first_top=self._first_top,
         )
         model = self.thresholds.score_model
         if model is None:

@@ -149,14 +149,14 @@ class GenaiEngine:
                 search["random_seed"] = params.seed
         else:
             search["do_sample"] = False
-        generator_params = og.GeneratorParams(self._model)
-        generator_params.set_search_options(**search)
-        generator = og.Generator(self._model, generator_params)
-        generator.append_tokens(prompt.tokens)
         meter = None
         if watch is not None:
             n_vocab = self._n_vocab or 1
             meter = EntropyMeter(n_vocab, watch, self._piece)
+        generator_params = og.GeneratorParams(self._model)
+        generator_params.set_search_options(**search)
+        generator = og.Generator(self._model, generator_params)
+        generator.append_tokens(prompt.tokens)
         self._open = _Open(
             generator=generator,
             text=TextStream(tuple(params.stop)),

@@ -12,12 +12,17 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from clawctl.engines.meter import FEATURES, LOW_IS_UNSURE, SIGNALS, ScoreModel
+from clawctl.engines.meter import FEATURES, LOW_IS_UNSURE, SIGNALS, LogitProbe, ScoreModel
 from clawctl.errors import BadInput
+
+if TYPE_CHECKING:  # numpy is imported where calibration runs: the CLI's --help needs none
+    import numpy as np
+    import numpy.typing as npt
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -108,6 +113,7 @@ class SignalReport:
     auroc: float | None  # for `score`: cross-validated (out-of-fold) AUROC
     threshold: float | None  # escalates the target share of these examples
     model: ScoreModel | None = None  # for `score`
+    probe: LogitProbe | None = None  # for `probe`
 
 
 @dataclass(frozen=True)
@@ -171,21 +177,12 @@ def fit_score(
     scale = np.where(scale > 1e-9, scale, 1.0)
     x = (filled - center) / scale
     y = np.array(wrong, dtype=np.float64)
-
-    def fit(rows: np.ndarray) -> tuple[np.ndarray, float]:
-        w, b = np.zeros(len(names)), 0.0
-        for _ in range(2000):
-            p = 1.0 / (1.0 + np.exp(-(x[rows] @ w + b)))
-            w -= 0.2 * (x[rows].T @ (p - y[rows]) + l2 * w) / len(rows)
-            b -= 0.2 * float((p - y[rows]).mean())
-        return w, b
-
     order = np.random.default_rng(0).permutation(len(y))
     out_of_fold = np.zeros(len(y))
     for part in np.array_split(order, folds):
-        w, b = fit(np.setdiff1d(order, part))
+        w, b = _logistic(x, y, np.setdiff1d(order, part), l2)
         out_of_fold[part] = x[part] @ w + b
-    w, b = fit(order)
+    w, b = _logistic(x, y, order, l2)
     model = ScoreModel(
         weights={n: round(float(v), 6) for n, v in zip(names, w, strict=True)},
         bias=round(float(b), 6),
@@ -194,6 +191,98 @@ def fit_score(
     )
     probabilities = [float(p) for p in 1.0 / (1.0 + np.exp(-(x @ w + b)))]
     return model, probabilities, auroc(list(out_of_fold), wrong)
+
+
+def _logistic(
+    x: npt.NDArray[np.float64], y: npt.NDArray[np.float64], rows: npt.NDArray[np.intp], l2: float
+) -> tuple[npt.NDArray[np.float64], float]:
+    """L2-regularised logistic regression of y on x (standardised columns) over `rows`, by
+    gradient descent: a few hundred features at most, so no solver library is needed."""
+    import numpy as np
+
+    w, b = np.zeros(x.shape[1]), 0.0
+    xs, ys = x[rows], y[rows]
+    for _ in range(2000):
+        p = 1.0 / (1.0 + np.exp(-(xs @ w + b)))
+        w -= 0.2 * (xs.T @ (p - ys) + l2 * w) / len(rows)
+        b -= 0.2 * float((p - ys).mean())
+    return w, b
+
+
+FirstTop = Sequence[tuple[int, float]]  # the first token's (id, log-probability) pairs, best first
+PROBE_TOKENS = 256  # the tokens a probe reads; calibration asks for this many per example
+
+
+def probe_tokens(first_tops: Sequence[FirstTop], count: int = PROBE_TOKENS) -> list[int]:
+    """The `count` tokens most often among the examples' top lists (ties: higher mean
+    log-probability), in id order."""
+    seen: dict[int, list[float]] = {}
+    for top in first_tops:
+        for token, logprob in top:
+            seen.setdefault(token, []).append(logprob)
+    ranked = sorted(seen, key=lambda t: (-len(seen[t]), -sum(seen[t]) / len(seen[t]), t))
+    return sorted(ranked[:count])
+
+
+def probe_features(first_tops: Sequence[FirstTop], tokens: list[int]) -> npt.NDArray[np.float64]:
+    """Log-probabilities at `tokens`; a token outside an example's list reads as the lowest
+    listed one, as `LogitProbe.probability` reads it online."""
+    import numpy as np
+
+    x = np.empty((len(first_tops), len(tokens)))
+    for row, top in enumerate(first_tops):
+        known = dict(top)
+        floor = min(known.values())
+        x[row] = [known.get(t, floor) for t in tokens]
+    return x
+
+
+def fit_probe(
+    first_tops: Sequence[FirstTop], wrong: list[bool], folds: int = 5, l2: float = 1.0
+) -> tuple[LogitProbe, list[float], float | None] | None:
+    """Fit P(wrong) on the first token's log-probabilities (`LogitProbe`). Returns the probe
+    (fit on everything), its in-sample probabilities and its out-of-fold AUROC, where each
+    fold's tokens are chosen without the fold. None with too few examples of either kind or
+    without the first tokens' log-probabilities."""
+    import numpy as np
+
+    if min(sum(wrong), len(wrong) - sum(wrong)) < max(2, folds):
+        return None
+    if not all(first_tops):
+        return None
+    top_k = min(len(top) for top in first_tops)
+    tops = [list(top)[:top_k] for top in first_tops]
+    y = np.array(wrong, dtype=np.float64)
+
+    def fit(rows: npt.NDArray[np.intp]) -> LogitProbe:
+        tokens = probe_tokens([tops[i] for i in rows])
+        x = probe_features(tops, tokens)
+        center, scale = x[rows].mean(axis=0), x[rows].std(axis=0)
+        scale = np.where(scale > 1e-9, scale, 1.0)
+        w, b = _logistic((x - center) / scale, y, rows, l2)
+        raw = w / scale  # standardisation folded in: the probe reads raw log-probabilities
+        return LogitProbe(
+            tokens=tuple(tokens),
+            weights=tuple(round(float(v), 6) for v in raw),
+            bias=round(b - float(raw @ center), 6),
+            top_k=top_k,
+        )
+
+    order = np.random.default_rng(0).permutation(len(y))
+    out_of_fold = np.zeros(len(y))
+    for part in np.array_split(order, folds):
+        out_of_fold[part] = read_probe(fit(np.setdiff1d(order, part)), [tops[i] for i in part])
+    probe = fit(order)
+    return probe, read_probe(probe, tops), auroc(list(out_of_fold), wrong)
+
+
+def read_probe(probe: LogitProbe, first_tops: Sequence[FirstTop]) -> list[float]:
+    """The probe's P(wrong) for examples known by their first tokens' top lists, as the meter
+    reads it online from the full distribution."""
+    rows = [list(top)[: probe.top_k] for top in first_tops]
+    x = probe_features(rows, list(probe.tokens))
+    floors = [min(lp for _, lp in top) for top in rows]
+    return [probe.probability(v.tolist(), f) for v, f in zip(x, floors, strict=True)]
 
 
 def _feature(observed: dict[str, float | None], name: str) -> float:
@@ -208,7 +297,11 @@ def report_tier(
     correct: list[bool],
     rate: float | None,
     error: float | None,
+    first_tops: Sequence[FirstTop] = (),
 ) -> TierReport:
+    """Each signal's AUROC and threshold on one tier's answers (`score` and `probe` are fitted
+    here, and their AUROCs are out-of-fold); `first_tops` are the first tokens' top
+    log-probabilities (empty: no probe)."""
     wrong = [not c for c in correct]
 
     def threshold(signal: str, values: list[float | None]) -> float | None:
@@ -226,6 +319,15 @@ def report_tier(
             score_model, probabilities, area = fitted
             values: list[float | None] = list(probabilities)
             signals.append(SignalReport(signal, area, threshold(signal, values), score_model))
+            continue
+        if signal == "probe":
+            probed = fit_probe(first_tops, wrong) if len(first_tops) == len(wrong) else None
+            if probed is None:
+                signals.append(SignalReport(signal, None, None))
+                continue
+            probe, probabilities, area = probed
+            values = list(probabilities)
+            signals.append(SignalReport(signal, area, threshold(signal, values), probe=probe))
             continue
         values = [o.get(signal) for o in observed]
         area = auroc([unsureness(signal, v) for v in values], wrong)
@@ -247,7 +349,15 @@ def with_thresholds(policy_text: str, chosen: dict[str, SignalReport]) -> str:
         for signal in SIGNALS:
             escalate.pop(signal, None)
         escalate.pop("model", None)
+        escalate.pop("probe_model", None)
         escalate[pick.signal] = round(pick.threshold, 6)
+        if pick.probe is not None:
+            escalate["probe_model"] = {
+                "tokens": list(pick.probe.tokens),
+                "weights": list(pick.probe.weights),
+                "bias": pick.probe.bias,
+                "top_k": pick.probe.top_k,
+            }
         if pick.model is not None:
             escalate["model"] = {
                 "weights": dict(pick.model.weights),

@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from clawctl.engines.meter import FEATURES, ScoreModel, Thresholds
+from clawctl.engines.meter import FEATURES, LogitProbe, ScoreModel, Thresholds
 from clawctl.errors import BadInput
 
 if sys.version_info >= (3, 11):
@@ -54,6 +54,24 @@ class ScoreSection(_Strict):
         return value
 
 
+class ProbeSection(_Strict):
+    """A logistic model over the first token's log-probabilities (written by `clawctl route
+    calibrate`; token ids of the tier's model: recalibrate when the model changes)."""
+
+    tokens: tuple[Annotated[int, Field(ge=0)], ...] = Field(min_length=1, max_length=4096)
+    weights: tuple[float, ...] = Field(min_length=1, max_length=4096)
+    bias: float = 0.0
+    top_k: int = Field(256, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _one_weight_per_token(self) -> ProbeSection:
+        if len(self.tokens) != len(self.weights):
+            raise ValueError(
+                f"{len(self.tokens)} tokens but {len(self.weights)} weights: one weight per token"
+            )
+        return self
+
+
 class EscalateSection(_Strict):
     """Meter thresholds of a local tier (unset: never escalates on that signal)."""
 
@@ -65,6 +83,8 @@ class EscalateSection(_Strict):
     answer_margin: float | None = Field(None, gt=0, le=1)
     score: float | None = Field(None, gt=0, lt=1)
     model: ScoreSection | None = None
+    probe: float | None = Field(None, gt=0, lt=1)
+    probe_model: ProbeSection | None = None
     window: int = Field(8, ge=1, le=256)
     min_tokens: int = Field(1, ge=1)
     decide_within: int = Field(48, ge=1, le=4096)
@@ -73,15 +93,22 @@ class EscalateSection(_Strict):
     def _score_needs_model(self) -> EscalateSection:
         if self.score is not None and self.model is None:
             raise ValueError("score needs a [tiers.escalate.model] (see clawctl route calibrate)")
+        if self.probe is not None and self.probe_model is None:
+            raise ValueError(
+                "probe needs a [tiers.escalate.probe_model] (see clawctl route calibrate)"
+            )
         return self
 
     def thresholds(self) -> Thresholds:
-        values = self.model_dump(exclude={"model"})
-        model = self.model
+        values = self.model_dump(exclude={"model", "probe_model"})
+        model, probe = self.model, self.probe_model
         score_model = (
             ScoreModel(model.weights, model.bias, model.center, model.scale) if model else None
         )
-        return Thresholds(**values, score_model=score_model)
+        probe_model = (
+            LogitProbe(probe.tokens, probe.weights, probe.bias, probe.top_k) if probe else None
+        )
+        return Thresholds(**values, score_model=score_model, probe_model=probe_model)
 
 
 class AdapterUse(_Strict):

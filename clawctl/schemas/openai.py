@@ -41,6 +41,9 @@ class MeterRequest(_Strict):
     window: int = Field(8, ge=1, le=256)
     min_tokens: int = Field(1, ge=1)
     decide_within: int = Field(48, ge=1, le=4096)
+    first_top: int = Field(
+        0, ge=0, le=4096, description="Report the first token's N most likely log-probabilities."
+    )
 
 
 class ClawRequest(_Strict):
@@ -184,6 +187,10 @@ class EntropyInfo(BaseModel):
     answer_entropy: float | None = None
     answer_margin: float | None = None
     score: float | None = None
+    probe: float | None = None
+    first_top: list[tuple[int, float]] | None = Field(
+        None, description="The first token's most likely (token id, log-probability) pairs."
+    )
 
     def features(self) -> dict[str, float | None]:
         """The summaries under the meter's own names (its signals and score features)."""
