@@ -239,7 +239,9 @@ def test_probe_reads_the_first_token_and_fires_before_any_text() -> None:
     logprobs = _log_softmax(logits)
     probe = LogitProbe(tokens=(5, 17, 250), weights=(0.5, -1.0, 2.0), bias=0.3, top_k=20)
     floor = float(np.sort(logprobs)[-20])  # the 20th most likely token's log-probability
-    z = 0.3 + sum(w * max(float(logprobs[t]), floor) for t, w in zip((5, 17, 250), probe.weights))
+    z = 0.3 + sum(
+        w * max(float(logprobs[t]), floor) for t, w in zip(probe.tokens, probe.weights, strict=True)
+    )
     expected = 1 / (1 + math.exp(-z))
 
     meter = EntropyMeter(300, Thresholds(probe_model=probe, first_top=4), lambda _t: "No")

@@ -234,15 +234,14 @@ def test_a_probe_on_the_first_token_escalates_before_any_local_text(
     kept = chat(local, "probe-high").json()
     assert kept["claw"]["path"] == ["small"]
     assert kept["claw"]["entropy"]["probe"] == pytest.approx(expected, abs=1e-3)
-    assert kept["choices"][0]["message"]["content"] == (
-        direct.json()["choices"][0]["message"]["content"]
+    assert (
+        kept["choices"][0]["message"]["content"]
+        == (direct.json()["choices"][0]["message"]["content"])
     )
 
 
 def test_a_probe_for_another_vocabulary_is_a_clear_error(local: Daemon, remote: str) -> None:
-    escalate = (
-        "probe = 0.5\n[tiers.escalate.probe_model]\ntokens = [999999]\nweights = [1.0]\n"
-    )
+    escalate = "probe = 0.5\n[tiers.escalate.probe_model]\ntokens = [999999]\nweights = [1.0]\n"
     apply(local, policy_text("probe-alien", remote, escalate=escalate))
     response = chat(local, "probe-alien")
     assert response.status_code == 400
