@@ -2,7 +2,8 @@
 
 `open_answer` stands between a route and its `GenerationRun`. For a request that may share its
 answer (deterministic - temperature 0 or a fixed seed - or a policy or clawd.toml allowing
-sampled ones; no session or snapshot; `claw.cache` not false) it looks, in order, for:
+sampled ones; no session or snapshot; no `claw.meter`, which asks for the meter's view of a
+generation of its own, as calibration does; `claw.cache` not false) it looks, in order, for:
 
 1. an exact hit in the answer cache (same scope and text);
 2. an identical request in flight, whose generation it then shares (`coalesced`): one
@@ -70,7 +71,7 @@ def _plan(run: GenerationRun) -> CachePlan | None:
     """The cache key and settings of a request that may share its answer, else None."""
     services, claw = run.services, run.claw
     settings = services.config.cache
-    if not settings.enabled or not claw.cache or claw.session or claw.snapshot:
+    if not settings.enabled or not claw.cache or claw.session or claw.snapshot or claw.meter:
         return None
     threshold, sampled = settings.threshold, settings.sampled
     routing: tuple[str | int | None, ...] = ()
