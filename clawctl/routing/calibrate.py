@@ -110,7 +110,7 @@ def unsureness(signal: str, value: float | None) -> float:
 @dataclass(frozen=True)
 class SignalReport:
     signal: str
-    auroc: float | None  # for `score`: cross-validated (out-of-fold) AUROC
+    auroc: float | None  # for `score` and `probe`: cross-validated (out-of-fold) AUROC
     threshold: float | None  # escalates the target share of these examples
     model: ScoreModel | None = None  # for `score`
     probe: LogitProbe | None = None  # for `probe`
