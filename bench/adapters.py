@@ -42,7 +42,7 @@ def main() -> None:
 
     from clawctl.config import load_paths
     from clawctl.engines.base import AdapterSpec, EngineSettings, Prompt, SamplingParams, generate
-    from clawctl.engines.llama import LlamaEngine
+    from clawctl.engines.llama.engine import LlamaEngine
     from clawctl.store.models import ModelStore
 
     model = ModelStore(load_paths()).model_file("smollm2-135m")

@@ -59,7 +59,7 @@ from clawctl.routing.calibrate import (
     read_probe,
     unsureness,
 )
-from clawctl.schemas.openai import EntropyInfo
+from clawctl.schemas.signals import Signals
 from clawctl.store.models import ModelStore
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"
@@ -84,7 +84,7 @@ class Answer:
 
 
 def ensure_models() -> None:
-    from clawctl.quantize import quantize_model
+    from clawctl.build.quantize_gguf import quantize_model
 
     store = ModelStore(load_paths())
     for name in ("smollm2-135m", REMOTE):
@@ -145,7 +145,7 @@ def ask(client: httpx.Client, model: str, example: Example) -> Answer:
     return Answer(
         text=text,
         correct=grade(text, example.ideal),
-        signals=EntropyInfo.model_validate(entropy).features() if entropy else {},
+        signals=Signals.model_validate(entropy).features() if entropy else {},
         prompt_tokens=data["usage"]["prompt_tokens"],
         completion_tokens=data["usage"]["completion_tokens"],
         first_top=[(t, lp) for t, lp in (entropy or {}).get("first_top") or []],
@@ -296,7 +296,7 @@ def probe_transfer(answers: dict[str, list[Answer]], tier: str) -> dict[tuple[st
 def meter_overhead(runs: int) -> tuple[float, float]:
     """Decode tok/s with the meter off and on, in-process, alternating; medians."""
     from clawctl.engines.base import ChatTurn, EngineSettings, Prompt, SamplingParams, generate
-    from clawctl.engines.llama import LlamaEngine
+    from clawctl.engines.llama.engine import LlamaEngine
     from clawctl.engines.meter import LogitProbe, Thresholds
 
     # "on" is everything the meter does: per-token signals, and on the first token a probe of

@@ -307,7 +307,7 @@ def verify_costs(model: Path) -> dict[int, float]:
 
 def draft_home(model: Path, stack: contextlib.ExitStack) -> Path:
     """A home whose clawd.toml has SmolLM2 Q4_0 draft for the Q4_1 model."""
-    from clawctl.quantize import quantize_model
+    from clawctl.build.quantize_gguf import quantize_model
 
     home = Path(tempfile.mkdtemp(prefix="claw-bench-draft-"))
     stack.callback(shutil.rmtree, home, True)

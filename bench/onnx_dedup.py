@@ -55,8 +55,8 @@ def median_ms(action: Callable[[], object], runs: int) -> tuple[float, float, fl
 def prepare_home(home: Path, with_onnx_generation: bool) -> tuple[list[str], str | None]:
     """Install the models into a throw-away home; returns the embedding models and the ONNX
     generation model's name (None when the build tools are missing)."""
+    from clawctl.build.convert.recipes import convert_model, pull_model, quantize_onnx_model
     from clawctl.config import load_paths
-    from clawctl.convert.recipes import convert_model, pull_model, quantize_onnx_model
     from clawctl.errors import BadInput
     from clawctl.paths import Paths
     from clawctl.store.models import ModelStore
@@ -78,8 +78,8 @@ def prepare_home(home: Path, with_onnx_generation: bool) -> tuple[list[str], str
 
 
 def embedding_rows(home: Path, names: list[str], runs: int) -> list[str]:
-    from clawctl.embedding import load_embedder
     from clawctl.paths import Paths
+    from clawctl.runtime.embeddings import load_embedder
     from clawctl.store.models import ModelStore
 
     store = ModelStore(Paths.build(home))

@@ -140,7 +140,7 @@ def api_rows(home: Path, profile: str, tokenize: callable, runs: int) -> list[di
 def disk_rows(model: Path, tokenize: callable) -> list[dict[str, object]]:  # type: ignore[valid-type]
     """Raw vs stored bytes at 2k tokens for each KV type and filter."""
     from clawctl.engines.base import EngineSettings
-    from clawctl.engines.llama import LlamaEngine
+    from clawctl.engines.llama.engine import LlamaEngine
     from clawctl.store.snapshot_format import encode
 
     tokens = None

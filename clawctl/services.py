@@ -7,9 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from clawctl import __version__
-from clawctl.answer_cache import AnswerCache
 from clawctl.config import DaemonConfig, environment
-from clawctl.embedding import EmbeddingService
 from clawctl.engines.base import AdapterSpec, LoadEngine
 from clawctl.engines.registry import LazyLoader
 from clawctl.errors import BadInput, ClawError
@@ -17,12 +15,14 @@ from clawctl.ledger import Ledger
 from clawctl.metrics import Metrics
 from clawctl.profiles import EdgeProfile, load_profile
 from clawctl.routing.policy import Tier
+from clawctl.routing.policy_store import PolicyStore
 from clawctl.routing.remote import RemoteTier
-from clawctl.routing.store import PolicyStore
-from clawctl.scheduler import ModelManager
+from clawctl.runtime.answer_cache import AnswerCache
+from clawctl.runtime.embeddings import EmbeddingService
+from clawctl.runtime.manager import ModelManager
+from clawctl.runtime.statekeeper import SnapshotWriter, StateKeeper
 from clawctl.schemas.admin import CacheStatus, Health
 from clawctl.schemas.openai import AdapterChoice
-from clawctl.statekeeper import SnapshotWriter, StateKeeper
 from clawctl.store.adapters import AdapterStore
 from clawctl.store.models import ModelStore
 from clawctl.store.snapshots import SnapshotStore

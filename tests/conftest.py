@@ -77,7 +77,7 @@ def fresh_home(session_home: Path, tmp_path: Path) -> Path:
 def embed_home(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CLAW_HOME with the default model and MiniLM (converted to ONNX from its wheel), so
     clawd serves embeddings and the answer cache matches by meaning."""
-    from clawctl.convert.recipes import pull_model
+    from clawctl.build.convert.recipes import pull_model
 
     home = copy_home(session_home, tmp_path_factory.mktemp("embed-home"))
     pull_model(ModelStore(Paths.build(home, DOWNLOAD_CACHE)), "minilm-l6")

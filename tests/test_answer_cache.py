@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from clawctl.answer_cache import AnswerCache, CacheKey, StoredAnswer, deterministic, request_key
 from clawctl.engines.base import ChatTurn, Prompt, SamplingParams
+from clawctl.runtime.answer_cache import (
+    AnswerCache,
+    CacheKey,
+    StoredAnswer,
+    deterministic,
+    request_key,
+)
 from clawctl.schemas.openai import ClawInfo, Timings
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32)

@@ -19,8 +19,8 @@ import openai
 import pytest
 
 from clawctl.engines.base import ChatTurn, EngineSettings, Finished, Prompt, SamplingParams
-from clawctl.engines.llama import LlamaEngine
-from clawctl.engines.llama_slots import SlotBatch
+from clawctl.engines.llama.engine import LlamaEngine
+from clawctl.engines.llama.slots import SlotBatch
 from tests.conftest import Daemon
 
 pytestmark = pytest.mark.integration

@@ -149,7 +149,7 @@ def test_service_install_dry_run_renders_units() -> None:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
-    from clawctl.service import render_units
+    from clawctl.clawd.units import render_units
 
     for user in (False, True):
         unit_dir = tmp_path / ("user" if user else "system")

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
+from clawctl.build.quantize_gguf import quantize_file
 from clawctl.engines.base import EngineSettings, SamplingParams
 from clawctl.engines.decoding import NgramIndex
-from clawctl.engines.llama import LlamaEngine
+from clawctl.engines.llama.engine import LlamaEngine
 from clawctl.errors import EngineError
 from clawctl.paths import Paths
-from clawctl.quantize import quantize_file
 from clawctl.store.models import ModelStore
 from clawctl.store.quant_types import quant_by_name
 from tests.conftest import copy_home, serve

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clawctl.engines.onnx_embed import OnnxEmbedder
+from clawctl.engines.onnx.embed import OnnxEmbedder
 from clawctl.paths import Paths
 from clawctl.store.models import ModelStore
 from tests.conftest import DOWNLOAD_CACHE, Daemon, copy_home, run_cli, serve

@@ -16,11 +16,11 @@ import numpy.typing as npt
 import pytest
 from safetensors.numpy import load_file
 
-import clawctl.convert.bert_gguf as bert_gguf
-from clawctl.convert.bert_gguf import TOKEN_PROBES, BertGgufConversion, convert_bert_gguf
-from clawctl.convert.bert_onnx import BertConfig, reference_embeddings
-from clawctl.engines.llama_embed import GgufEmbedder, read_embedding_header, supports_embeddings
-from clawctl.engines.onnx_embed import load_tokenizer
+import clawctl.build.convert.bert_gguf as bert_gguf
+from clawctl.build.convert.bert_gguf import TOKEN_PROBES, BertGgufConversion, convert_bert_gguf
+from clawctl.build.convert.bert_onnx import BertConfig, reference_embeddings
+from clawctl.engines.llama.embed import GgufEmbedder, read_embedding_header, supports_embeddings
+from clawctl.engines.onnx.embed import load_tokenizer
 from clawctl.errors import BadInput, IntegrityError
 
 DIM, LAYERS, MAX_TOKENS = 384, 6, 256

@@ -15,13 +15,13 @@ import numpy as np
 import onnxruntime_genai as og
 import pytest
 
-from clawctl.convert.gguf_onnx import (
+from clawctl.build.convert.gguf_onnx import (
     MISSING_TOOLS,
     GenaiConversion,
     convert_gguf_to_genai,
 )
 from clawctl.errors import BadInput, EngineError
-from clawctl.store.snapshots import common_prefix
+from clawctl.schemas.state import common_prefix
 
 STEPS = 32
 # Near-ties make whole greedy continuations diverge now and then (SmolLM2-135M at Q4_1 does not
@@ -165,7 +165,7 @@ def test_a_failing_step_is_engine_error_with_its_last_line(tmp_path: Path) -> No
 
 def test_importing_the_converter_does_not_import_the_build_tools() -> None:
     code = (
-        "import sys, clawctl.convert.gguf_onnx\n"
+        "import sys, clawctl.build.convert.gguf_onnx\n"
         "print([m for m in ('torch', 'transformers', 'onnxruntime_genai', 'onnx')"
         " if m in sys.modules])"
     )

@@ -17,14 +17,14 @@ import onnxruntime as ort
 import pytest
 from safetensors.numpy import load_file
 
-import clawctl.convert.bert_onnx as bert_onnx
-from clawctl.convert.bert_onnx import (
+import clawctl.build.convert.bert_onnx as bert_onnx
+from clawctl.build.convert.bert_onnx import (
     BertConfig,
     BertConversion,
     convert_bert,
     reference_embeddings,
 )
-from clawctl.engines.onnx_embed import load_tokenizer
+from clawctl.engines.onnx.embed import load_tokenizer
 from clawctl.errors import BadInput, IntegrityError
 
 DIM, LAYERS = 384, 6

@@ -52,7 +52,7 @@ def test_chat_through_the_daemon_reports_entropy(onnx_daemon: Daemon) -> None:
     assert claw["model"] == ONNX
     entropy = claw["entropy"]
     assert entropy["tokens"] == reply.usage.completion_tokens  # type: ignore[union-attr]
-    assert 0.0 <= entropy["mean"] <= entropy["max"]
+    assert 0.0 <= entropy["mean_entropy"] <= entropy["max_entropy"]
     assert 0.0 < entropy["min_prob"] <= 1.0
     assert claw["timings"]["decode_tokens_per_s"] > 0
 
@@ -158,6 +158,6 @@ def test_int2_is_experimental_and_the_meter_sees_it(onnx_daemon: Daemon) -> None
                     },
                 )
                 assert response.status_code == 200, response.text
-                means.append(response.json()["claw"]["entropy"]["mean"])
+                means.append(response.json()["claw"]["entropy"]["mean_entropy"])
             entropy[model] = sum(means) / len(means)
     assert entropy["smollm2-135m-onnx-int2"] > entropy[ONNX] + 0.2

@@ -22,13 +22,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from clawctl.errors import BadInput, ClawError
-from clawctl.quantize_onnx import (
+from clawctl.build.quantize_onnx import (
     OnnxQuantOptions,
     OnnxQuantReport,
     matmul_nbits_reference,
     quantize_onnx,
 )
+from clawctl.errors import BadInput, ClawError
 
 Array = npt.NDArray[np.float32]
 K, HIDDEN, N, BATCH = 256, 512, 128, 8

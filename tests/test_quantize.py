@@ -18,7 +18,7 @@ from clawctl.engines.base import (
     TokenEvent,
     generate,
 )
-from clawctl.engines.llama import LlamaEngine
+from clawctl.engines.llama.engine import LlamaEngine
 from clawctl.store.models import ModelStore
 from tests.conftest import run_cli
 

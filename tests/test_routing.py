@@ -189,7 +189,7 @@ def test_high_threshold_stays_local(local: Daemon, remote: str) -> None:
     assert claw["escalated"] is False
     assert claw["degraded"] is False
     assert claw["entropy"]["tokens"] >= 1
-    assert claw["entropy"]["mean"] >= 0
+    assert claw["entropy"]["mean_entropy"] >= 0
     direct = chat(local, "smollm2-135m").json()
     assert (
         response.json()["choices"][0]["message"]["content"]

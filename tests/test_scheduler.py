@@ -13,8 +13,9 @@ import pytest
 from clawctl.engines.base import Finished, Prompt, SamplingParams, TokenEvent
 from clawctl.errors import EngineError, ModelNotFound, Overloaded
 from clawctl.profiles import EdgeProfile
-from clawctl.scheduler import Failed, JobEvent, ModelManager, Started
-from clawctl.statekeeper import StateRequest
+from clawctl.runtime.jobs import Failed, JobEvent, Started
+from clawctl.runtime.manager import ModelManager
+from clawctl.runtime.statekeeper import StateRequest
 from clawctl.store.gguf_meta import GgufInfo
 from clawctl.store.models import ModelManifest
 from tests.fakes import FakeLoader

@@ -16,13 +16,12 @@ import pytest
 
 from clawctl.config import load_paths
 from clawctl.errors import IntegrityError
+from clawctl.schemas.state import AdapterRef, StateIdentity
 from clawctl.store.snapshot_format import (
     CHUNK_BYTES,
     MAGIC,
     PREFIX,
-    AdapterRef,
     SnapshotMismatch,
-    StateIdentity,
     encode,
     read_header,
     read_snapshot,

@@ -12,11 +12,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clawctl import __version__
 from clawctl.api import admin_routes, openai_routes
-from clawctl.api.dedup import Flights
 from clawctl.api.errors import envelope, install_error_handlers
 from clawctl.api.openapi import install_openapi
 from clawctl.api.peer import transport_of
 from clawctl.services import Services
+from clawctl.serving.dedup import Flights
 
 
 class TcpTokenGuard:

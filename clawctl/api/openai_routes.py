@@ -11,9 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from clawctl.api.dedup import Answer, Flights, open_answer
 from clawctl.api.errors import validation_error
-from clawctl.api.generation import GenerationRun
 from clawctl.api.peer import peer_of
 from clawctl.api.sse import DONE, TokenFrames, error_frame, frame
 from clawctl.engines.base import ChatTurn, Prompt, SamplingParams
@@ -39,6 +37,8 @@ from clawctl.schemas.openai import (
     SamplingRequest,
 )
 from clawctl.services import Services
+from clawctl.serving.dedup import Answer, Flights, open_answer
+from clawctl.serving.generation import GenerationRun
 
 router = APIRouter()
 Body = TypeVar("Body", ChatCompletionRequest, CompletionRequest, EmbeddingRequest)

@@ -6,19 +6,13 @@ middleware read them here. Unix-socket callers are identified by SO_PEERCRED; TC
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
+
+from clawctl.serving.caller import PeerCred
 
 PEER_KEY = "claw_peer"
 TRANSPORT_KEY = "claw_transport"
 Transport = Literal["unix", "tcp"]
-
-
-@dataclass(frozen=True)
-class PeerCred:
-    pid: int
-    uid: int
-    gid: int
 
 
 def peer_of(state: dict[str, Any]) -> PeerCred | None:

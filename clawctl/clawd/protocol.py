@@ -14,7 +14,8 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from clawctl.api.peer import PEER_KEY, TRANSPORT_KEY, PeerCred
+from clawctl.api.peer import PEER_KEY, TRANSPORT_KEY
+from clawctl.serving.caller import PeerCred
 
 _UCRED = struct.Struct("3i")
 

@@ -107,7 +107,7 @@ def pull(
 
     Example: clawctl models pull smollm2-135m
     """
-    from clawctl.convert.recipes import pull_model
+    from clawctl.build.convert.recipes import pull_model
 
     with RichProgress() as progress:
         manifest, fetched = pull_model(_store(), ref, sha256=sha256, progress=progress)
@@ -204,7 +204,7 @@ def quantize(
     Example: clawctl models quantize minilm-l6 --to int8
     """
     if to.lower() in ("int8", "int4", "int2"):
-        from clawctl.convert.recipes import quantize_onnx_model
+        from clawctl.build.convert.recipes import quantize_onnx_model
 
         result = quantize_onnx_model(
             _store(),
@@ -230,7 +230,7 @@ def quantize(
         return
     if block_size is not None or accuracy_level is not None:
         raise BadInput("--block-size and --accuracy-level apply to ONNX int8/int4/int2 only")
-    from clawctl.quantize import quantize_model
+    from clawctl.build.quantize_gguf import quantize_model
 
     manifest = quantize_model(_store(), name, to, new_name=new_name, imatrix=imatrix)
     if json_:
@@ -253,7 +253,7 @@ def convert(
 
     Example: clawctl models convert smollm2-135m --to onnx-int4
     """
-    from clawctl.convert.recipes import convert_model
+    from clawctl.build.convert.recipes import convert_model
 
     with err.status(f"converting {name} to {to} (dequantize, build, carry weights over)…"):
         manifest = convert_model(_store(), name, to, new_name=new_name)

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from clawctl.client import ClawClient
     from clawctl.routing.calibrate import Example, SignalReport, TierReport
     from clawctl.routing.policy import Policy, Tier
-    from clawctl.routing.store import PolicyStore
+    from clawctl.routing.policy_store import PolicyStore
 
 app = typer.Typer(
     help="Routing policies: which tier answers, when to escalate, what it costs.",
@@ -25,7 +25,7 @@ PolicyName = Annotated[str, typer.Option("--policy", help="Policy name.")]
 
 def _store() -> PolicyStore:
     from clawctl.config import load_paths
-    from clawctl.routing.store import PolicyStore
+    from clawctl.routing.policy_store import PolicyStore
 
     return PolicyStore(load_paths())
 

@@ -20,7 +20,7 @@ def install(
 
     Example: clawctl service install --user --dry-run
     """
-    from clawctl.service import install_units, render_units
+    from clawctl.clawd.units import install_units, render_units
 
     units = render_units(user=user)
     if dry_run:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from clawctl.engines.decoding import TextStream
-from clawctl.engines.meter import EntropyMeter, Signals, Thresholds, Trigger
-from clawctl.store.snapshot_format import StateIdentity
+from clawctl.engines.meter import EntropyMeter, Thresholds, Trigger
+from clawctl.schemas.signals import Signals
+from clawctl.schemas.state import StateIdentity
 
 FinishReason = Literal["stop", "length", "cancelled"]
 

@@ -41,10 +41,11 @@ import math
 import re
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from clawctl.errors import BadInput
+from clawctl.schemas.signals import Signals
 
 if TYPE_CHECKING:  # numpy is imported where the meter runs: policies and the CLI need none
     import numpy as np
@@ -62,17 +63,6 @@ SIGNALS = (
 )
 # Signals where a *low* value means unsure; for the others a high value does.
 LOW_IS_UNSURE = frozenset({"min_prob", "first_margin", "answer_margin"})
-# The summaries a `score` model may weigh.
-FEATURES = (
-    "tokens",
-    "mean_entropy",
-    "max_entropy",
-    "window_entropy",
-    "min_prob",
-    "first_margin",
-    "answer_entropy",
-    "answer_margin",
-)
 _YES_NO = re.compile(r"^\W*(yes|no|y|n)\W*$", re.IGNORECASE)
 
 
@@ -143,32 +133,6 @@ class Thresholds:
     @property
     def armed(self) -> bool:
         return any(getattr(self, name) is not None for name in SIGNALS)
-
-
-@dataclass(frozen=True)
-class Signals:
-    """What the meter saw over one generation (or up to the point it stopped it)."""
-
-    tokens: int
-    mean_entropy: float
-    max_entropy: float
-    window_entropy: float
-    min_prob: float
-    first_margin: float | None
-    answer_entropy: float | None = None
-    answer_margin: float | None = None
-    score: float | None = None
-    probe: float | None = None
-    # The first token's most likely (token id, log-probability) pairs, best first, when asked
-    # for (`Thresholds.first_top`): what calibration fits a `LogitProbe` on.
-    first_top: tuple[tuple[int, float], ...] = ()
-
-    def value(self, signal: str) -> float | None:
-        value: float | None = getattr(self, signal)
-        return value
-
-    def features(self) -> dict[str, float | None]:
-        return {name: self.value(name) for name in FEATURES}
 
 
 @dataclass(frozen=True)
@@ -340,9 +304,9 @@ class EntropyMeter:
             answer_entropy=sum(e for e, _ in span) / len(span) if span else None,
             answer_margin=min(m for _, m in span) if span else None,
             probe=self._probe,
-            first_top=self._first_top,
+            first_top=self._first_top or None,
         )
         model = self.thresholds.score_model
         if model is None:
             return summary
-        return replace(summary, score=model.probability(summary.features()))
+        return summary.model_copy(update={"score": model.probability(summary.features())})

@@ -13,8 +13,8 @@ from clawctl.engines.base import Engine, EngineSettings, LoadEngine
 from clawctl.errors import BadInput
 
 ENGINES = {
-    "gguf": "clawctl.engines.llama:load_llama_engine",
-    "onnx": "clawctl.engines.onnx_genai:load_genai_engine",
+    "gguf": "clawctl.engines.llama.engine:load_llama_engine",
+    "onnx": "clawctl.engines.onnx.genai:load_genai_engine",
 }
 
 

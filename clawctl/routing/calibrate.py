@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clawctl.engines.meter import FEATURES, LOW_IS_UNSURE, SIGNALS, LogitProbe, ScoreModel
+from clawctl.engines.meter import LOW_IS_UNSURE, SIGNALS, LogitProbe, ScoreModel
 from clawctl.errors import BadInput
+from clawctl.schemas.signals import FEATURES
 
 if TYPE_CHECKING:  # numpy is imported where calibration runs: the CLI's --help needs none
     import numpy as np

@@ -21,8 +21,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from clawctl.engines.meter import FEATURES, LogitProbe, ScoreModel, Thresholds
+from clawctl.engines.meter import LogitProbe, ScoreModel, Thresholds
 from clawctl.errors import BadInput
+from clawctl.schemas.signals import FEATURES
 
 if sys.version_info >= (3, 11):
     import tomllib

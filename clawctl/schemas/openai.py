@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from clawctl.schemas.signals import Signals
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -175,37 +177,6 @@ class Timings(BaseModel):
     decode_tokens_per_s: float | None
 
 
-class EntropyInfo(BaseModel):
-    """The entropy meter's view of the last local tier that ran (nats, probabilities)."""
-
-    tokens: int
-    mean: float
-    max: float
-    window: float
-    min_prob: float
-    first_margin: float | None
-    answer_entropy: float | None = None
-    answer_margin: float | None = None
-    score: float | None = None
-    probe: float | None = None
-    first_top: list[tuple[int, float]] | None = Field(
-        None, description="The first token's most likely (token id, log-probability) pairs."
-    )
-
-    def features(self) -> dict[str, float | None]:
-        """The summaries under the meter's own names (its signals and score features)."""
-        return {
-            "tokens": float(self.tokens),
-            "mean_entropy": self.mean,
-            "max_entropy": self.max,
-            "window_entropy": self.window,
-            "min_prob": self.min_prob,
-            "first_margin": self.first_margin,
-            "answer_entropy": self.answer_entropy,
-            "answer_margin": self.answer_margin,
-        }
-
-
 class ClawInfo(BaseModel):
     """The `claw` object in responses: what the daemon did for this request."""
 
@@ -229,7 +200,7 @@ class ClawInfo(BaseModel):
     escalated: bool = False
     reason: str | None = None
     degraded: bool = False
-    entropy: EntropyInfo | None = None
+    entropy: Signals | None = None
     usage_by_tier: dict[str, Usage] = Field(default_factory=dict)
     cost: float = 0.0
     all_remote_cost: float = 0.0

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from clawctl.errors import BadInput, IntegrityError
 from clawctl.fsutil import atomic_writer
+from clawctl.schemas.state import StateIdentity
 
 MAGIC = b"CLAWSNAP"
 VERSION = 1
@@ -49,44 +50,6 @@ class SnapshotMismatch(BadInput):
     """A snapshot exists but belongs to another model, adapter set, KV type or state format."""
 
     code = "snapshot_mismatch"
-
-
-class AdapterRef(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    sha256: str
-    scale: float
-
-
-class StateIdentity(BaseModel):
-    """Everything that must match for a saved state to be valid in a context."""
-
-    model_config = ConfigDict(frozen=True)
-
-    model_sha256: str
-    adapters: tuple[AdapterRef, ...] = ()
-    state_format: str
-    n_ctx: int
-    type_k: str
-    type_v: str
-    flash_attn: bool
-    sequences: int = 1  # KV streams of the context (the profile's `parallel`)
-
-    def key(self) -> str:
-        """A short stable digest: names the pool directory of this identity."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:20]
-
-    def mismatch(self, other: StateIdentity) -> str | None:
-        for field in type(self).model_fields:
-            mine, theirs = getattr(self, field), getattr(other, field)
-            if mine != theirs:
-                return f"{field} is {_short(theirs)} in the snapshot but {_short(mine)} here"
-        return None
-
-
-def _short(value: object) -> str:
-    text = str(value)
-    return text[:12] + "…" if len(text) > 16 and " " not in text else text
 
 
 class ChunkInfo(BaseModel):

@@ -30,10 +30,10 @@ from pydantic import BaseModel, ConfigDict
 from clawctl.errors import BadInput, ClawError, NotFound
 from clawctl.fsutil import atomic_writer, copy_hashing
 from clawctl.paths import Paths
+from clawctl.schemas.state import StateIdentity
 from clawctl.store.snapshot_format import (
     Kind,
     SnapshotHeader,
-    StateIdentity,
     read_header,
     read_snapshot,
 )
@@ -63,15 +63,6 @@ def block_hashes(identity: StateIdentity, tokens: Sequence[int], block: int) -> 
         digest.update(b"".join(_TOKEN.pack(t) for t in tokens[start : start + block]))
         hashes.append(digest.copy().hexdigest()[:32])
     return hashes
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class SnapshotInfo(BaseModel):

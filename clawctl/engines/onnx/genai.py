@@ -35,7 +35,7 @@ from clawctl.engines.base import (
 from clawctl.engines.decoding import TextStream
 from clawctl.engines.meter import EntropyMeter, Thresholds
 from clawctl.errors import BadInput, EngineError
-from clawctl.store.snapshot_format import StateIdentity
+from clawctl.schemas.state import StateIdentity
 
 GENERATION = 0  # the id of the one open generation
 

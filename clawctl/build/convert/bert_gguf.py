@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from clawctl.convert.bert_onnx import (
+from clawctl.build.convert.bert_onnx import (
     PROBES,
     BertConfig,
     check_modules,
@@ -33,7 +33,7 @@ from clawctl.convert.bert_onnx import (
     reference_embeddings,
     truncation_length,
 )
-from clawctl.engines.onnx_embed import PAD_TOKEN, load_tokenizer
+from clawctl.engines.onnx.embed import PAD_TOKEN, load_tokenizer
 from clawctl.errors import BadInput, IntegrityError
 from clawctl.fsutil import fsync_dir
 
@@ -406,7 +406,7 @@ def _verify(
     """
     import numpy as np
 
-    from clawctl.engines.llama_embed import GgufEmbedder
+    from clawctl.engines.llama.embed import GgufEmbedder
 
     embedder = GgufEmbedder(path, threads=1, max_tokens=max_length)
     try:

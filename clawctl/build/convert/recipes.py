@@ -61,7 +61,7 @@ def pull_model(
 def pull_converted(
     store: ModelStore, entry: CatalogEntry, progress: ProgressSink
 ) -> tuple[ModelManifest, bool]:
-    from clawctl.convert.bert_onnx import convert_bert
+    from clawctl.build.convert.bert_onnx import convert_bert
 
     try:
         existing = store.get(entry.name)
@@ -95,7 +95,7 @@ def pull_converted(
         built = work / "built"
         built.mkdir()
         if entry.convert == "bert-gguf":
-            from clawctl.convert.bert_gguf import convert_bert_gguf
+            from clawctl.build.convert.bert_gguf import convert_bert_gguf
 
             convert_bert_gguf(sources, built / "model.gguf", name=entry.name)
             manifest = store.import_built(
@@ -120,7 +120,7 @@ def compare_embeddings(reference: Path, candidate: Path, max_tokens: int) -> tup
     """Mean and min cosine between two embedding models' vectors for the probe texts."""
     import numpy as np
 
-    from clawctl.engines.onnx_embed import OnnxEmbedder
+    from clawctl.engines.onnx.embed import OnnxEmbedder
 
     base = OnnxEmbedder(reference, threads=2, max_tokens=max_tokens).embed(list(PROBES)).vectors
     other = OnnxEmbedder(candidate, threads=2, max_tokens=max_tokens).embed(list(PROBES)).vectors
@@ -156,7 +156,7 @@ def quantize_onnx_model(
     """Quantize an installed ONNX model's MatMul weights and record how far it moved."""
     import time
 
-    from clawctl.quantize_onnx import OnnxQuantOptions, quantize_onnx
+    from clawctl.build.quantize_onnx import OnnxQuantOptions, quantize_onnx
 
     source = store.get(name)
     if source.onnx is None:
@@ -206,8 +206,8 @@ def convert_model(
     onnx-int2 is experimental: the builder has no 2-bit dense layers, so the model is built in
     float32 and its MatMuls quantized to 2 bits here (block 32, accuracy level 4, the fast
     kernel); SmolLM2-135M then answers gibberish, which the manifest's warning says."""
-    from clawctl.convert.gguf_onnx import convert_gguf_to_genai
-    from clawctl.quantize_onnx import OnnxQuantOptions, quantize_onnx
+    from clawctl.build.convert.gguf_onnx import convert_gguf_to_genai
+    from clawctl.build.quantize_onnx import OnnxQuantOptions, quantize_onnx
 
     formats = {"onnx-int4": 4, "onnx-int2": 2}
     if target not in formats:

@@ -27,11 +27,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from clawctl.answer_cache import CacheKey, Hit, StoredAnswer, deterministic, request_key
-from clawctl.api.generation import GenerationRun, is_policy_name
 from clawctl.engines.base import FinishReason
 from clawctl.errors import ClawError
+from clawctl.runtime.answer_cache import CacheKey, Hit, StoredAnswer, deterministic, request_key
 from clawctl.schemas.openai import ClawInfo, Timings, Usage
+from clawctl.serving.generation import GenerationRun, is_policy_name
 
 if TYPE_CHECKING:
     import numpy as np

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from clawctl.engines.onnx_embed import Embeddings, OnnxEmbedder
+from clawctl.engines.onnx.embed import Embeddings, OnnxEmbedder
 from clawctl.errors import BadInput
 from clawctl.store.models import ModelManifest, ModelStore
 
@@ -32,7 +32,7 @@ def load_embedder(store: ModelStore, manifest: ModelManifest, threads: int) -> E
     """An ONNX encoder with onnxruntime, or a GGUF embedding model with llama.cpp."""
     if manifest.onnx is not None:
         return OnnxEmbedder(store.model_dir(manifest), threads, manifest.onnx.max_tokens)
-    from clawctl.engines.llama_embed import GgufEmbedder
+    from clawctl.engines.llama.embed import GgufEmbedder
 
     info = manifest.gguf_info()
     limit = min(info.context_length or GGUF_MAX_TOKENS, GGUF_MAX_TOKENS)

@@ -40,7 +40,7 @@ from clawctl.config import environment
 from clawctl.errors import BadInput, EngineError
 from clawctl.store.gguf_meta import read_gguf_info
 
-log = logging.getLogger("clawctl.convert")
+log = logging.getLogger("clawctl.build.convert")
 
 MISSING_TOOLS = (
     "converting to ONNX needs the build tools: pip install 'clawctl[convert]' "

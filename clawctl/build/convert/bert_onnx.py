@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clawctl import __version__
-from clawctl.engines.onnx_embed import PAD_TOKEN, load_tokenizer
+from clawctl.engines.onnx.embed import PAD_TOKEN, load_tokenizer
 from clawctl.errors import BadInput, IntegrityError
 from clawctl.fsutil import atomic_writer
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clawctl.engines.onnx_embed import Embeddings
+from clawctl.engines.onnx.embed import Embeddings
 from clawctl.errors import BadInput, EngineError
 
 if TYPE_CHECKING:

@@ -25,21 +25,17 @@ the longest prefix the model agrees with is kept and the rest of the cells are d
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
-from llama_cpp import _internals
 
 from clawctl.engines.base import (
-    EngineSettings,
     Finished,
     FinishReason,
     PreparedPrompt,
@@ -49,11 +45,11 @@ from clawctl.engines.base import (
 )
 from clawctl.engines.decoding import DraftRequest, NgramIndex, TextStream
 from clawctl.engines.meter import EntropyMeter, Thresholds
-from clawctl.errors import BadInput, EngineError
-from clawctl.store.snapshots import common_prefix
+from clawctl.errors import EngineError
+from clawctl.schemas.state import common_prefix
 
 if TYPE_CHECKING:
-    from clawctl.engines.llama_draft import DraftModel
+    from clawctl.engines.llama.draft import DraftModel
 
 MEMORY_SEQ = 0
 # Another sequence's prefix is copied only when it holds this many more tokens: a copy moves the
@@ -63,63 +59,6 @@ MIN_COPY = 8
 DRAFT_COOLDOWN = 4
 # Drafts per step never adapt below this: a lone draft token costs nearly a whole step.
 MIN_DRAFT = 2
-
-
-KV_TYPES = {
-    "f16": llama_cpp.GGML_TYPE_F16,
-    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
-    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
-}
-
-
-def uses_flash_attn(settings: EngineSettings) -> bool:
-    return settings.flash_attn or settings.kv_cache_type != "f16"  # quantized V needs it
-
-
-def load_llama(path: Path, settings: EngineSettings, what: str) -> llama_cpp.Llama:
-    """A GGUF model with the profile's context settings, its context holding a KV stream per
-    sequence of `settings.parallel`; `what` names it in errors."""
-    kv_type = KV_TYPES.get(settings.kv_cache_type)
-    if kv_type is None:
-        raise BadInput(f"unsupported KV cache type {settings.kv_cache_type!r}")
-    try:
-        llama = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=settings.n_ctx,
-            n_batch=settings.n_batch,
-            n_ubatch=settings.n_batch,
-            n_threads=settings.n_threads,
-            n_threads_batch=settings.n_threads,
-            type_k=kv_type,
-            type_v=kv_type,
-            flash_attn=uses_flash_attn(settings),
-            verbose=False,
-        )
-    except (ValueError, RuntimeError) as exc:
-        raise EngineError(f"llama.cpp could not load {what}: {exc}") from None
-    if settings.parallel > 1:
-        try:
-            widen_context(llama, settings.parallel)
-        except BaseException:
-            llama.close()
-            raise
-    return llama
-
-
-def widen_context(llama: llama_cpp.Llama, n_seq_max: int) -> None:
-    """Recreate `llama`'s context with `n_seq_max` sequences, each with a KV stream as long as
-    the context was (llama-cpp-python's constructor offers no such option)."""
-    params = llama.context_params
-    params.n_ctx = llama.n_ctx() * n_seq_max  # llama.cpp splits n_ctx across the streams
-    params.n_seq_max = n_seq_max
-    params.kv_unified = False
-    old = llama._ctx
-    llama._ctx = llama._stack.enter_context(
-        contextlib.closing(
-            _internals.LlamaContext(model=llama._model, params=params, verbose=False)
-        )
-    )
-    old.close()  # type: ignore[no-untyped-call]
 
 
 @dataclass

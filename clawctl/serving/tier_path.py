@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from clawctl.engines.meter import Signals
 from clawctl.routing.policy import Policy, Tier
 from clawctl.schemas.openai import Usage
+from clawctl.schemas.signals import Signals
 
 
 @dataclass

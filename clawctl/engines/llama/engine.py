@@ -31,11 +31,12 @@ from clawctl.engines.base import (
     TokenEvent,
     estimate_kv_bytes,
 )
-from clawctl.engines.llama_draft import DraftModel
-from clawctl.engines.llama_slots import MEMORY_SEQ, SlotBatch, load_llama, uses_flash_attn
+from clawctl.engines.llama.draft import DraftModel
+from clawctl.engines.llama.load import load_llama, uses_flash_attn
+from clawctl.engines.llama.slots import MEMORY_SEQ, SlotBatch
 from clawctl.engines.meter import Thresholds
 from clawctl.errors import BadInput, EngineError
-from clawctl.store.snapshot_format import AdapterRef, StateIdentity
+from clawctl.schemas.state import AdapterRef, StateIdentity
 
 # A shared prefix this short (a lone BOS token) is recomputed: reusing it saves nothing, and
 # prefilling from position 0 keeps batch boundaries, hence rounding, canonical for cold prompts.

@@ -22,7 +22,7 @@ import numpy as np
 
 from clawctl.engines.base import EngineSettings
 from clawctl.engines.decoding import DraftRequest
-from clawctl.engines.llama_slots import load_llama
+from clawctl.engines.llama.load import load_llama
 from clawctl.errors import EngineError
 
 # The draft stops where its own top token is less likely than this (llama.cpp's --draft-p-min).

@@ -24,25 +24,25 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 
-from clawctl.api.peer import PeerCred
-from clawctl.api.tier_path import TierPath, TierRun
 from clawctl.engines.base import Finished, FinishReason, Prompt, SamplingParams, TokenEvent
-from clawctl.engines.meter import Signals, Thresholds
+from clawctl.engines.meter import Thresholds
 from clawctl.errors import BadInput, ClawError, NotFound, RemoteTierError
 from clawctl.ledger import DistillExample, LedgerRow
 from clawctl.routing.policy import POLICY_NAME, Policy, Route, RouteInput, Tier, route
 from clawctl.routing.remote import RemoteDone, RemoteFailure, RemoteRequest
-from clawctl.scheduler import Failed, JobHandle, Started
+from clawctl.runtime.jobs import Failed, Started
+from clawctl.runtime.statekeeper import StateRequest
+from clawctl.runtime.worker import JobHandle
 from clawctl.schemas.openai import (
     AdapterChoice,
     ClawInfo,
     ClawRequest,
-    EntropyInfo,
     Timings,
     Usage,
 )
 from clawctl.services import Services
-from clawctl.statekeeper import StateRequest
+from clawctl.serving.caller import PeerCred
+from clawctl.serving.tier_path import TierPath, TierRun
 
 log = logging.getLogger("clawd.requests")
 DIRECT = Tier(name="local", kind="local", model="-")  # stands for a request without a policy
@@ -559,30 +559,11 @@ class GenerationRun:
             escalated=self.path.escalated,
             reason=self.path.reason,
             degraded=self.degraded,
-            entropy=_entropy_info(signals) if signals else None,
+            entropy=signals.rounded() if signals else None,
             usage_by_tier=self.path.usage_by_tier() if self.policy else {},
             cost=round(self.path.cost, 8),
             all_remote_cost=round(self.path.all_remote_cost, 8),
         )
-
-
-def _entropy_info(signals: Signals) -> EntropyInfo:
-    def rounded(value: float | None) -> float | None:
-        return None if value is None else round(value, 4)
-
-    return EntropyInfo(
-        tokens=signals.tokens,
-        mean=round(signals.mean_entropy, 4),
-        max=round(signals.max_entropy, 4),
-        window=round(signals.window_entropy, 4),
-        min_prob=round(signals.min_prob, 4),
-        first_margin=rounded(signals.first_margin),
-        answer_entropy=rounded(signals.answer_entropy),
-        answer_margin=rounded(signals.answer_margin),
-        score=rounded(signals.score),
-        probe=rounded(signals.probe),
-        first_top=[(t, lp) for t, lp in signals.first_top] or None,
-    )
 
 
 def _prompt_text(prompt: Prompt) -> str:

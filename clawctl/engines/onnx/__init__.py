@@ -1,0 +1,1 @@
+"""The ONNX engines: onnxruntime-genai generation and onnxruntime embeddings."""

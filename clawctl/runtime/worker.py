@@ -1,0 +1,242 @@
+"""One loaded model on its own thread for the engine's whole life, fed by a fair queue.
+
+Why a thread per model and not a pool: llama-cpp-python's OpenMP build decodes ~106 tok/s from one
+thread but ~28 tok/s once a second thread has touched the same model, so a model is loaded, used
+and closed by exactly one `ModelWorker` thread. The worker interleaves jobs in one context
+(continuous batching): between decode steps it admits queued jobs while the engine has room
+(`Engine.admits`), so concurrent requests share each decode call instead of waiting for one
+another. `JobHandle` is the asyncio side of one job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+from clawctl.engines.base import AdapterSpec, Engine, EngineSettings, Finished, LoadEngine
+from clawctl.errors import BadInput, ClawError, ContextOverflow, EngineError
+from clawctl.runtime.fair_queue import FairQueue
+from clawctl.runtime.jobs import NO_STATE, Failed, Job, JobEvent, Started, emit_all
+from clawctl.runtime.statekeeper import StateKeeper, StateOutcome
+from clawctl.store.models import ModelManifest
+
+log = logging.getLogger("clawd.worker")
+
+
+class ModelWorker:
+    """Owns one engine on one thread for the engine's whole life."""
+
+    def __init__(
+        self,
+        manifest: ModelManifest,
+        settings: EngineSettings,
+        load_engine: LoadEngine,
+        estimate: int,
+        keep_alive: float,
+        keeper: StateKeeper | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.keeper = keeper
+        self.settings = settings
+        self.memory_bytes = estimate
+        self.keep_alive = keep_alive
+        self.loaded_at = time.time()
+        self.last_used = time.monotonic()
+        self.outstanding = 0  # queued + running, counted on the event loop
+        self.outstanding_by_caller: dict[str, int] = {}
+        self.load_seconds = 0.0
+        self.failed = False
+        self._running: dict[int, Job] = {}  # by the engine's generation id
+        self._adapters: tuple[AdapterSpec, ...] = ()
+        self._exclusive = False  # the open generation needs the context to itself
+        self._loaded = threading.Event()
+        self._load_engine = load_engine
+        self._jobs = FairQueue()
+        self._thread = threading.Thread(
+            target=self._run, name=f"model:{manifest.name}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def running(self) -> int:
+        """Generations open in the engine (a size read across threads: atomic in CPython)."""
+        return len(self._running)
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.stop()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        try:
+            engine = self._load_engine(self.settings)
+        except Exception as exc:
+            error = exc if isinstance(exc, ClawError) else EngineError(f"loading failed: {exc}")
+            self.failed = True
+            log.error("model %s failed to load: %s", self.name, error.message)
+            self._loaded.set()
+            while (job := self._jobs.take(wait=True)) is not None:
+                job.emit(Failed(error))
+            return
+        self.load_seconds = time.perf_counter() - started
+        self.memory_bytes = engine.memory_bytes()
+        self._loaded.set()
+        log.info("model %s loaded in %.2fs", self.name, self.load_seconds)
+        try:
+            self._serve(engine, started)
+        finally:
+            engine.close()
+            log.info("model %s unloaded", self.name)
+
+    def _serve(self, engine: Engine, load_started: float) -> None:
+        """Continuous batching: between decode steps, admit queued jobs while the engine has
+        room; a job that cannot join yet (another adapter set, a session or snapshot, which
+        need the context to themselves, or no room) waits at the head until it can."""
+        waiting: Job | None = None
+        while True:
+            while True:
+                if waiting is None:
+                    if engine.active >= engine.parallel:
+                        break  # queued jobs stay in the fair queue until a slot is free
+                    waiting = self._jobs.take(wait=engine.active == 0)
+                    if waiting is None:
+                        break
+                if not self._start(engine, waiting, load_started):
+                    break
+                waiting = None
+            if engine.active:
+                self._step(engine)
+            elif waiting is None:
+                return  # stopped, and every job is done
+
+    def _start(self, engine: Engine, job: Job, load_started: float) -> bool:
+        """Open the job's generation, or fail it; False if it has to wait for the others."""
+        if job.cancel.is_set():
+            job.emit(Failed(ClawError("cancelled before it started")))
+            return True
+        busy = engine.active > 0
+        exclusive = job.state.needs_context()
+        if busy and (exclusive or self._exclusive or job.adapters != self._adapters):
+            return False
+        try:
+            if not busy:
+                engine.set_adapters(job.adapters)
+                self._adapters = job.adapters
+            if job.prepared is None:
+                job.prepared = engine.prepare(job.prompt)
+            prepared = job.prepared
+            if len(prepared.tokens) >= engine.n_ctx:
+                raise ContextOverflow(
+                    f"the prompt has {len(prepared.tokens)} tokens but the context of "
+                    f"{self.name} holds {engine.n_ctx}; shorten it",
+                    param="messages",
+                )
+            if busy and not engine.admits(prepared, job.params):
+                return False
+            waited_for_load = job.enqueued_at < load_started + self.load_seconds
+            queued = time.perf_counter() - job.enqueued_at
+            outcome = NO_STATE
+            if not engine.stateful and job.state.needs_context():
+                raise BadInput(
+                    f"{self.name} cannot save or restore state (snapshots, sessions): "
+                    "that needs a GGUF model",
+                    param="claw",
+                )
+            if self.keeper is not None and not busy and engine.stateful:
+                outcome = self.keeper.before(engine, prepared.tokens, job.state)
+            slot = engine.open(prepared, job.params, job.cancel.is_set, job.watch)
+            if busy and (shared := engine.shared_prefix(slot)):
+                outcome = StateOutcome(shared, "memory")  # copied from a running sequence
+            job.emit(
+                Started(
+                    prompt_tokens=len(prepared.tokens),
+                    queue_seconds=queued,
+                    load_seconds=self.load_seconds if waited_for_load else 0.0,
+                    state=outcome,
+                )
+            )
+        except ClawError as exc:
+            job.emit(Failed(exc))
+            return True
+        except Exception as exc:
+            log.exception("could not start a generation on %s", self.name)
+            job.emit(Failed(EngineError(f"generation failed: {exc}")))
+            return True
+        self._running[slot] = job
+        self._exclusive = exclusive
+        return True
+
+    def _step(self, engine: Engine) -> None:
+        try:
+            events = engine.step()
+        except Exception as exc:
+            log.exception("decoding failed on %s", self.name)
+            error = exc if isinstance(exc, ClawError) else EngineError(f"generation failed: {exc}")
+            for job in self._running.values():
+                job.emit(Failed(error))
+            self._running.clear()
+            self._exclusive = False
+            return
+        deliveries: list[tuple[Job, JobEvent]] = []
+        finished: list[Job] = []
+        for slot, event in events:
+            job = self._running[slot]
+            if isinstance(event, Finished):
+                del self._running[slot]  # before the caller hears of it: it may ask at once
+                finished.append(job)
+            deliveries.append((job, event))
+        emit_all(deliveries)
+        for job in finished:
+            self._finished(engine, job)
+
+    def _finished(self, engine: Engine, job: Job) -> None:
+        if self.keeper is not None and job.state.session and engine.stateful:
+            try:  # after the response: freezing the session never delays it
+                self.keeper.after(engine, job.state)
+            except Exception:
+                log.exception("could not freeze session %s", job.state.session)
+        if not self._running:
+            self._exclusive = False
+            engine.release_adapters()  # frees adapters removed while jobs used them
+
+
+class JobHandle:
+    """The asyncio side of one job: iterate its events; closing it cancels the generation."""
+
+    def __init__(
+        self, job: Job, worker: ModelWorker, on_done: Callable[[ModelWorker, Job], None]
+    ) -> None:
+        self.job = job
+        self.worker = worker
+        self._on_done = on_done
+        self._done = False
+
+    async def events(self) -> AsyncIterator[JobEvent]:
+        try:
+            while True:
+                event = await self.job.events.get()
+                yield event
+                if isinstance(event, Finished | Failed):
+                    return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self.job.cancel.set()
+            self._on_done(self.worker, self.job)
