@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
 from clawctl.config import ClientConfig
 from clawctl.errors import ClawError, DaemonUnavailable, error_class_for
 from clawctl.schemas.admin import Health
+from clawctl.schemas.jobs import JOB_LINE
 from clawctl.schemas.openai import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -25,6 +27,18 @@ from clawctl.schemas.openai import (
     ModelList,
     Usage,
 )
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class ProgressView(Protocol):
+    """Where the client shows a long operation's progress and messages (the CLI: Rich)."""
+
+    def start(self, description: str, total: int | None) -> None: ...
+
+    def advance(self, amount: int) -> None: ...
+
+    def message(self, text: str, level: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,90 @@ class ClawClient:
             raise self._unavailable() from None
         self._raise_for(response)
         return response.json()
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        response: type[Model],
+        *,
+        body: BaseModel | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Model:
+        """One admin request with a typed body and a typed answer."""
+        try:
+            answer = self._http.request(
+                method,
+                path,
+                content=None if body is None else body.model_dump_json(),
+                headers={"Content-Type": "application/json"} if body is not None else None,
+                params={k: v for k, v in (params or {}).items() if v is not None},
+            )
+        except (httpx.ConnectError, FileNotFoundError):
+            raise self._unavailable() from None
+        except httpx.RemoteProtocolError as exc:
+            raise ClawError(f"clawd closed the connection: {exc}") from None
+        self._raise_for(answer)
+        return response.model_validate_json(answer.content)
+
+    def _job(
+        self,
+        path: str,
+        response: type[Model],
+        progress: ProgressView,
+        *,
+        body: BaseModel | None = None,
+        content: Iterator[bytes] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Model:
+        """A long admin operation: POST, then read its NDJSON `JobLine`s until the result."""
+        if body is not None:
+            content = iter([body.model_dump_json().encode()])
+        try:
+            with self._http.stream(
+                "POST",
+                path,
+                content=content,
+                params={k: v for k, v in (params or {}).items() if v is not None},
+                headers={"Content-Type": "application/json"} if body is not None else None,
+            ) as answer:
+                if answer.status_code >= 400:
+                    answer.read()
+                    self._raise_for(answer)
+                for raw in answer.iter_lines():
+                    if not raw.strip():
+                        continue
+                    line = JOB_LINE.validate_json(raw)
+                    if line.type == "start":
+                        progress.start(line.description, line.total)
+                    elif line.type == "advance":
+                        progress.advance(line.amount)
+                    elif line.type == "message":
+                        progress.message(line.text, line.level)
+                    elif line.type == "error":
+                        raise error_class_for(line.code, line.status)(line.message)
+                    else:
+                        return response.model_validate(line.result)
+        except (httpx.ConnectError, FileNotFoundError):
+            raise self._unavailable() from None
+        except httpx.RemoteProtocolError as exc:
+            raise ClawError(f"clawd closed the stream early: {exc}") from None
+        raise ClawError(f"clawd ended {path} without a result; see its log")
+
+    def _download(self, path: str, params: dict[str, Any] | None = None) -> Iterator[bytes]:
+        """A streamed GET (snapshot export, ledger export): the body in chunks."""
+        try:
+            with self._http.stream(
+                "GET", path, params={k: v for k, v in (params or {}).items() if v is not None}
+            ) as answer:
+                if answer.status_code >= 400:
+                    answer.read()
+                    self._raise_for(answer)
+                yield from answer.iter_bytes()
+        except (httpx.ConnectError, FileNotFoundError):
+            raise self._unavailable() from None
+        except httpx.RemoteProtocolError as exc:
+            raise ClawError(f"clawd closed the stream early: {exc}") from None
 
     def health(self) -> Health:
         return Health.model_validate(self._get("/health"))

@@ -58,6 +58,7 @@ class DaemonSection(_Strict):
 class TcpSection(_Strict):
     listen: str = ""
     token_file: str = ""
+    admin: bool = False  # TCP clients may change the daemon's data (POST/PUT/DELETE /admin/…)
 
 
 class SnapshotSection(_Strict):
@@ -124,6 +125,7 @@ class DaemonConfig:
     ledger: LedgerSection
     cache: CacheSection = field(default_factory=CacheSection)
     drafts: Mapping[str, str] = field(default_factory=dict)
+    tcp_admin: bool = False
 
     def redacted(self) -> dict[str, str]:
         """The effective settings for the start-up log, with secrets hidden."""
@@ -242,6 +244,7 @@ def load_daemon_config(socket: Path | None = None, profile: str | None = None) -
         ledger=file.ledger,
         cache=file.cache,
         drafts=file.drafts,
+        tcp_admin=file.tcp.admin,
         systemd=SystemdEnv(
             notify_socket=_env("NOTIFY_SOCKET"),
             watchdog_usec=int(watchdog) if watchdog and watchdog.isdigit() else None,

@@ -60,6 +60,15 @@ class Unauthorized(ClawError):
     code = "invalid_api_key"
 
 
+class Forbidden(ClawError):
+    """The caller may not do this here (e.g. change the daemon's data over TCP)."""
+
+    exit_code = 2
+    http_status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
 class IntegrityError(ClawError):
     """Stored or downloaded bytes do not match their recorded checksum."""
 

@@ -11,7 +11,8 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clawctl import __version__
-from clawctl.api import admin_routes, openai_routes
+from clawctl.api import openai_routes
+from clawctl.api.admin import health as admin_health
 from clawctl.api.errors import envelope, install_error_handlers
 from clawctl.api.openapi import install_openapi
 from clawctl.api.peer import transport_of
@@ -25,9 +26,10 @@ class TcpTokenGuard:
     A plain ASGI middleware (not BaseHTTPMiddleware) so streaming responses pass through untouched.
     """
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+    def __init__(self, app: ASGIApp, token: str | None, admin: bool = False) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode() if token else None
+        self.admin = admin  # may TCP callers change the daemon's data?
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and transport_of(dict(scope.get("state", {}))) == "tcp":
@@ -35,6 +37,17 @@ class TcpTokenGuard:
             if self.expected is None or not hmac.compare_digest(given, self.expected):
                 response = envelope(
                     401, "missing or wrong bearer token", "authentication_error", "invalid_api_key"
+                )
+                await response(scope, receive, send)
+                return
+            changes = scope["method"] not in ("GET", "HEAD")
+            if changes and scope["path"].startswith("/admin/") and not self.admin:
+                response = envelope(
+                    403,
+                    "changing the daemon's data over TCP is off; use the Unix socket, or set "
+                    "[tcp] admin = true in clawd.toml",
+                    "permission_error",
+                    "forbidden",
                 )
                 await response(scope, receive, send)
                 return
@@ -55,8 +68,10 @@ def create_app(services: Services) -> FastAPI:
     app.state.flights = Flights()
     install_error_handlers(app)
 
-    app.add_middleware(TcpTokenGuard, token=services.config.tcp_token)
+    app.add_middleware(
+        TcpTokenGuard, token=services.config.tcp_token, admin=services.config.tcp_admin
+    )
     app.include_router(openai_routes.router)
-    app.include_router(admin_routes.router)
+    app.include_router(admin_health.router)
     install_openapi(app, openai_routes.BODIES)
     return app

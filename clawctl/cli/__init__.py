@@ -79,4 +79,7 @@ def _root(
 
 
 def main() -> None:
+    from clawctl import forkguard
+
+    forkguard.install("clawctl")
     app()

@@ -87,3 +87,8 @@ class RichProgress:
     def advance(self, amount: int) -> None:
         if self._task is not None:
             self._progress.advance(self._task, amount)
+
+    def message(self, text: str, level: str = "info") -> None:
+        """A line from the daemon's operation (warnings in yellow), printed above the bar."""
+        prefix = "[yellow]warning:[/yellow] " if level == "warning" else ""
+        self._progress.console.print(f"{prefix}{text}", markup=True, highlight=False)
