@@ -191,6 +191,18 @@ class ClawClient:
         except httpx.RemoteProtocolError as exc:
             raise ClawError(f"clawd closed the stream early: {exc}") from None
 
+    # --- models (admin) ---
+
+    # --- adapters (admin) ---
+
+    # --- snapshots (admin) ---
+
+    # --- ledger and distill (admin) ---
+
+    # --- routing policies (admin) ---
+
+    # --- health and OpenAI calls ---
+
     def health(self) -> Health:
         return Health.model_validate(self._get("/health"))
 

@@ -12,7 +12,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clawctl import __version__
 from clawctl.api import openai_routes
+from clawctl.api.admin import adapters as admin_adapters
 from clawctl.api.admin import health as admin_health
+from clawctl.api.admin import ledger as admin_ledger
+from clawctl.api.admin import models as admin_models
+from clawctl.api.admin import policies as admin_policies
+from clawctl.api.admin import snapshots as admin_snapshots
 from clawctl.api.errors import envelope, install_error_handlers
 from clawctl.api.openapi import install_openapi
 from clawctl.api.peer import transport_of
@@ -72,6 +77,14 @@ def create_app(services: Services) -> FastAPI:
         TcpTokenGuard, token=services.config.tcp_token, admin=services.config.tcp_admin
     )
     app.include_router(openai_routes.router)
-    app.include_router(admin_health.router)
+    for admin in (
+        admin_health,
+        admin_models,
+        admin_adapters,
+        admin_snapshots,
+        admin_ledger,
+        admin_policies,
+    ):
+        app.include_router(admin.router)
     install_openapi(app, openai_routes.BODIES)
     return app

@@ -1,0 +1,7 @@
+"""Admin routes for the daemon's models (`/admin/models…`): thin, schema in, service call, schema out."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(prefix="/admin")
