@@ -1,4 +1,4 @@
-"""Admin routes for the daemon's adapters (`/admin/adapters…`): thin, schema in, service call, schema out."""
+"""Admin routes for the daemon's adapters (`/admin/adapters…`)."""
 
 from __future__ import annotations
 

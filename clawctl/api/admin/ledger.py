@@ -1,4 +1,4 @@
-"""Admin routes for the daemon's ledger (`/admin/ledger…`): thin, schema in, service call, schema out."""
+"""Admin routes for the daemon's ledger (`/admin/ledger…`)."""
 
 from __future__ import annotations
 

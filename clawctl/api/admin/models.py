@@ -1,4 +1,4 @@
-"""Admin routes for the daemon's models (`/admin/models…`): thin, schema in, service call, schema out."""
+"""Admin routes for the daemon's models (`/admin/models…`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Admin routes for the daemon's policies (`/admin/policies…`): thin, schema in, service call, schema out."""
+"""Admin routes for the daemon's policies (`/admin/policies…`)."""
 
 from __future__ import annotations
 

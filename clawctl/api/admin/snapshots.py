@@ -1,4 +1,4 @@
-"""Admin routes for the daemon's snapshots (`/admin/snapshots…`): thin, schema in, service call, schema out."""
+"""Admin routes for the daemon's snapshots (`/admin/snapshots…`)."""
 
 from __future__ import annotations
 
