@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from clawctl import __version__
 from clawctl.config import DaemonConfig, environment
@@ -44,6 +45,8 @@ class Services:
     embeddings: EmbeddingService
     started_at: float = field(default_factory=time.time)
     _remotes: dict[str, RemoteTier] = field(default_factory=dict)
+    # An httpx async transport for remote tiers (tests: an in-process ASGI app); None: network.
+    remote_transport: Any = None
 
     @classmethod
     def build(cls, config: DaemonConfig, load_engine: LoadEngine | None = None) -> Services:
@@ -89,7 +92,7 @@ class Services:
         key = tier.model_dump_json()  # the same settings share a client and its breaker
         client = self._remotes.get(key)
         if client is None:
-            client = self._remotes[key] = RemoteTier(tier, environment())
+            client = self._remotes[key] = RemoteTier(tier, environment(), self.remote_transport)
         return client
 
     async def stop(self) -> None:

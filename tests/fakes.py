@@ -1,5 +1,10 @@
 """A real implementation of the Engine protocol that needs no model: it echoes the prompt's
-words back one per step, and records which threads touched it."""
+words back one per step, and records which threads touched it.
+
+With a `watch` (a routing tier's thresholds) it runs the real entropy meter on scripted
+uncertainty: a word starting with "?" is a token the model is unsure of (entropy 3 nats, top
+probability 0.2), every other word a confident one. So a test decides where the cascade
+escalates by what it asks."""
 
 from __future__ import annotations
 
@@ -17,7 +22,11 @@ from clawctl.engines.base import (
     SamplingParams,
     TokenEvent,
 )
+from clawctl.engines.meter import EntropyMeter, Thresholds
 from clawctl.errors import EngineError
+
+UNSURE = (3.0, 0.2, 0.02)  # entropy (nats), top probability, top-1/top-2 margin
+SURE = (0.05, 0.98, 0.97)
 
 
 @dataclass
@@ -27,6 +36,7 @@ class FakeSlot:
     prompt_tokens: int
     cancelled: Callable[[], bool]
     produced: int = 0
+    meter: EntropyMeter | None = None
 
 
 @dataclass
@@ -39,6 +49,7 @@ class FakeEngine:
     vocab: dict[str, int] = field(default_factory=dict)
     slots: dict[int, FakeSlot] = field(default_factory=dict)
     peak: int = 0  # most slots open at once
+    stateful: bool = True  # False: no state keeper (the fake holds no llama.cpp state)
 
     def __post_init__(self) -> None:
         self.threads.add(threading.get_ident())
@@ -58,10 +69,6 @@ class FakeEngine:
     @property
     def active(self) -> int:
         return len(self.slots)
-
-    @property
-    def stateful(self) -> bool:
-        return True
 
     def prepare(self, prompt: Prompt) -> PreparedPrompt:
         self.threads.add(threading.get_ident())
@@ -88,7 +95,12 @@ class FakeEngine:
         slot = next(i for i in range(self.parallel) if i not in self.slots)
         words = [self.words[t] for t in prompt.tokens]
         limit = params.max_tokens or len(words)
-        self.slots[slot] = FakeSlot(list(words[:limit]), limit, len(prompt.tokens), cancelled)
+        meter = None
+        if isinstance(watch, Thresholds):
+            meter = EntropyMeter(max(1, len(self.vocab)), watch, lambda t: self.words[t])
+        self.slots[slot] = FakeSlot(
+            list(words[:limit]), limit, len(prompt.tokens), cancelled, meter=meter
+        )
         self.peak = max(self.peak, len(self.slots))
         return slot
 
@@ -101,15 +113,39 @@ class FakeEngine:
         time.sleep(self.step_seconds)
         events: list[tuple[int, TokenEvent | Finished]] = []
         for i, slot in list(self.slots.items()):
+            stopped = False
             if not slot.cancelled() and slot.left:
+                word = slot.left.pop(0)
                 slot.produced += 1
-                events.append((i, TokenEvent(slot.left.pop(0) + " ", slot.produced)))
-                if slot.left:
-                    continue
+                meter = slot.meter
+                if meter is not None:
+                    entropy, p1, margin = UNSURE if word.startswith("?") else SURE
+                    fired = meter.account(entropy, p1, margin, self.vocab[word])
+                    stopped = fired is not None and meter.thresholds.stop
+                if not stopped:
+                    events.append((i, TokenEvent(word + " ", slot.produced)))
+                    if slot.left:
+                        continue
             reason: FinishReason = "cancelled" if slot.cancelled() else (
-                "length" if slot.produced == slot.limit else "stop"
+                "length" if slot.produced == slot.limit and not stopped else "stop"
             )  # fmt: skip
-            events.append((i, Finished(reason, slot.prompt_tokens, slot.produced, 0.001, 0.001)))
+            meter = slot.meter
+            if meter is not None and reason != "cancelled" and meter.trigger is None:
+                meter.finish()
+            events.append(
+                (
+                    i,
+                    Finished(
+                        reason,
+                        slot.prompt_tokens,
+                        slot.produced,
+                        0.001,
+                        0.001,
+                        signals=meter.signals() if meter else None,
+                        escalate=meter.trigger if meter else None,
+                    ),
+                )
+            )
             del self.slots[i]
         return events
 
@@ -130,9 +166,12 @@ class FakeEngine:
 class FakeLoader:
     """Builds FakeEngines and remembers them; can be told to fail a load."""
 
-    def __init__(self, memory: int = 100 << 20, step_seconds: float = 0.0) -> None:
+    def __init__(
+        self, memory: int = 100 << 20, step_seconds: float = 0.0, stateful: bool = True
+    ) -> None:
         self.memory = memory
         self.step_seconds = step_seconds
+        self.stateful = stateful
         self.engines: list[FakeEngine] = []
         self.fail_next = False
 
@@ -140,6 +179,6 @@ class FakeLoader:
         if self.fail_next:
             self.fail_next = False
             raise EngineError("simulated load failure")
-        engine = FakeEngine(settings, self.memory, self.step_seconds)
+        engine = FakeEngine(settings, self.memory, self.step_seconds, stateful=self.stateful)
         self.engines.append(engine)
         return engine

@@ -98,7 +98,7 @@ async def chat_completions(
         prompt,
         _sampling(body, body.token_limit()),
         body.claw,
-        peer_of(dict(request.scope["state"])),
+        peer_of(dict(request.scope.get("state", {}))),
         json_mode=body.json_mode(),
         streamed=body.stream,
     )
@@ -181,7 +181,7 @@ async def completions(
         prompt,
         _sampling(body, body.max_tokens),
         body.claw,
-        peer_of(dict(request.scope["state"])),
+        peer_of(dict(request.scope.get("state", {}))),
         json_mode=body.json_mode(),
         streamed=body.stream,
     )
@@ -269,7 +269,7 @@ async def embeddings(
     services.metrics.requests.labels("embeddings", "200").inc()
     services.metrics.embeddings.labels(model).inc(len(texts))
     services.metrics.prompt_tokens.labels(model).inc(tokens)
-    peer = peer_of(dict(request.scope["state"]))
+    peer = peer_of(dict(request.scope.get("state", {})))
     services.ledger.record(
         LedgerRow(
             request_id=uuid.uuid4().hex[:24],

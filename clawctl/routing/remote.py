@@ -78,10 +78,13 @@ class RemoteRequest:
 
 
 class RemoteTier:
-    def __init__(self, tier: Tier, env: Mapping[str, str]) -> None:
+    def __init__(self, tier: Tier, env: Mapping[str, str], transport: Any = None) -> None:
+        """`transport`: an httpx async transport for the SDK's HTTP client (tests route the
+        remote tier to an in-process ASGI app with `httpx.ASGITransport`); None: the network."""
         self.tier = tier
         self.breaker = CircuitBreaker(tier.breaker_failures, tier.breaker_cooldown_seconds)
         self._env = env
+        self._transport = transport
         self._client: Any = None
 
     def configured(self) -> str | None:
@@ -110,11 +113,17 @@ class RemoteTier:
         if self._client is None:
             import openai
 
+            http_client: Any = None
+            if self._transport is not None:
+                import httpx
+
+                http_client = httpx.AsyncClient(transport=self._transport)
             self._client = openai.AsyncOpenAI(
                 base_url=self._base_url(),
                 api_key=self._api_key(),
                 timeout=self.tier.timeout_seconds,
                 max_retries=0,  # retries are ours: only before the first token
+                http_client=http_client,
             )
         return self._client
 
