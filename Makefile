@@ -39,8 +39,12 @@ $(CONVERT_STAMP): $(STAMP)
 	$(PIP) install --quiet -e '.[convert]'
 	touch $(CONVERT_STAMP)
 
+# Before clawd runs there is no daemon to ask, so the model is fetched with the same build
+# operation clawd itself runs for `clawctl models pull` (into this user's store: the one `make run`
+# serves). With a daemon running, use `clawctl models pull`.
 model: install
-	$(VENV)/bin/clawctl models pull $(DEFAULT_MODEL)
+	$(PY) -m clawctl.build pull '{"ref": "$(DEFAULT_MODEL)"}' > $(VENV)/pull.log \
+		|| (tail -n 3 $(VENV)/pull.log; exit 1)
 
 run: model
 	$(VENV)/bin/clawd
