@@ -9,7 +9,8 @@ SCRIPT = """
 import os, subprocess, sys
 from clawctl import forkguard
 forkguard.install("test", max_depth={depth})
-ok = subprocess.run([sys.executable, "-c", "print('exec child ran')"], capture_output=True, text=True)
+ok = subprocess.run([sys.executable, "-c", "print('exec child ran')"],
+                    capture_output=True, text=True)
 print(ok.stdout.strip())
 def chain(level):
     pid = os.fork()
