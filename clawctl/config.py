@@ -28,6 +28,11 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -41,7 +46,9 @@ class DaemonSection(_Strict):
     keep_alive_seconds: float = Field(300.0, ge=0)
     graceful_timeout_seconds: float = Field(30.0, ge=0)
     max_queue: int = Field(64, ge=1)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Largest request body clawd reads (413 beyond it); uploads stream to disk and are exempt.
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    log_level: LogLevel = "info"
 
     @field_validator("socket_mode")
     @classmethod
@@ -126,6 +133,7 @@ class DaemonConfig:
     cache: CacheSection = field(default_factory=CacheSection)
     drafts: Mapping[str, str] = field(default_factory=dict)
     tcp_admin: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def redacted(self) -> dict[str, str]:
         """The effective settings for the start-up log, with secrets hidden."""
@@ -139,6 +147,8 @@ class DaemonConfig:
             "default_model": self.default_model,
             "data_dir": str(self.paths.data_dir),
             "config_file": str(self.config_file),
+            "max_body_bytes": str(self.max_body_bytes),
+            "log_level": self.log_level,
         }
 
 
@@ -170,10 +180,14 @@ def load_paths() -> Paths:
     )
 
 
-def _config_path(paths: Paths) -> Path:
-    explicit = _env("CLAW_CONFIG")
-    if explicit:
-        return Path(explicit).expanduser()
+def _config_path(paths: Paths, explicit: Path | None = None) -> Path:
+    """`explicit` (clawd --config), else CLAW_CONFIG, else the user's clawd.toml, else the
+    shipped defaults."""
+    if explicit is not None:
+        return explicit.expanduser()
+    configured = _env("CLAW_CONFIG")
+    if configured:
+        return Path(configured).expanduser()
     if paths.config_file.is_file():
         return paths.config_file
     return default_daemon_config()
@@ -197,7 +211,7 @@ def read_config_file(path: Path) -> ConfigFile:
 def _parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
-        raise BadInput(f"tcp.listen must look like '127.0.0.1:11435', got {listen!r}")
+        raise BadInput(f"a TCP address looks like '127.0.0.1:11435' (HOST:PORT), got {listen!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -210,19 +224,44 @@ def _socket_path(paths: Paths, configured: str) -> Path:
     return paths.default_socket
 
 
-def load_daemon_config(socket: Path | None = None, profile: str | None = None) -> DaemonConfig:
-    """The daemon's settings; `socket` and `profile` are overrides from `clawctl serve`."""
+def _read_token(path: Path) -> str:
+    try:
+        return path.expanduser().read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise BadInput(f"cannot read the token file {path}: {exc.strerror}") from None
+
+
+def load_daemon_config(
+    socket: Path | None = None,
+    profile: str | None = None,
+    *,
+    config_file: Path | None = None,
+    tcp: str | None = None,
+    token_file: Path | None = None,
+    log_level: str | None = None,
+) -> DaemonConfig:
+    """The daemon's settings. The arguments are command-line overrides (`clawd --socket ...`,
+    `clawctl serve`); each wins over its CLAW_* variable, which wins over clawd.toml."""
     paths = load_paths()
-    config_path = _config_path(paths)
+    config_path = _config_path(paths, config_file)
     file = read_config_file(config_path)
     host = port = None
     token = _env("CLAW_TOKEN")
-    if file.tcp.listen:
-        host, port = _parse_listen(file.tcp.listen)
-        if file.tcp.token_file:
-            token = Path(file.tcp.token_file).read_text(encoding="utf-8").strip()
+    listen = tcp if tcp is not None else file.tcp.listen
+    if listen:
+        host, port = _parse_listen(listen)
+        if token_file is not None:
+            token = _read_token(token_file)
+        elif file.tcp.token_file:
+            token = _read_token(Path(file.tcp.token_file))
         if not token:
-            raise BadInput("tcp.listen is set but no token: set tcp.token_file or CLAW_TOKEN")
+            raise BadInput(
+                "TCP listening is on but there is no token: set [tcp] token_file in clawd.toml, "
+                "CLAW_TOKEN, or --token-file"
+            )
+    level = log_level or _env("CLAW_LOG_LEVEL") or file.daemon.log_level
+    if level not in LOG_LEVELS:
+        raise BadInput(f"log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
     watchdog = _env("WATCHDOG_USEC")
     listen_pid = _env("LISTEN_PID")
     return DaemonConfig(
@@ -238,13 +277,14 @@ def load_daemon_config(socket: Path | None = None, profile: str | None = None) -
         keep_alive_seconds=file.daemon.keep_alive_seconds,
         graceful_timeout_seconds=file.daemon.graceful_timeout_seconds,
         max_queue=file.daemon.max_queue,
-        log_level=_env("CLAW_LOG_LEVEL") or file.daemon.log_level,
+        log_level=level,
         config_file=config_path,
         snapshots=file.snapshots,
         ledger=file.ledger,
         cache=file.cache,
         drafts=file.drafts,
         tcp_admin=file.tcp.admin,
+        max_body_bytes=file.daemon.max_body_bytes,
         systemd=SystemdEnv(
             notify_socket=_env("NOTIFY_SOCKET"),
             watchdog_usec=int(watchdog) if watchdog and watchdog.isdigit() else None,

@@ -53,6 +53,124 @@ def test_second_daemon_refuses_live_socket(
         assert sock.exists()
 
 
+def _clawd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "clawd"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+def test_help_lists_the_options(tmp_path: Path) -> None:
+    done = _clawd("--help", env=clean_env(CLAW_HOME=str(tmp_path)))
+    assert done.returncode == 0
+    for option in (
+        "--socket PATH",
+        "--config FILE",
+        "--profile NAME",
+        "--tcp HOST:PORT",
+        "--token-file FILE",
+        "--log-level LEVEL",
+        "--version",
+        "CLAW_HOME",
+    ):
+        assert option in done.stdout, option
+    version = _clawd("--version", env=clean_env(CLAW_HOME=str(tmp_path)))
+    assert version.returncode == 0
+    assert version.stdout.startswith("clawd ")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--bogus",), ("--socket", "./x.sock", "--bogus"), ("stray",), ("--log-level", "loud")],
+)
+def test_bad_usage_exits_2_with_usage_and_serves_nothing(
+    args: tuple[str, ...], short_dir: Path, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    done = _clawd(*args, env=clean_env(CLAW_HOME=str(home), CLAW_SOCKET=str(short_dir / "d.sock")))
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: clawd")
+    assert "Traceback" not in done.stderr
+    assert list(short_dir.iterdir()) == []  # no daemon started on the default socket
+    assert not home.exists()  # nor touched its data dir
+
+
+def test_bad_tcp_address_and_missing_token_file_exit_2(short_dir: Path, tmp_path: Path) -> None:
+    env = clean_env(CLAW_HOME=str(tmp_path / "home"), CLAW_SOCKET=str(short_dir / "d.sock"))
+    bad = _clawd("--tcp", "nowhere", env=env)
+    assert bad.returncode == 2
+    assert "HOST:PORT" in bad.stderr
+    missing = _clawd("--tcp", "127.0.0.1:9", "--token-file", str(tmp_path / "none"), env=env)
+    assert missing.returncode == 2
+    assert "token file" in missing.stderr
+    assert "Traceback" not in bad.stderr + missing.stderr
+
+
+def test_command_line_options_override_the_environment(
+    session_home: Path, short_dir: Path, tmp_path: Path
+) -> None:
+    """--socket wins over CLAW_SOCKET, --tcp/--token-file switch TCP on, --profile wins over
+    CLAW_PROFILE: the daemon really serves where the command line says."""
+    sock, ignored, port = short_dir / "opt.sock", short_dir / "env.sock", free_port()
+    (tmp_path / "token").write_text("opt-token\n")
+    env = clean_env(CLAW_HOME=str(session_home), CLAW_SOCKET=str(ignored), CLAW_PROFILE="nope")
+    log = tmp_path / "opt.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [str(BIN / "clawd"), "--socket", str(sock), "--profile", TEST_PROFILE,
+             "--tcp", f"127.0.0.1:{port}", "--token-file", str(tmp_path / "token"),
+             "--log-level", "debug"],
+            env=env,
+            stdout=sink,
+            stderr=sink,
+        )  # fmt: skip
+    daemon = Daemon(proc, sock, session_home, log)
+    try:
+        wait_healthy(daemon)
+        assert not ignored.exists()
+        with daemon.client() as client:
+            assert client.get("/health").json()["profile"] == TEST_PROFILE
+        tcp = httpx.get(
+            f"http://127.0.0.1:{port}/health", headers={"Authorization": "Bearer opt-token"}
+        )
+        assert tcp.status_code == 200
+    finally:
+        assert daemon.stop() == 0
+    assert "'log_level': 'debug'" in daemon.log_text()
+
+
+def test_a_second_daemon_refuses_before_touching_the_data_dir(
+    fresh_home: Path, short_dir: Path, tmp_path: Path
+) -> None:
+    """A second clawd on the same socket, or on another socket with the same data dir, exits 3
+    without sweeping the first one's in-flight snapshot temp files."""
+    sock = short_dir / "first.sock"
+    in_flight = fresh_home / "data" / "snapshots" / "named" / ".being-written.snap.tmp"
+    with run_daemon(fresh_home, sock, tmp_path) as first:
+        in_flight.parent.mkdir(parents=True, exist_ok=True)
+        in_flight.write_bytes(b"half a snapshot")
+        env = clean_env(CLAW_HOME=str(fresh_home), CLAW_PROFILE=TEST_PROFILE)
+        same_socket = _clawd("--socket", str(sock), env=env)
+        other_socket = _clawd("--socket", str(short_dir / "second.sock"), env=env)
+        assert same_socket.returncode == 3
+        assert "already serving" in same_socket.stderr
+        assert other_socket.returncode == 3
+        assert f"pid {first.proc.pid}" in other_socket.stderr
+        assert "data dir" in other_socket.stderr
+        assert "Traceback" not in same_socket.stderr + other_socket.stderr
+        assert in_flight.exists()
+        assert not (short_dir / "second.sock").exists()  # the refused one cleaned up after itself
+        with first.client() as client:
+            assert client.get("/health").status_code == 200
+    # The file is one clawd does sweep when it starts with the data dir to itself.
+    with run_daemon(fresh_home, sock, tmp_path):
+        assert not in_flight.exists()
+
+
 def test_stale_socket_is_replaced(session_home: Path, short_dir: Path, tmp_path: Path) -> None:
     sock = short_dir / "s.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -210,9 +328,11 @@ def test_disconnect_cancels_generation(daemon_with_short_keepalive: Daemon) -> N
             for i, _ in enumerate(response.iter_lines()):
                 if i > 5:
                     break
-        time.sleep(1.5)
-        metrics = client.get("/metrics").text
-    assert 'clawd_requests_total{endpoint="chat",status="499"}' in metrics
+        cancelled = 'clawd_requests_total{endpoint="chat",status="499"}'
+        deadline = time.monotonic() + 60
+        while cancelled not in client.get("/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cancelled in client.get("/metrics").text
     assert "cancelled" in daemon.log_text()
 
 
