@@ -40,6 +40,15 @@ class ContextOverflow(BadInput):
     code = "context_length_exceeded"
 
 
+class RequestTooLarge(ClawError):
+    """The request body is larger than clawd reads ([daemon] max_body_bytes; HTTP 413)."""
+
+    exit_code = 2
+    http_status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class NotFound(ClawError):
     """A named thing (model, profile, route) does not exist."""
 

@@ -19,6 +19,7 @@ from clawctl.api.admin import models as admin_models
 from clawctl.api.admin import policies as admin_policies
 from clawctl.api.admin import snapshots as admin_snapshots
 from clawctl.api.errors import envelope, install_error_handlers
+from clawctl.api.limits import BodyLimit
 from clawctl.api.openapi import install_openapi
 from clawctl.api.peer import transport_of
 from clawctl.services import Services
@@ -73,6 +74,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.flights = Flights()
     install_error_handlers(app)
 
+    app.add_middleware(BodyLimit, max_bytes=services.config.max_body_bytes)  # inside the guard
     app.add_middleware(
         TcpTokenGuard, token=services.config.tcp_token, admin=services.config.tcp_admin
     )

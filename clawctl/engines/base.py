@@ -1,8 +1,9 @@
 """The one interface the daemon uses to run a model, and the values that cross it.
 
 The scheduler drives engines only through `Engine`, always from the model's own thread, so engine
-implementations need no locking. Values are frozen dataclasses in clawctl's own terms; OpenAI
-shapes live only in `schemas/` and `api/`.
+implementations need no locking; the one exception is an engine that declares
+`PreparesConcurrently`, whose long prompts are tokenized on a second thread. Values are frozen
+dataclasses in clawctl's own terms; OpenAI shapes live only in `schemas/` and `api/`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from clawctl.engines.decoding import TextStream
 from clawctl.engines.meter import EntropyMeter, Thresholds, Trigger
@@ -201,6 +202,19 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class PreparesConcurrently(Protocol):
+    """An engine that may also prepare prompts on a second thread while its own thread decodes:
+    preparing reads only what loading fixed (template, vocabulary), never the context. The
+    worker tokenizes long prompts there, so one huge prompt does not stall every other
+    generation's steps; the engine says why that is safe for it in its docstring."""
+
+    def prepare_concurrently(self, prompt: Prompt) -> PreparedPrompt:
+        """`Engine.prepare`, safe to call from one other thread while the model's thread runs
+        the engine's other methods (never after `close`)."""
+        ...
 
 
 LoadEngine = Callable[[EngineSettings], Engine]

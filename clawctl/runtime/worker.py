@@ -5,7 +5,9 @@ thread but ~28 tok/s once a second thread has touched the same model, so a model
 and closed by exactly one `ModelWorker` thread. The worker interleaves jobs in one context
 (continuous batching): between decode steps it admits queued jobs while the engine has room
 (`Engine.admits`), so concurrent requests share each decode call instead of waiting for one
-another. `JobHandle` is the asyncio side of one job.
+another. Long prompts are tokenized on a second thread where the engine allows it
+(`runtime/preparer.py`), so they do not stall the others. `JobHandle` is the asyncio side of one
+job.
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from clawctl.engines.base import AdapterSpec, Engine, EngineSettings, Finished, LoadEngine
+from clawctl.engines.base import (
+    AdapterSpec,
+    Engine,
+    EngineSettings,
+    Finished,
+    LoadEngine,
+    PreparesConcurrently,
+)
 from clawctl.errors import BadInput, ClawError, ContextOverflow, EngineError
 from clawctl.runtime.fair_queue import FairQueue
 from clawctl.runtime.jobs import NO_STATE, Failed, Job, JobEvent, Started, emit_all
+from clawctl.runtime.preparer import LONG_PROMPT_CHARS, Preparer, prompt_chars
 from clawctl.runtime.statekeeper import StateKeeper, StateOutcome
 from clawctl.store.models import ModelManifest
 
@@ -54,6 +64,7 @@ class ModelWorker:
         self._loaded = threading.Event()
         self._load_engine = load_engine
         self._jobs = FairQueue()
+        self._preparer: Preparer | None = None  # started with the first long prompt
         self._thread = threading.Thread(
             target=self._run, name=f"model:{manifest.name}", daemon=True
         )
@@ -99,13 +110,17 @@ class ModelWorker:
         try:
             self._serve(engine, started)
         finally:
+            if self._preparer is not None:
+                self._preparer.close()  # before the engine goes: it may be tokenizing
             engine.close()
             log.info("model %s unloaded", self.name)
 
     def _serve(self, engine: Engine, load_started: float) -> None:
         """Continuous batching: between decode steps, admit queued jobs while the engine has
         room; a job that cannot join yet (another adapter set, a session or snapshot, which
-        need the context to themselves, or no room) waits at the head until it can."""
+        need the context to themselves, or no room) waits at the head until it can. A long
+        prompt goes to the preparer thread first and rejoins the queue tokenized, so the jobs
+        behind it are admitted and decoded meanwhile."""
         waiting: Job | None = None
         while True:
             while True:
@@ -115,13 +130,30 @@ class ModelWorker:
                     waiting = self._jobs.take(wait=engine.active == 0)
                     if waiting is None:
                         break
+                    if self._hand_off(engine, waiting):
+                        waiting = None
+                        continue
                 if not self._start(engine, waiting, load_started):
                     break
                 waiting = None
             if engine.active:
                 self._step(engine)
-            elif waiting is None:
-                return  # stopped, and every job is done
+            elif waiting is None and not (self._preparer and self._preparer.wait_idle()):
+                return  # stopped, and every job is done (none is still being tokenized)
+
+    def _hand_off(self, engine: Engine, job: Job) -> bool:
+        """Send a long, untokenized prompt to the preparer thread, if the engine allows it."""
+        if (
+            job.prepared is not None
+            or job.cancel.is_set()
+            or prompt_chars(job.prompt) < LONG_PROMPT_CHARS
+            or not isinstance(engine, PreparesConcurrently)
+        ):
+            return False
+        if self._preparer is None:
+            self._preparer = Preparer(engine, self.name, self._jobs.put)
+        self._preparer.submit(job)
+        return True
 
     def _start(self, engine: Engine, job: Job, load_started: float) -> bool:
         """Open the job's generation, or fail it; False if it has to wait for the others."""

@@ -35,7 +35,7 @@ from clawctl.engines.llama.draft import DraftModel
 from clawctl.engines.llama.load import load_llama, uses_flash_attn
 from clawctl.engines.llama.slots import MEMORY_SEQ, SlotBatch
 from clawctl.engines.meter import Thresholds
-from clawctl.errors import BadInput, EngineError
+from clawctl.errors import BadInput, ContextOverflow, EngineError
 from clawctl.schemas.state import AdapterRef, StateIdentity
 
 # A shared prefix this short (a lone BOS token) is recomputed: reusing it saves nothing, and
@@ -71,6 +71,7 @@ class LlamaEngine:
         self._active: tuple[AdapterSpec, ...] = ()
         self._formatter = self._build_formatter()
         self._n_vocab = int(self._llama.n_vocab())
+        self._max_token_bytes: int | None = None  # found on the first long prompt
 
     def _build_formatter(self) -> Jinja2ChatFormatter:
         llama = self._llama
@@ -90,8 +91,14 @@ class LlamaEngine:
         return self._slots.n_ctx
 
     def prepare(self, prompt: Prompt) -> PreparedPrompt:
+        """Template (chat) and tokenize a prompt, refusing one that cannot fit the context
+        before tokenizing it: `len(text) / max_token_bytes` is a lower bound on its tokens (see
+        `_min_tokens`), and the tokenizer writes at most `n_ctx` ids, so an overlong prompt costs
+        one tokenizer pass, never a list of millions of ids."""
         if prompt.tokens is not None:
-            n_vocab = self._llama.n_vocab()
+            if len(prompt.tokens) >= self.n_ctx:
+                raise self._overflow(f"{len(prompt.tokens)} tokens", "prompt")
+            n_vocab = self._n_vocab
             if any(t < 0 or t >= n_vocab for t in prompt.tokens):
                 raise BadInput(f"prompt token ids must be in [0, {n_vocab})", param="prompt")
             return PreparedPrompt(_not_empty(list(prompt.tokens)))
@@ -102,13 +109,56 @@ class LlamaEngine:
             except Exception as exc:  # jinja raises whatever the template raises
                 raise BadInput(f"the model's chat template rejected the messages: {exc}") from None
             stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop or ""]
-            tokens = self._llama.tokenize(
-                rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
-            )
+            text = _utf8(rendered.prompt, "messages")
+            tokens = self._tokenize(text, not rendered.added_special, True, "messages")
             return PreparedPrompt(_not_empty(tokens), tuple(s for s in stops if s))
         assert prompt.text is not None
-        tokens = self._llama.tokenize(prompt.text.encode("utf-8"), add_bos=True)
+        tokens = self._tokenize(_utf8(prompt.text, "prompt"), True, False, "prompt")
         return PreparedPrompt(_not_empty(tokens))
+
+    def prepare_concurrently(self, prompt: Prompt) -> PreparedPrompt:
+        """`prepare`, called from the worker's preparer thread while this model's own thread
+        decodes (`engines.base.PreparesConcurrently`).
+
+        Safe because preparing reads only what loading fixed: the Jinja template and
+        llama.cpp's vocabulary. `llama_tokenize` and `llama_token_to_piece` take the
+        `llama_vocab`, not the context; `llama_vocab::impl::tokenize` is a const method that
+        builds a tokenizer session per call, and its caches (special tokens, token pieces) are
+        filled when the model loads. llama-server itself tokenizes on its HTTP threads while its
+        main loop decodes. No ggml graph runs, so the OpenMP thread-pool slowdown that gives each
+        model one thread (STYLE.md) does not apply; ctypes releases the GIL for the call, so
+        decode steps go on meanwhile. The worker joins the preparer before it closes the model.
+        """
+        return self.prepare(prompt)
+
+    def _tokenize(self, text: bytes, add_bos: bool, special: bool, param: str) -> list[int]:
+        n_ctx = self.n_ctx
+        floor = self._min_tokens(text)
+        if floor >= n_ctx:
+            raise self._overflow(f"at least {floor} tokens ({len(text)} bytes)", param)
+        ids = (llama_cpp.llama_token * n_ctx)()
+        vocab = self._llama._model.vocab
+        count = int(llama_cpp.llama_tokenize(vocab, text, len(text), ids, n_ctx, add_bos, special))
+        if count < 0:  # llama.cpp counted them all but writes only what fits
+            raise self._overflow(f"{-count} tokens", param)
+        return list(ids[:count])
+
+    def _min_tokens(self, text: bytes) -> int:
+        """A lower bound on the tokens of `text`: each token stands for at most
+        `max_token_bytes` bytes of it, so there are at least len/max_token_bytes of them. 0
+        when no bound holds (see `_max_token_bytes`) or the text is too short to matter."""
+        if len(text) < self.n_ctx:
+            return 0  # fewer bytes than the context holds tokens: tokenizing it is cheap
+        if self._max_token_bytes is None:
+            self._max_token_bytes = _max_token_bytes(self._llama._model.vocab)
+        longest = self._max_token_bytes
+        return -(-len(text) // longest) if longest > 0 else 0
+
+    def _overflow(self, size: str, param: str) -> ContextOverflow:
+        return ContextOverflow(
+            f"the prompt has {size} but the model's context holds {self.n_ctx}; shorten it",
+            param=param,
+        )
 
     # --- generations: continuous batching over the context's sequences ------------------------
 
@@ -268,6 +318,41 @@ def _memory_bytes(llama: llama_cpp.Llama, path: Path, n_ctx: int, settings: Engi
     width = n_embd * kv_heads // heads
     kv = estimate_kv_bytes(n_layer, n_ctx, width, settings.kv_cache_type)
     return path.stat().st_size + kv * max(1, settings.parallel)
+
+
+def _max_token_bytes(vocab: Any) -> int:
+    """The most bytes of input text one token of this vocabulary stands for; 0 if that bound
+    does not hold.
+
+    A token's piece (`llama_token_to_piece`, special tokens included since chat prompts parse
+    them) is the input it covers for the byte-level BPE and SentencePiece tokenizers: they only
+    split and merge the input, add at most a leading space, and map bytes they cannot place to
+    one byte token each. It does not hold for tokenizers that normalize text (WordPiece and
+    Unigram lowercase, strip accents or collapse spaces), nor for special tokens that swallow the
+    whitespace beside them (the LSTRIP/RSTRIP attributes): then no early refusal is made.
+    Reading the whole vocabulary takes ~60 ms for 49k tokens, once per loaded model.
+    """
+    if llama_cpp.llama_vocab_type(vocab) not in (
+        llama_cpp.LLAMA_VOCAB_TYPE_BPE,
+        llama_cpp.LLAMA_VOCAB_TYPE_SPM,
+    ):
+        return 0
+    swallows = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP | llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
+    piece = ctypes.create_string_buffer(256)
+    longest = 1
+    for token in range(int(llama_cpp.llama_vocab_n_tokens(vocab))):
+        if int(llama_cpp.llama_vocab_get_attr(vocab, token)) & swallows:
+            return 0
+        size = int(llama_cpp.llama_token_to_piece(vocab, token, piece, len(piece), 0, True))
+        longest = max(longest, abs(size))  # negative: the piece is that long, and truncated
+    return longest
+
+
+def _utf8(text: str, param: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from a JSON "\ud800" escape
+        raise BadInput("the prompt is not valid Unicode (a lone surrogate)", param=param) from None
 
 
 def _not_empty(tokens: list[int]) -> list[int]:
