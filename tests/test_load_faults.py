@@ -125,7 +125,15 @@ def test_sigkill_during_writes_leaves_every_store_verifiable(
         threads = [threading.Thread(target=writer, args=(d, k)) for k in range(3)]
         for thread in threads:
             thread.start()
-        time.sleep(6)  # sessions, snapshots, pool blocks and ledger rows are being written
+        # Kill once named snapshots have been written and more writes are under way (sessions,
+        # snapshots, pool blocks and ledger rows): wait for that, however busy the machine is.
+        named = fresh_home / "data" / "snapshots" / "named"
+        deadline = time.monotonic() + 300
+        while len(list(named.glob("snap-*.snap"))) < 2:
+            assert time.monotonic() < deadline, "no named snapshot was written"
+            assert not errors, errors
+            assert d.proc.poll() is None, d.log_text()
+            time.sleep(0.1)
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait(10)
         stop.set()
