@@ -196,7 +196,11 @@ def test_sigterm_finishes_in_flight_request_then_exits_zero(
 
         worker = threading.Thread(target=long_request)
         worker.start()
-        time.sleep(0.5)
+        with daemon.client() as client:  # SIGTERM once the request is being decoded
+            deadline = time.monotonic() + 60
+            while not any(m["active_requests"] for m in client.get("/health").json()["loaded"]):
+                assert time.monotonic() < deadline, "the request never started"
+                time.sleep(0.02)
         daemon.proc.send_signal(signal.SIGTERM)
         worker.join(60)
         assert daemon.proc.wait(60) == 0
