@@ -10,15 +10,36 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
 
 from clawctl.config import ClientConfig
-from clawctl.errors import ClawError, DaemonUnavailable, error_class_for
+from clawctl.errors import BadInput, ClawError, DaemonUnavailable, error_class_for
+from clawctl.fsutil import atomic_writer
+from clawctl.schemas.adapters import (
+    AdapterInstallRequest,
+    AdapterListing,
+    AdapterManifest,
+    AdapterVerifyReport,
+)
 from clawctl.schemas.admin import Health
 from clawctl.schemas.jobs import JOB_LINE
+from clawctl.schemas.models import (
+    AddRequest,
+    ConvertRequest,
+    ModelListing,
+    ModelManifest,
+    PullRequest,
+    PullResult,
+    QuantizeRequest,
+    QuantizeResult,
+    VerifyReport,
+    VerifyRequest,
+)
 from clawctl.schemas.openai import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -26,6 +47,15 @@ from clawctl.schemas.openai import (
     Completion,
     ModelList,
     Usage,
+)
+from clawctl.schemas.snapshots import (
+    PruneRequest,
+    PruneResult,
+    RemovedSnapshot,
+    SnapshotDetail,
+    SnapshotInfo,
+    SnapshotListing,
+    SnapshotVerifyReport,
 )
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -193,9 +223,173 @@ class ClawClient:
 
     # --- models (admin) ---
 
+    @staticmethod
+    def _model_path(name: str) -> str:
+        """`/admin/models/NAME` with NAME as one path segment: percent-encoded, and a name of
+        only dots encoded too (httpx would resolve '..' away), so clawd sees and refuses it."""
+        segment = quote(name, safe="")
+        if segment and not segment.strip("."):
+            segment = segment.replace(".", "%2E")
+        return f"/admin/models/{segment}"
+
+    def list_models(self) -> ModelListing:
+        return self._call("GET", "/admin/models", ModelListing)
+
+    def show_model(self, name: str) -> ModelManifest:
+        return self._call("GET", self._model_path(name), ModelManifest)
+
+    def remove_model(self, name: str) -> ModelManifest:
+        """Remove a model; returns the manifest it had."""
+        return self._call("DELETE", self._model_path(name), ModelManifest)
+
+    def verify_models(self, names: list[str]) -> VerifyReport:
+        """Re-hash the named models' blobs (all models when `names` is empty)."""
+        return self._call(
+            "POST", "/admin/models/verify", VerifyReport, body=VerifyRequest(names=names)
+        )
+
+    def pull_model(self, request: PullRequest, progress: ProgressView) -> PullResult:
+        return self._job("/admin/models/pull", PullResult, progress, body=request)
+
+    def add_model(self, request: AddRequest, progress: ProgressView) -> ModelManifest:
+        """Import a GGUF file by a path clawd's own user can read (no upload)."""
+        return self._job("/admin/models/add", ModelManifest, progress, body=request)
+
+    def upload_model(
+        self, path: Path, name: str | None, progress: ProgressView, chunk: int = 1 << 20
+    ) -> ModelManifest:
+        """Send a local GGUF file to clawd as the request body, in chunks (never whole in
+        memory), showing the upload's progress; clawd then checks, hashes and adopts it."""
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise BadInput(f"cannot read {path}: {exc.strerror}", param="path") from None
+
+        def body() -> Iterator[bytes]:
+            progress.start(f"uploading {path.name}", size)
+            with path.open("rb") as source:
+                while data := source.read(chunk):
+                    yield data
+                    progress.advance(len(data))
+
+        params = {"name": name, "filename": path.name}
+        return self._job(
+            "/admin/models/upload", ModelManifest, progress, content=body(), params=params
+        )
+
+    def quantize_model(self, request: QuantizeRequest, progress: ProgressView) -> QuantizeResult:
+        return self._job("/admin/models/quantize", QuantizeResult, progress, body=request)
+
+    def convert_model(self, request: ConvertRequest, progress: ProgressView) -> ModelManifest:
+        return self._job("/admin/models/convert", ModelManifest, progress, body=request)
+
     # --- adapters (admin) ---
 
+    @staticmethod
+    def _segment(name: str) -> str:
+        """A name as one URL path segment: percent-encoded, and a name of only dots encoded
+        too (httpx would resolve '..' away), so clawd sees it as given and refuses it."""
+        segment = quote(name, safe="")
+        return segment.replace(".", "%2E") if segment and not segment.strip(".") else segment
+
+    @staticmethod
+    def _file_body(
+        path: Path, description: str, progress: ProgressView, chunk: int = 1 << 20
+    ) -> Iterator[bytes]:
+        """A local file as a streamed request body (never whole in memory), with progress."""
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise BadInput(f"cannot read {path}: {exc.strerror}", param="path") from None
+
+        def body() -> Iterator[bytes]:
+            progress.start(description, size)
+            with path.open("rb") as source:
+                while data := source.read(chunk):
+                    yield data
+                    progress.advance(len(data))
+
+        return body()
+
+    def _adapter_path(self, base: str, name: str) -> str:
+        return f"/admin/adapters/{self._segment(base)}/{self._segment(name)}"
+
+    def list_adapters(self, base: str | None = None) -> AdapterListing:
+        return self._call("GET", "/admin/adapters", AdapterListing, params={"base": base})
+
+    def show_adapter(self, base: str, name: str) -> AdapterManifest:
+        return self._call("GET", self._adapter_path(base, name), AdapterManifest)
+
+    def install_adapter(
+        self, request: AdapterInstallRequest, progress: ProgressView
+    ) -> AdapterManifest:
+        """Have clawd fetch an adapter from a URL, verify it against its base and install it."""
+        return self._job("/admin/adapters/install", AdapterManifest, progress, body=request)
+
+    def upload_adapter(
+        self,
+        path: Path,
+        *,
+        base: str,
+        name: str | None,
+        sha256: str | None,
+        progress: ProgressView,
+    ) -> AdapterManifest:
+        """Send a local adapter file to clawd, which verifies it against its base and installs
+        it (the name defaults to one made from the file's name)."""
+        body = self._file_body(path, f"uploading {path.name}", progress)
+        params = {"base": base, "name": name, "sha256": sha256, "filename": path.name}
+        return self._job(
+            "/admin/adapters/upload", AdapterManifest, progress, content=body, params=params
+        )
+
+    def remove_adapter(self, base: str, name: str) -> AdapterManifest:
+        """Remove an adapter; returns the manifest it had."""
+        return self._call("DELETE", self._adapter_path(base, name), AdapterManifest)
+
+    def verify_adapters(self) -> AdapterVerifyReport:
+        return self._call("POST", "/admin/adapters/verify", AdapterVerifyReport)
+
     # --- snapshots (admin) ---
+
+    def _snapshot_path(self, name: str) -> str:
+        return f"/admin/snapshots/{self._segment(name)}"
+
+    def list_snapshots(self) -> SnapshotListing:
+        return self._call("GET", "/admin/snapshots", SnapshotListing)
+
+    def show_snapshot(self, name: str) -> SnapshotDetail:
+        return self._call("GET", self._snapshot_path(name), SnapshotDetail)
+
+    def remove_snapshot(self, name: str) -> RemovedSnapshot:
+        return self._call("DELETE", self._snapshot_path(name), RemovedSnapshot)
+
+    def prune_snapshots(self, request: PruneRequest) -> PruneResult:
+        return self._call("POST", "/admin/snapshots/prune", PruneResult, body=request)
+
+    def verify_snapshots(self) -> SnapshotVerifyReport:
+        return self._call("POST", "/admin/snapshots/verify", SnapshotVerifyReport)
+
+    def export_snapshot(self, name: str, dest: Path, progress: ProgressView) -> SnapshotDetail:
+        """Download a snapshot (clawd verifies it first) into `dest` atomically: a temp file
+        beside it, fsynced, renamed; an interrupted download leaves `dest` as it was."""
+        detail = self.show_snapshot(name)
+        progress.start(f"exporting {name}", detail.stored_size)
+        with atomic_writer(dest, mode=0o600) as out:
+            for chunk in self._download(f"{self._snapshot_path(name)}/export"):
+                out.write(chunk)
+                progress.advance(len(chunk))
+        return detail
+
+    def import_snapshot(
+        self, source: Path, name: str | None, progress: ProgressView
+    ) -> SnapshotInfo:
+        """Send a snapshot file to clawd, which verifies all of it and adds it as a named
+        snapshot (`name`, default: the name in the file)."""
+        body = self._file_body(source, f"uploading {source.name}", progress)
+        return self._job(
+            "/admin/snapshots/import", SnapshotInfo, progress, content=body, params={"name": name}
+        )
 
     # --- ledger and distill (admin) ---
 

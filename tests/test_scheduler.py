@@ -16,8 +16,7 @@ from clawctl.profiles import EdgeProfile
 from clawctl.runtime.jobs import Failed, JobEvent, Started
 from clawctl.runtime.manager import ModelManager
 from clawctl.runtime.statekeeper import StateRequest
-from clawctl.store.gguf_meta import GgufInfo
-from clawctl.store.models import ModelManifest
+from clawctl.schemas.models import GgufInfo, ModelManifest
 from tests.fakes import FakeLoader
 
 MIB = 1 << 20

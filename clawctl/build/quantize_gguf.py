@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from clawctl.errors import BadInput, EngineError
-from clawctl.store.models import ModelManifest, ModelStore
+from clawctl.schemas.models import ModelManifest
+from clawctl.store.models import ModelStore
 from clawctl.store.names import validate_model_name
 from clawctl.store.quant_types import QuantType, quant_by_name
 

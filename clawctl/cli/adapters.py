@@ -1,27 +1,21 @@
-"""`clawctl adapters`: LoRA adapters per base model (install, list, show, rm, verify)."""
+"""`clawctl adapters`: LoRA adapters per base model (install, list, show, rm, verify), in clawd's
+store: every command is one call to the daemon, which verifies and installs."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from clawctl.cli._client import daemon_client
 from clawctl.cli._console import RichProgress, emit_json, err, human_bytes, out, table
 from clawctl.cli._options import JsonOption
-
-if TYPE_CHECKING:
-    from clawctl.store.adapters import AdapterStore
+from clawctl.errors import BadInput, IntegrityError
+from clawctl.schemas.adapters import AdapterInstallRequest
 
 app = typer.Typer(help="LoRA adapters (GGUF) per base model.", no_args_is_help=True)
 Base = Annotated[str, typer.Option("--base", "-b", help="Base model name.")]
-
-
-def _store() -> AdapterStore:
-    from clawctl.config import load_paths
-    from clawctl.store.adapters import AdapterStore
-    from clawctl.store.models import ModelStore
-
-    return AdapterStore(ModelStore(load_paths()))
 
 
 @app.command()
@@ -34,10 +28,20 @@ def install(
 ) -> None:
     """Verify a LoRA adapter against its base model and install it (no daemon restart needed).
 
+    A local file is uploaded to clawd; a URL is fetched by clawd.
+
     Example: clawctl adapters install ./sql-lora.gguf --base smollm2-135m --name sql
     """
-    with RichProgress() as progress:
-        manifest = _store().install(ref, base=base, name=name, sha256=sha256, progress=progress)
+    if not ref.startswith(("http://", "https://")) and not Path(ref).expanduser().is_file():
+        raise BadInput(f"no such file: {ref}")
+    with daemon_client() as client, RichProgress() as progress:
+        if ref.startswith(("http://", "https://")):
+            request = AdapterInstallRequest(url=ref, base=base, name=name, sha256=sha256)
+            manifest = client.install_adapter(request, progress)
+        else:
+            manifest = client.upload_adapter(
+                Path(ref).expanduser(), base=base, name=name, sha256=sha256, progress=progress
+            )
     if json_:
         emit_json(manifest)
         return
@@ -56,12 +60,13 @@ def list_(
 
     Example: clawctl adapters list --base smollm2-135m
     """
-    manifests = _store().installed(base)
+    with daemon_client() as client:
+        listing = client.list_adapters(base)
     if json_:
-        emit_json(manifests)
+        emit_json(listing)
         return
     grid = table("BASE", "NAME", "RANK", "ALPHA", "TENSORS", "SIZE", "DIGEST")
-    for m in manifests:
+    for m in listing.adapters:
         grid.add_row(
             m.base,
             m.name,
@@ -71,7 +76,7 @@ def list_(
             human_bytes(m.size),
             m.digest[:12],
         )
-    out.print(grid if manifests else "no adapters installed")
+    out.print(grid if listing.adapters else "no adapters installed")
 
 
 @app.command()
@@ -80,7 +85,8 @@ def show(name: str, base: Base, json_: JsonOption = False) -> None:
 
     Example: clawctl adapters show sql --base smollm2-135m
     """
-    manifest = _store().get(base, name)
+    with daemon_client() as client:
+        manifest = client.show_adapter(base, name)
     if json_:
         emit_json(manifest)
         return
@@ -99,7 +105,8 @@ def rm(name: str, base: Base) -> None:
 
     Example: clawctl adapters rm sql --base smollm2-135m
     """
-    manifest = _store().remove(base, name)
+    with daemon_client() as client:
+        manifest = client.remove_adapter(base, name)
     err.print(f"removed {manifest.name} ({manifest.base})")
 
 
@@ -109,16 +116,15 @@ def verify(json_: JsonOption = False) -> None:
 
     Example: clawctl adapters verify
     """
-    from clawctl.errors import IntegrityError
-
-    results = _store().verify()
+    with daemon_client() as client:
+        report = client.verify_adapters()
     if json_:
-        emit_json({"results": [{"base": m.base, "name": m.name, "ok": ok} for m, ok in results]})
+        emit_json(report)
     else:
         grid = table("BASE", "NAME", "STATUS")
-        for m, ok in results:
-            grid.add_row(m.base, m.name, "ok" if ok else "[red]MISMATCH[/red]")
-        out.print(grid if results else "no adapters installed")
-    bad = [m.name for m, ok in results if not ok]
+        for r in report.results:
+            grid.add_row(r.base, r.name, "ok" if r.ok else "[red]MISMATCH[/red]")
+        out.print(grid if report.results else "no adapters installed")
+    bad = [r.name for r in report.results if not r.ok]
     if bad:
         raise IntegrityError(f"damaged adapters: {', '.join(bad)}; install them again")

@@ -1,30 +1,23 @@
-"""`clawctl models`: the local model store (pull, add, list, show, rm, verify, quantize)."""
+"""`clawctl models`: the daemon's model store (pull, add, list, show, rm, verify, quantize,
+convert), through clawd's `/admin/models` routes: clawd owns the store, this only renders."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
+from clawctl.cli._client import daemon_client
 from clawctl.cli._console import RichProgress, emit_json, err, human_bytes, out, table
 from clawctl.cli._options import JsonOption
-from clawctl.errors import BadInput
-
-if TYPE_CHECKING:
-    from clawctl.store.models import ModelStore
+from clawctl.errors import BadInput, IntegrityError
+from clawctl.schemas.models import ConvertRequest, PullRequest, QuantizeRequest
 
 app = typer.Typer(
-    help="Manage local models: pull, add, list, show, rm, verify, quantize, convert.",
+    help="Manage the daemon's models: pull, add, list, show, rm, verify, quantize, convert.",
     no_args_is_help=True,
 )
-
-
-def _store() -> ModelStore:
-    from clawctl.config import load_paths
-    from clawctl.store.models import ModelStore
-
-    return ModelStore(load_paths())
 
 
 @app.command("list")
@@ -33,7 +26,8 @@ def list_models(json_: JsonOption = False) -> None:
 
     Example: clawctl models list --json
     """
-    manifests = _store().installed()
+    with daemon_client() as client:
+        manifests = client.list_models().models
     if json_:
         emit_json(manifests)
         return
@@ -49,7 +43,8 @@ def show(name: str, json_: JsonOption = False) -> None:
 
     Example: clawctl models show smollm2-135m
     """
-    manifest = _store().get(name)
+    with daemon_client() as client:
+        manifest = client.show_model(name)
     if json_:
         emit_json(manifest)
         return
@@ -107,10 +102,9 @@ def pull(
 
     Example: clawctl models pull smollm2-135m
     """
-    from clawctl.build.convert.recipes import pull_model
-
-    with RichProgress() as progress:
-        manifest, fetched = pull_model(_store(), ref, sha256=sha256, progress=progress)
+    with daemon_client() as client, RichProgress() as progress:
+        pulled = client.pull_model(PullRequest(ref=ref, sha256=sha256), progress)
+    manifest, fetched = pulled.manifest, pulled.fetched
     if json_:
         emit_json(manifest)
         return
@@ -126,12 +120,15 @@ def add(
     name: Annotated[str | None, typer.Option(help="Name in the store.")] = None,
     json_: JsonOption = False,
 ) -> None:
-    """Import a local GGUF file (checked and hashed) into the store.
+    """Upload a local GGUF file to clawd, which checks, hashes and stores it.
 
     Example: clawctl models add ./my-model.Q4_0.gguf --name my-model
     """
-    with RichProgress() as progress:
-        manifest = _store().add(path, name=name, progress=progress)
+    path = path.expanduser()
+    if not path.is_file():
+        raise BadInput(f"no such file: {path}")
+    with daemon_client() as client, RichProgress() as progress:
+        manifest = client.upload_model(path, name, progress)
     if json_:
         emit_json(manifest)
         return
@@ -147,7 +144,8 @@ def rm(name: str) -> None:
 
     Example: clawctl models rm smollm2-135m-q2_k
     """
-    manifest = _store().remove(name)
+    with daemon_client() as client:
+        manifest = client.remove_model(name)
     err.print(f"removed {manifest.name}")
 
 
@@ -162,9 +160,8 @@ def verify(
 
     Example: clawctl models verify
     """
-    from clawctl.errors import IntegrityError
-
-    results = _store().verify(names or None)
+    with daemon_client() as client:
+        results = client.verify_models(names or []).results
     if json_:
         emit_json(results)
     else:
@@ -187,7 +184,10 @@ def quantize(
         ),
     ],
     new_name: Annotated[str | None, typer.Option("--name", help="Name of the result.")] = None,
-    imatrix: Annotated[Path | None, typer.Option(help="Importance matrix (GGUF only).")] = None,
+    imatrix: Annotated[
+        Path | None,
+        typer.Option(help="Importance matrix (GGUF only); clawd's user must be able to read it."),
+    ] = None,
     block_size: Annotated[
         int | None, typer.Option(help="ONNX: weights per scale (16-256; 2-bit: 32-128).")
     ] = None,
@@ -203,41 +203,30 @@ def quantize(
     Example: clawctl models quantize smollm2-135m --to q2_0
     Example: clawctl models quantize minilm-l6 --to int8
     """
-    if to.lower() in ("int8", "int4", "int2"):
-        from clawctl.build.convert.recipes import quantize_onnx_model
-
-        result = quantize_onnx_model(
-            _store(),
-            name,
-            int(to[3:]),
-            block_size=block_size,
-            accuracy_level=accuracy_level,
-            new_name=new_name,
-        )
-        manifest = result.manifest
-        if json_:
-            emit_json(manifest)
-            return
-        quality = ""
-        if manifest.onnx is not None and manifest.onnx.quality is not None:
-            quality = f", cosine vs float {result.mean_cosine:.4f} (min {result.min_cosine:.4f})"
-        err.print(
-            f"quantized {name} → {manifest.name} ({manifest.quant}, "
-            f"{human_bytes(manifest.size)}{quality})"
-        )
-        if manifest.onnx is not None and manifest.onnx.warning:
-            err.print(f"[yellow]warning:[/yellow] {manifest.onnx.warning}")
-        return
-    if block_size is not None or accuracy_level is not None:
-        raise BadInput("--block-size and --accuracy-level apply to ONNX int8/int4/int2 only")
-    from clawctl.build.quantize_gguf import quantize_model
-
-    manifest = quantize_model(_store(), name, to, new_name=new_name, imatrix=imatrix)
+    if imatrix is not None:
+        imatrix = imatrix.expanduser().resolve()  # clawd reads it by this path
+        if not imatrix.is_file():
+            raise BadInput(f"no such imatrix file: {imatrix}", param="imatrix")
+    request = QuantizeRequest(
+        name=name,
+        to=to,
+        new_name=new_name,
+        imatrix=str(imatrix) if imatrix else None,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+    )
+    with daemon_client() as client, RichProgress() as progress:
+        result = client.quantize_model(request, progress)
+    manifest = result.manifest
     if json_:
         emit_json(manifest)
         return
+    quality = ""
+    if result.mean_cosine is not None and result.min_cosine is not None:
+        quality = f", cosine vs float {result.mean_cosine:.4f} (min {result.min_cosine:.4f})"
     err.print(
-        f"quantized {name} → {manifest.name} ({manifest.quant}, {human_bytes(manifest.size)})"
+        f"quantized {name} → {manifest.name} ({manifest.quant}, "
+        f"{human_bytes(manifest.size)}{quality})"
     )
 
 
@@ -248,20 +237,17 @@ def convert(
     new_name: Annotated[str | None, typer.Option("--name", help="Name of the result.")] = None,
     json_: JsonOption = False,
 ) -> None:
-    """Rebuild a GGUF model as an onnxruntime-genai ONNX model (needs the build tools:
-    pip install 'clawctl[convert]'). Q4_1 weights are carried over exactly.
+    """Rebuild a GGUF model as an onnxruntime-genai ONNX model (clawd's environment needs the
+    build tools: pip install 'clawctl[convert]'). Q4_1 weights are carried over exactly.
 
     Example: clawctl models convert smollm2-135m --to onnx-int4
     """
-    from clawctl.build.convert.recipes import convert_model
-
-    with err.status(f"converting {name} to {to} (dequantize, build, carry weights over)…"):
-        manifest = convert_model(_store(), name, to, new_name=new_name)
+    request = ConvertRequest(name=name, to=to, new_name=new_name)
+    with daemon_client() as client, RichProgress() as progress:
+        manifest = client.convert_model(request, progress)
     if json_:
         emit_json(manifest)
         return
     err.print(
         f"converted {name} → {manifest.name} ({manifest.quant}, {human_bytes(manifest.size)})"
     )
-    if manifest.onnx is not None and manifest.onnx.warning:
-        err.print(f"[yellow]warning:[/yellow] {manifest.onnx.warning}")

@@ -1,32 +1,27 @@
-"""`clawctl snapshot`: frozen llama.cpp states (named, sessions, prefix pool)."""
+"""`clawctl snapshot`: frozen llama.cpp states (named, sessions, prefix pool) in clawd's store.
+
+Every command is a call to the daemon; export and import move the file's bytes over the socket
+(the daemon verifies both ways), so the CLI never opens the daemon's snapshot directory.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from clawctl.cli._client import daemon_client
 from clawctl.cli._console import RichProgress, emit_json, err, human_bytes, out, table
 from clawctl.cli._options import JsonOption, ModelOption, parse_duration, parse_size
-from clawctl.errors import BadInput
-
-if TYPE_CHECKING:
-    from clawctl.store.snapshots import SnapshotStore
+from clawctl.errors import BadInput, IntegrityError
+from clawctl.schemas.snapshots import PruneRequest
 
 app = typer.Typer(
     help="Frozen model state: save, list, show, load, rm, prune, verify, export, import.",
     no_args_is_help=True,
 )
-
-
-def _store() -> SnapshotStore:
-    from clawctl.config import load_paths
-    from clawctl.store.snapshots import SnapshotStore
-
-    return SnapshotStore(load_paths(), budget_bytes=0)
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -61,12 +56,12 @@ def save(
         body["model"] = model
     with daemon_client() as client:
         result = client.complete(body)
-    info = _store().info(*_store().find(name, "named"))
+        info = client.show_snapshot(name)
     if json_:
         emit_json(info)
         return
     err.print(
-        f"saved {name}: {info.tokens} tokens, {human_bytes(info.stored_size)} on disk "
+        f"saved {name}: {info.n_tokens} tokens, {human_bytes(info.stored_size)} on disk "
         f"({info.stored_size / info.raw_size:.2f} of the raw state), "
         f"prefill took {result.claw.timings.prompt_ms if result.claw else 0:.0f} ms"
     )
@@ -113,10 +108,12 @@ def list_(json_: JsonOption = False) -> None:
 
     Example: clawctl snapshot list --json
     """
-    entries = _store().entries()
+    with daemon_client() as client:
+        listing = client.list_snapshots()
     if json_:
-        emit_json(entries)
+        emit_json(listing)
         return
+    entries = listing.snapshots
     grid = table("KIND", "NAME", "TOKENS", "ON DISK", "RATIO", "KV", "MODEL", "LAST USED")
     for e in entries:
         grid.add_row(
@@ -138,34 +135,28 @@ def show(name: str, json_: JsonOption = False) -> None:
 
     Example: clawctl snapshot show manual
     """
-    from clawctl.store.snapshot_format import read_header
-
-    kind, path = _store().find(name)
-    header = read_header(path)
+    with daemon_client() as client:
+        detail = client.show_snapshot(name)
     if json_:
-        emit_json(
-            header.model_copy(update={"tokens": []}).model_dump(mode="json")
-            | {"kind": kind, "path": str(path), "n_tokens": len(header.tokens)}
-        )
+        emit_json(detail)
         return
-    identity = header.identity
+    identity = detail.identity
     grid = table("FIELD", "VALUE")
     rows = {
-        "kind": kind,
-        "name": header.name,
-        "path": str(path),
-        "tokens": str(len(header.tokens)),
-        "raw size": human_bytes(header.raw_size),
-        "on disk": human_bytes(path.stat().st_size),
-        "filter": header.filter,
-        "chunks": str(len(header.chunks)),
+        "kind": detail.kind,
+        "name": detail.name,
+        "tokens": str(detail.n_tokens),
+        "raw size": human_bytes(detail.raw_size),
+        "on disk": human_bytes(detail.stored_size),
+        "filter": detail.filter,
+        "chunks": str(len(detail.chunks)),
         "model": identity.model_sha256,
         "state format": identity.state_format,
         "n_ctx": str(identity.n_ctx),
         "KV": f"{identity.type_k}/{identity.type_v}",
         "flash attention": str(identity.flash_attn),
         "adapters": ", ".join(f"{a.sha256[:12]}@{a.scale}" for a in identity.adapters) or "-",
-        "created": header.created_at.isoformat(timespec="seconds"),
+        "created": detail.created_at.isoformat(timespec="seconds"),
     }
     for key, value in rows.items():
         grid.add_row(key, value)
@@ -178,8 +169,9 @@ def rm(name: str) -> None:
 
     Example: clawctl snapshot rm manual
     """
-    path = _store().remove(name)
-    err.print(f"removed {path.name}")
+    with daemon_client() as client:
+        removed = client.remove_snapshot(name)
+    err.print(f"removed {removed.name} ({removed.kind})")
 
 
 @app.command()
@@ -195,16 +187,17 @@ def prune(
     """
     if max_bytes is None and older_than is None:
         raise BadInput("give --max-bytes and/or --older-than")
-    kinds = ("named", "session", "pool") if named else ("session", "pool")
-    removed = _store().prune(
-        parse_size(max_bytes) if max_bytes else None,
-        parse_duration(older_than) if older_than else None,
-        kinds,  # type: ignore[arg-type]
+    request = PruneRequest(
+        max_bytes=parse_size(max_bytes) if max_bytes else None,
+        older_than_seconds=parse_duration(older_than) if older_than else None,
+        named=named,
     )
+    with daemon_client() as client:
+        result = client.prune_snapshots(request)
     if json_:
-        emit_json({"removed": [str(p) for p in removed]})
+        emit_json(result)
         return
-    err.print(f"removed {len(removed)} snapshot(s)")
+    err.print(f"removed {len(result.removed)} snapshot(s)")
 
 
 @app.command()
@@ -213,11 +206,11 @@ def verify(json_: JsonOption = False) -> None:
 
     Example: clawctl snapshot verify
     """
-    from clawctl.errors import IntegrityError
-
-    reports = _store().verify()
+    with daemon_client() as client:
+        report = client.verify_snapshots()
+    reports = report.reports
     if json_:
-        emit_json(reports)
+        emit_json(report)
     else:
         grid = table("KIND", "NAME", "STATUS")
         for r in reports:
@@ -230,13 +223,13 @@ def verify(json_: JsonOption = False) -> None:
 
 @app.command()
 def export(name: str, dest: Path) -> None:
-    """Copy a verified snapshot to a file.
+    """Copy a verified snapshot from clawd to a file.
 
     Example: clawctl snapshot export manual /media/usb/manual.snap
     """
-    with RichProgress() as progress:
-        path = _store().export(name, dest, progress)
-    err.print(f"exported {name} to {path}")
+    with daemon_client() as client, RichProgress() as progress:
+        client.export_snapshot(name, dest, progress)
+    err.print(f"exported {name} to {dest}")
 
 
 @app.command("import")
@@ -245,12 +238,14 @@ def import_(
     name: Annotated[str | None, typer.Option(help="Name in the store.")] = None,
     json_: JsonOption = False,
 ) -> None:
-    """Verify a snapshot file and add it as a named snapshot.
+    """Send a snapshot file to clawd, which verifies it and adds it as a named snapshot.
 
     Example: clawctl snapshot import /media/usb/manual.snap --name manual
     """
-    with RichProgress() as progress:
-        info = _store().import_(source, name, progress)
+    if not source.is_file():
+        raise BadInput(f"no such file: {source}")
+    with daemon_client() as client, RichProgress() as progress:
+        info = client.import_snapshot(source, name, progress)
     if json_:
         emit_json(info)
         return

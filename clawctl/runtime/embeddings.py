@@ -15,7 +15,8 @@ from typing import Protocol
 
 from clawctl.engines.onnx.embed import Embeddings, OnnxEmbedder
 from clawctl.errors import BadInput
-from clawctl.store.models import ModelManifest, ModelStore
+from clawctl.schemas.models import ModelManifest
+from clawctl.store.models import ModelStore
 
 GGUF_MAX_TOKENS = 512
 

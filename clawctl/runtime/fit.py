@@ -14,7 +14,7 @@ from typing import Protocol
 from clawctl.engines.base import EngineSettings, estimate_kv_bytes
 from clawctl.errors import BadInput, ClawError, EngineError
 from clawctl.profiles import EdgeProfile
-from clawctl.store.models import ModelManifest
+from clawctl.schemas.models import ModelManifest
 
 MIB = 1 << 20
 

@@ -21,7 +21,7 @@ from clawctl.runtime.jobs import Job
 from clawctl.runtime.statekeeper import StateKeeper, StateRequest
 from clawctl.runtime.worker import JobHandle, ModelWorker
 from clawctl.schemas.admin import LoadedModel
-from clawctl.store.models import ModelManifest
+from clawctl.schemas.models import ModelManifest
 
 log = logging.getLogger("clawd.scheduler")
 

@@ -20,14 +20,9 @@ from pathlib import Path
 
 from clawctl.engines.base import Engine
 from clawctl.errors import ClawError
+from clawctl.schemas.snapshots import Filter, Kind
 from clawctl.schemas.state import StateIdentity, common_prefix
-from clawctl.store.snapshot_format import (
-    Filter,
-    Kind,
-    encode,
-    read_header,
-    write_snapshot,
-)
+from clawctl.store.snapshot_format import encode, read_header, write_snapshot
 from clawctl.store.snapshots import SnapshotStore, block_hashes
 
 log = logging.getLogger("clawd.snapshots")

@@ -30,7 +30,7 @@ from clawctl.runtime.fair_queue import FairQueue
 from clawctl.runtime.jobs import NO_STATE, Failed, Job, JobEvent, Started, emit_all
 from clawctl.runtime.preparer import LONG_PROMPT_CHARS, Preparer, prompt_chars
 from clawctl.runtime.statekeeper import StateKeeper, StateOutcome
-from clawctl.store.models import ModelManifest
+from clawctl.schemas.models import ModelManifest
 
 log = logging.getLogger("clawd.worker")
 

@@ -6,7 +6,8 @@ every tensor a `<base tensor>.lora_a` / `.lora_b` pair whose shapes fit that bas
 llama.cpp's loader requires (A: n_in x r, B: r x n_out; flipped for token_embd). Bytes go into
 the model store's content-addressed blobs; the manifest is written last, so an interrupted install
 leaves the store as it was. clawd reads manifests per request, so installing or removing an
-adapter needs no restart.
+adapter needs no restart. clawd runs installs in a build subprocess (`build/adapter_ops.py`);
+its admin routes list, show, remove and verify in-process.
 """
 
 from __future__ import annotations
@@ -16,32 +17,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from clawctl.errors import BadInput, IntegrityError, NotFound
 from clawctl.fsutil import atomic_write, fsync_dir, sha256_file
+from clawctl.schemas.adapters import AdapterCheck, AdapterManifest
+from clawctl.schemas.models import ModelManifest
 from clawctl.store.catalog import FilePart, Part, UrlPart
-from clawctl.store.models import ModelManifest, ModelStore
+from clawctl.store.models import ModelStore
 from clawctl.store.names import name_from_filename, validate_model_name
 from clawctl.store.sources import NullProgress, ProgressSink
 
 SUFFIXES = (".lora_a", ".lora_b")
-
-
-class AdapterManifest(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    base: str
-    base_digest: str
-    digest: str
-    size: int
-    alpha: float
-    rank: int
-    architecture: str
-    targets: list[str]
-    source: str
-    created_at: datetime
 
 
 def _reader(path: Path) -> Any:
@@ -130,7 +117,7 @@ class AdapterStore:
         return self.root / validate_model_name(base) / f"{validate_model_name(name)}.json"
 
     def installed(self, base: str | None = None) -> list[AdapterManifest]:
-        pattern = f"{base}/*.json" if base else "*/*.json"
+        pattern = f"{validate_model_name(base)}/*.json" if base else "*/*.json"
         found = []
         for path in sorted(self.root.glob(pattern)) if self.root.is_dir() else []:
             with contextlib.suppress(ValidationError, OSError):
@@ -163,7 +150,10 @@ class AdapterStore:
         name: str | None = None,
         sha256: str | None = None,
         progress: ProgressSink | None = None,
+        label: str | None = None,
     ) -> AdapterManifest:
+        """Verify `ref` (a file or an http(s) URL) against `base` and install it; `label` is what
+        the manifest records as its source (default: `ref`)."""
         base_manifest: ModelManifest = self.models.get(base)
         base_file = self.models.model_file(base)
         if ref.startswith(("http://", "https://")):
@@ -191,7 +181,7 @@ class AdapterStore:
             rank=rank,
             architecture=arch,
             targets=targets,
-            source=ref,
+            source=label or ref,
             created_at=datetime.now(timezone.utc),
         )
         atomic_write(
@@ -209,9 +199,10 @@ class AdapterStore:
             self.models.blob_path(manifest.digest).unlink(missing_ok=True)
         return manifest
 
-    def verify(self) -> list[tuple[AdapterManifest, bool]]:
+    def verify(self) -> list[AdapterCheck]:
         results = []
         for manifest in self.installed():
             blob = self.models.blob_path(manifest.digest)
-            results.append((manifest, blob.is_file() and sha256_file(blob) == manifest.digest))
+            ok = blob.is_file() and sha256_file(blob) == manifest.digest
+            results.append(AdapterCheck(base=manifest.base, name=manifest.name, ok=ok))
         return results

@@ -10,9 +10,8 @@ import numbers
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from clawctl.errors import BadInput
+from clawctl.schemas.models import GgufInfo
 from clawctl.store.quant_types import quant_name_for_ftype
 
 GGUF_MAGIC = b"GGUF"
@@ -47,27 +46,6 @@ def _teach_gguf_newer_types() -> None:
         if value not in known:
             constants.GGML_QUANT_SIZES[enum(value)] = (block, size)
     enum._claw_extended = True  # type: ignore[attr-defined]
-
-
-class GgufInfo(BaseModel):
-    """What the store records about a GGUF model."""
-
-    model_config = ConfigDict(frozen=True)
-
-    architecture: str
-    general_type: str
-    model_name: str
-    quant: str
-    context_length: int | None
-    embedding_length: int | None
-    block_count: int | None
-    n_tensors: int
-    n_params: int
-    chat_template: str | None
-    pooling_type: int | None = None  # set by embedding models (BERT...): they can embed
-    # Width of one layer's K (or V) per token: the embedding width shrunk by grouped-query
-    # attention (KV heads / heads). None in manifests written before it was recorded.
-    kv_width: int | None = None
 
 
 def _field(reader: Any, key: str) -> object:

@@ -17,15 +17,16 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Literal, TypeVar
+from typing import IO, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from clawctl.errors import BadInput, IntegrityError, ModelNotFound
 from clawctl.fsutil import atomic_write, copy_hashing, fsync_dir, sha256_file
 from clawctl.paths import Paths
+from clawctl.schemas.models import ModelManifest, OnnxInfo, VerifyResult
 from clawctl.store.catalog import Catalog, CatalogEntry, FilePart, Part, UrlPart
-from clawctl.store.gguf_meta import GgufInfo, read_gguf_info
+from clawctl.store.gguf_meta import read_gguf_info
 from clawctl.store.names import name_from_filename, validate_model_name
 from clawctl.store.sources import NullProgress, ProgressSink, open_part
 
@@ -34,83 +35,6 @@ Checked = TypeVar("Checked")
 
 
 ONNX_MAIN_FILE = "model.onnx"
-
-
-class OnnxInfo(BaseModel):
-    """What the store records about an ONNX model (written by whoever built it)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    task: Literal["embedding", "generation"]
-    architecture: str
-    parameters: int
-    dim: int | None = None  # embedding width
-    max_tokens: int = 256  # longest input the model is run on (embeddings truncate there)
-    bits: int | None = None  # weight bits of the quantized MatMuls; None: float32
-    block_size: int | None = None
-    accuracy_level: int | None = None
-    quality: float | None = None  # embeddings: mean cosine vs the float model on probe texts
-    warning: str | None = None  # e.g. "int2 collapses embeddings", shown by `models show`
-    # generation models: what the scheduler sizes the KV cache by
-    context_length: int | None = None
-    layers: int | None = None
-    kv_width: int | None = None  # key/value heads x head size
-    exact_weights: bool | None = None  # the GGUF's own quantized weights, not re-quantized
-
-
-class ModelManifest(BaseModel):
-    """One installed model: its name, its blob and what its header says.
-
-    A GGUF model is one blob. An ONNX model is a directory of blobs (`files`: file name to
-    digest; `digest` is its `model.onnx`), which `ModelStore.model_dir` lays out for runtimes
-    that load a directory.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    digest: str
-    size: int
-    format: Literal["gguf", "onnx"] = "gguf"
-    source: str
-    created_at: datetime
-    gguf: GgufInfo | None = None
-    onnx: OnnxInfo | None = None
-    files: dict[str, str] = {}
-    parent: str | None = None
-
-    def gguf_info(self) -> GgufInfo:
-        """The GGUF header of a model that llama.cpp runs; a clear error for other formats."""
-        if self.gguf is None:
-            raise BadInput(
-                f"model {self.name!r} is an ONNX {self.onnx.task if self.onnx else ''} model;"
-                " this needs a GGUF model",
-                param="model",
-            )
-        return self.gguf
-
-    @property
-    def architecture(self) -> str:
-        return self.gguf.architecture if self.gguf else self.onnx.architecture if self.onnx else ""
-
-    @property
-    def quant(self) -> str:
-        if self.gguf is not None:
-            return self.gguf.quant
-        bits = self.onnx.bits if self.onnx else None
-        return "F32" if bits is None else f"INT{bits}"
-
-    def blob_digests(self) -> set[str]:
-        return {self.digest, *self.files.values()}
-
-
-class VerifyResult(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    digest: str
-    ok: bool
-    actual: str | None = None
 
 
 class ModelStore:
@@ -352,16 +276,34 @@ class ModelStore:
         return self._ingest(name, parts, entry_sha, source, progress, total), True
 
     def add(
-        self, path: Path, *, name: str | None = None, progress: ProgressSink | None = None
+        self,
+        path: Path,
+        *,
+        name: str | None = None,
+        progress: ProgressSink | None = None,
+        source: str | None = None,
     ) -> ModelManifest:
-        """Import a local GGUF file under `name` (default: derived from the file name)."""
+        """Import a local GGUF file under `name` (default: derived from the file name); the
+        manifest records `source` (default: `file:<path>`)."""
         path = path.expanduser().resolve()
         if not path.is_file():
             raise BadInput(f"no such file: {path}")
         read_gguf_info(path)  # fail fast, before copying
         model_name = validate_model_name(name) if name else name_from_filename(path.name)
         part = FilePart(kind="file", path=str(path))
-        return self._ingest(model_name, [part], None, f"file:{path}", progress or NullProgress())
+        label = source or f"file:{path}"
+        return self._ingest(model_name, [part], None, label, progress or NullProgress())
+
+    def upload_file(self) -> Path:
+        """A new empty temp file in the blobs dir for an upload to stream into (same disk as the
+        blobs; an abandoned one is swept like any `.partial-*.tmp`). The caller removes it."""
+        self.paths.blobs_dir.mkdir(parents=True, exist_ok=True)
+        self._sweep_stale_temps()
+        fd, name = tempfile.mkstemp(
+            prefix=".partial-upload-", suffix=".tmp", dir=self.paths.blobs_dir
+        )
+        os.close(fd)
+        return Path(name)
 
     def import_built(
         self, name: str, built: Path, source: str, parent: str | None

@@ -28,12 +28,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from clawctl.errors import BadInput, IntegrityError
 from clawctl.fsutil import atomic_writer
+from clawctl.schemas.snapshots import ChunkInfo, Filter, Kind
 from clawctl.schemas.state import StateIdentity
 
 MAGIC = b"CLAWSNAP"
@@ -42,22 +43,12 @@ PREFIX = struct.Struct("<8sHI")
 DIGEST_SIZE = 32
 CHUNK_BYTES = 4 << 20
 MAX_HEADER_BYTES = 16 << 20
-Filter = Literal["none", "shuffle2"]
-Kind = Literal["named", "session", "pool"]
 
 
 class SnapshotMismatch(BadInput):
     """A snapshot exists but belongs to another model, adapter set, KV type or state format."""
 
     code = "snapshot_mismatch"
-
-
-class ChunkInfo(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    raw_size: int
-    stored_size: int
-    xxh3_128: str
 
 
 class SnapshotHeader(BaseModel):
@@ -163,33 +154,33 @@ def write_snapshot(path: Path, header: SnapshotHeader, chunks: list[bytes]) -> N
             out.write(chunk)
 
 
-def _read_header(handle: BinaryIO, path: Path) -> tuple[SnapshotHeader, int]:
+def _read_header(handle: BinaryIO, where: str) -> tuple[SnapshotHeader, int]:
     prefix = handle.read(PREFIX.size)
     if len(prefix) < PREFIX.size:
-        raise IntegrityError(f"{path.name}: truncated snapshot (no header)")
+        raise IntegrityError(f"{where}: truncated snapshot (no header)")
     magic, version, length = PREFIX.unpack(prefix)
     if magic != MAGIC:
-        raise IntegrityError(f"{path.name} is not a clawctl snapshot (bad magic)")
+        raise IntegrityError(f"{where} is not a clawctl snapshot (bad magic)")
     if version != VERSION:
-        raise IntegrityError(f"{path.name}: snapshot format version {version}, expected {VERSION}")
+        raise IntegrityError(f"{where}: snapshot format version {version}, expected {VERSION}")
     if length > MAX_HEADER_BYTES:
-        raise IntegrityError(f"{path.name}: implausible header length {length}")
+        raise IntegrityError(f"{where}: implausible header length {length}")
     header_bytes = handle.read(length)
     digest = handle.read(DIGEST_SIZE)
     if len(header_bytes) < length or len(digest) < DIGEST_SIZE:
-        raise IntegrityError(f"{path.name}: truncated snapshot header")
+        raise IntegrityError(f"{where}: truncated snapshot header")
     if hashlib.sha256(header_bytes).digest() != digest:
-        raise IntegrityError(f"{path.name}: snapshot header checksum mismatch (damaged file)")
+        raise IntegrityError(f"{where}: snapshot header checksum mismatch (damaged file)")
     try:
         header = SnapshotHeader.model_validate(json.loads(header_bytes))
     except (ValueError, ValidationError):
-        raise IntegrityError(f"{path.name}: unreadable snapshot header") from None
+        raise IntegrityError(f"{where}: unreadable snapshot header") from None
     return header, PREFIX.size + length + DIGEST_SIZE
 
 
 def read_header(path: Path) -> SnapshotHeader:
     with path.open("rb") as handle:
-        header, _ = _read_header(handle, path)
+        header, _ = _read_header(handle, path.name)
     return header
 
 
@@ -223,49 +214,55 @@ def read_snapshot(
     result by a pool of threads: hydration time is dominated by this function.
     """
     with path.open("rb") as handle:
-        header, start = _read_header(handle, path)
-        if expected is not None:
-            problem = expected.mismatch(header.identity)
-            if problem is not None:
-                raise SnapshotMismatch(f"snapshot {header.name!r} does not fit: {problem}")
-        payload_size = os.fstat(handle.fileno()).st_size - start
-        if payload_size != header.stored_size:
-            raise IntegrityError(
-                f"{path.name}: snapshot payload is {payload_size} bytes, header says "
-                f"{header.stored_size} (truncated or padded)"
+        return read_open_snapshot(handle, path.name, expected)
+
+
+def read_open_snapshot(
+    handle: BinaryIO, where: str, expected: StateIdentity | None = None
+) -> tuple[SnapshotHeader, bytearray]:
+    """`read_snapshot` of a file already open (from its start): what is checked is what the
+    caller goes on to read, even if the path is replaced meanwhile (export, import)."""
+    header, start = _read_header(handle, where)
+    if expected is not None:
+        problem = expected.mismatch(header.identity)
+        if problem is not None:
+            raise SnapshotMismatch(f"snapshot {header.name!r} does not fit: {problem}")
+    payload_size = os.fstat(handle.fileno()).st_size - start
+    if payload_size != header.stored_size:
+        raise IntegrityError(
+            f"{where}: snapshot payload is {payload_size} bytes, header says "
+            f"{header.stored_size} (truncated or padded)"
+        )
+    if sum(c.raw_size for c in header.chunks) != header.raw_size:
+        raise IntegrityError(f"{where}: snapshot chunk sizes do not add up")
+    raw = bytearray(header.raw_size)
+    if header.raw_size == 0:
+        return header, raw
+    with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        source, target = memoryview(mapped), memoryview(raw)
+        jobs, stored_at, raw_at = [], start, 0
+        for info in header.chunks:
+            jobs.append(
+                (
+                    source[stored_at : stored_at + info.stored_size],
+                    info,
+                    target[raw_at : raw_at + info.raw_size],
+                )
             )
-        if sum(c.raw_size for c in header.chunks) != header.raw_size:
-            raise IntegrityError(f"{path.name}: snapshot chunk sizes do not add up")
-        raw = bytearray(header.raw_size)
-        if header.raw_size == 0:
-            return header, raw
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            source, target = memoryview(mapped), memoryview(raw)
-            jobs, stored_at, raw_at = [], start, 0
-            for info in header.chunks:
-                jobs.append(
-                    (
-                        source[stored_at : stored_at + info.stored_size],
-                        info,
-                        target[raw_at : raw_at + info.raw_size],
+            stored_at += info.stored_size
+            raw_at += info.raw_size
+        try:
+            with ThreadPoolExecutor(_threads()) as pool:
+                list(
+                    pool.map(
+                        lambda job: _decode_chunk(job[0], job[1], header.filter, job[2], where),
+                        jobs,
                     )
                 )
-                stored_at += info.stored_size
-                raw_at += info.raw_size
-            try:
-                with ThreadPoolExecutor(_threads()) as pool:
-                    list(
-                        pool.map(
-                            lambda job: _decode_chunk(
-                                job[0], job[1], header.filter, job[2], path.name
-                            ),
-                            jobs,
-                        )
-                    )
-            finally:
-                for stored, _, out in jobs:
-                    stored.release()
-                    out.release()
-                source.release()
-                target.release()
+        finally:
+            for stored, _, out in jobs:
+                stored.release()
+                out.release()
+            source.release()
+            target.release()
     return header, raw

@@ -10,6 +10,11 @@ every pool file is indexed under each of its block hashes. The longest chain has
 found in the index names a snapshot sharing that many blocks with it. The index is rebuilt from
 the headers on first use, so it survives restarts. Pool and session files share a disk budget
 with least-recently-used eviction; named snapshots are only removed on request.
+
+Snapshots cross the admin API whole: export streams a file that was verified through the very
+handle it is read from, and import takes an upload into a temp file beside the named snapshots,
+verifies every chunk, and links it into place without replacing anything, so a damaged, foreign
+or clashing upload leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -19,25 +24,31 @@ import hashlib
 import os
 import re
 import struct
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from pydantic import BaseModel, ConfigDict
-
-from clawctl.errors import BadInput, ClawError, NotFound
-from clawctl.fsutil import atomic_writer, copy_hashing
+from clawctl.errors import BadInput, ClawError, IntegrityError, NotFound
+from clawctl.fsutil import fsync_dir
 from clawctl.paths import Paths
+from clawctl.schemas.snapshots import (
+    Kind,
+    RemovedSnapshot,
+    SnapshotCheck,
+    SnapshotDetail,
+    SnapshotInfo,
+)
 from clawctl.schemas.state import StateIdentity
 from clawctl.store.snapshot_format import (
-    Kind,
     SnapshotHeader,
     read_header,
+    read_open_snapshot,
     read_snapshot,
 )
-from clawctl.store.sources import NullProgress, ProgressSink
 
 SUFFIX = ".snap"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -65,43 +76,10 @@ def block_hashes(identity: StateIdentity, tokens: Sequence[int], block: int) -> 
     return hashes
 
 
-class SnapshotInfo(BaseModel):
-    """One snapshot file as `clawctl snapshot list` shows it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    kind: Kind
-    name: str
-    path: str
-    tokens: int
-    raw_size: int
-    stored_size: int
-    model_sha256: str
-    kv_type: str
-    created_at: float
-    last_used: float
-
-
-class VerifyReport(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    kind: Kind
-    name: str
-    ok: bool
-    problem: str | None = None
-
-
 @dataclass(frozen=True)
 class PoolHit:
     path: Path
     tokens: int  # how many leading prompt tokens the snapshot holds (block aligned)
-
-
-def _copy(source: Path, target: Path, progress: ProgressSink, description: str) -> None:
-    """Atomic copy with progress (snapshots of long contexts run to hundreds of MB)."""
-    progress.start(description, source.stat().st_size)
-    with atomic_writer(target, mode=0o600) as out, source.open("rb") as src:
-        copy_hashing(src, out, hashlib.sha256(), progress.advance)
 
 
 class SnapshotStore:
@@ -136,6 +114,7 @@ class SnapshotStore:
 
     def find(self, name: str, kind: Kind | None = None) -> tuple[Kind, Path]:
         """A snapshot by name: named first, then sessions, then pool files by hash."""
+        validate_snapshot_name(name)
         for k in [kind] if kind else list(KINDS):
             if k == "pool":
                 matches = list(self.dir_for("pool").glob(f"*/{name}{SUFFIX}"))
@@ -150,13 +129,26 @@ class SnapshotStore:
     # --- reading ---------------------------------------------------------------------------
 
     def info(self, kind: Kind, path: Path) -> SnapshotInfo:
+        """What `list` shows; the name is the file's (what `find` looks it up by)."""
         header = read_header(path)
         stat = path.stat()
         return SnapshotInfo(
-            kind=kind, name=header.name if kind != "pool" else path.stem, path=str(path),
-            tokens=len(header.tokens), raw_size=header.raw_size, stored_size=stat.st_size,
-            model_sha256=header.identity.model_sha256, kv_type=header.identity.type_k,
-            created_at=header.created_at.timestamp(), last_used=stat.st_mtime,
+            kind=kind, name=path.stem, tokens=len(header.tokens), raw_size=header.raw_size,
+            stored_size=stat.st_size, model_sha256=header.identity.model_sha256,
+            kv_type=header.identity.type_k, created_at=header.created_at.timestamp(),
+            last_used=stat.st_mtime,
+        )  # fmt: skip
+
+    def detail(self, name: str) -> SnapshotDetail:
+        """One snapshot's header without its token ids (`show`)."""
+        kind, path = self.find(name)
+        header = read_header(path)
+        stat = path.stat()
+        return SnapshotDetail(
+            kind=kind, name=path.stem, n_tokens=len(header.tokens), raw_size=header.raw_size,
+            stored_size=stat.st_size, created_at=header.created_at, last_used=stat.st_mtime,
+            identity=header.identity, filter=header.filter, level=header.level,
+            chunks=header.chunks,
         )  # fmt: skip
 
     def entries(self, kind: Kind | None = None) -> list[SnapshotInfo]:
@@ -176,17 +168,17 @@ class SnapshotStore:
         with contextlib.suppress(OSError):
             os.utime(path)
 
-    def verify(self) -> list[VerifyReport]:
+    def verify(self) -> list[SnapshotCheck]:
+        """Read every file through and check every checksum (slow: decompresses everything)."""
         reports = []
         for kind, path in self._files():
-            name = path.stem
             try:
-                header, _ = read_snapshot(path)
-                name = header.name if kind != "pool" else name
-            except ClawError as exc:
-                reports.append(VerifyReport(kind=kind, name=name, ok=False, problem=exc.message))
+                read_snapshot(path)
+            except (ClawError, OSError) as exc:
+                problem = exc.message if isinstance(exc, ClawError) else str(exc)
+                reports.append(SnapshotCheck(kind=kind, name=path.stem, ok=False, problem=problem))
             else:
-                reports.append(VerifyReport(kind=kind, name=name, ok=True))
+                reports.append(SnapshotCheck(kind=kind, name=path.stem, ok=True))
         return reports
 
     # --- the pool index ----------------------------------------------------------------------
@@ -226,11 +218,12 @@ class SnapshotStore:
 
     # --- removing ----------------------------------------------------------------------------
 
-    def remove(self, name: str, kind: Kind | None = None) -> Path:
-        _, path = self.find(name, kind)
+    def remove(self, name: str, kind: Kind | None = None) -> RemovedSnapshot:
+        """Unlink a snapshot (damaged or not); a reader that has it open finishes reading."""
+        found, path = self.find(name, kind)
         path.unlink()
         self._forget(path)
-        return path
+        return RemovedSnapshot(kind=found, name=path.stem)
 
     def _forget(self, path: Path) -> None:
         with self._lock:
@@ -271,23 +264,55 @@ class SnapshotStore:
 
     # --- moving ------------------------------------------------------------------------------
 
-    def export(self, name: str, dest: Path, progress: ProgressSink | None = None) -> Path:
+    def open_verified(self, name: str) -> tuple[BinaryIO, int]:
+        """An open handle on a snapshot, positioned at its start, whose every byte was checked
+        through that same handle; and its size. The caller closes it."""
         _, path = self.find(name)
-        read_snapshot(path)  # never export a damaged file
-        _copy(path, dest, progress or NullProgress(), f"exporting {name}")
-        return dest
+        handle = path.open("rb")
+        try:
+            read_open_snapshot(handle, path.name)  # never export a damaged file
+            handle.seek(0)
+            return handle, os.fstat(handle.fileno()).st_size
+        except BaseException:
+            handle.close()
+            raise
 
-    def import_(
-        self, source: Path, name: str | None = None, progress: ProgressSink | None = None
-    ) -> SnapshotInfo:
-        """Copy a verified snapshot file in as a named snapshot."""
-        if not source.is_file():
-            raise BadInput(f"no such file: {source}")
-        header, _ = read_snapshot(source)
-        target = self.path_for("named", validate_snapshot_name(name or header.name))
-        if target.exists():
-            raise BadInput(f"snapshot {target.stem!r} already exists; rm it or pass --name")
-        _copy(source, target, progress or NullProgress(), f"importing {target.stem}")
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[tuple[Path, BinaryIO]]:
+        """A temp file beside the named snapshots for an upload, removed on the way out whatever
+        happened (`adopt` links it into place first; clawd sweeps leftovers of a kill at start)."""
+        directory = self.dir_for("named")
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".import-", suffix=".tmp", dir=directory)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "w+b") as handle:
+                yield tmp, handle
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def adopt(self, tmp: Path, handle: BinaryIO, name: str | None = None) -> SnapshotInfo:
+        """Verify an uploaded snapshot completely and add it as a named snapshot under `name`
+        (default: the name in its header). Never replaces an existing snapshot."""
+        if name is not None:
+            validate_snapshot_name(name)
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.seek(0)
+        try:
+            header, _ = read_open_snapshot(handle, "the uploaded file")
+        except IntegrityError as exc:
+            raise BadInput(f"not a usable clawctl snapshot: {exc.message}") from None
+        target = self.path_for("named", name or header.name)
+        os.chmod(tmp, 0o600)
+        try:
+            os.link(tmp, target)  # fails rather than replace: a name is never silently reused
+        except FileExistsError:
+            raise BadInput(
+                f"snapshot {target.stem!r} already exists; rm it or import under another --name",
+                param="name",
+            ) from None
+        fsync_dir(target.parent)
         return self.info("named", target)
 
     def sweep_temps(self) -> None:

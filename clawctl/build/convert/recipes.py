@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clawctl.errors import BadInput, IntegrityError, ModelNotFound
+from clawctl.schemas.models import ModelManifest, OnnxInfo
 from clawctl.store.catalog import CatalogEntry
-from clawctl.store.models import ONNX_MAIN_FILE, ModelManifest, ModelStore, OnnxInfo
+from clawctl.store.models import ONNX_MAIN_FILE, ModelStore
 from clawctl.store.names import validate_model_name
 from clawctl.store.sources import NullProgress, ProgressSink
 
