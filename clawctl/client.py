@@ -28,6 +28,7 @@ from clawctl.schemas.adapters import (
 )
 from clawctl.schemas.admin import Health
 from clawctl.schemas.jobs import JOB_LINE
+from clawctl.schemas.ledger import ExportFormat, GroupBy, LedgerSummary
 from clawctl.schemas.models import (
     AddRequest,
     ConvertRequest,
@@ -392,6 +393,20 @@ class ClawClient:
         )
 
     # --- ledger and distill (admin) ---
+
+    def ledger_summary(self, by: GroupBy, since: float | None = None) -> LedgerSummary:
+        return self._call(
+            "GET", "/admin/ledger/summary", LedgerSummary, params={"by": by, "since": since}
+        )
+
+    def ledger_export(self, fmt: ExportFormat, since: float | None = None) -> Iterator[bytes]:
+        return self._download("/admin/ledger/export", {"format": fmt, "since": since})
+
+    def distill_export(
+        self, since: float | None = None, policy: str | None = None
+    ) -> Iterator[bytes]:
+        """Chat-format JSONL of escalated requests (policies with `store_prompts = true`)."""
+        return self._download("/admin/distill/export", {"since": since, "policy": policy})
 
     # --- routing policies (admin) ---
 

@@ -3,9 +3,9 @@
 SQLite in WAL mode in the data dir; the schema changes only through `MIGRATIONS`, an append-only
 list of named steps recorded in the `migrations` table (as simonw/llm does), so a ledger written
 by any version opens with any later one. clawd writes (one connection, on its event loop);
-`clawctl ledger` reads the same file. Costs are in the policy's currency per request; with no
-routing policy every request is local and costs 0, while `prefill_tokens_saved` shows what
-snapshots, sessions and the prefix pool avoided.
+`clawctl ledger` asks clawd (/admin/ledger), which reads it. Costs are in the policy's currency
+per request; with no routing policy every request is local and costs 0, while
+`prefill_tokens_saved` shows what snapshots, sessions and the prefix pool avoided.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from clawctl.errors import BadInput
-
-GroupBy = Literal["app", "tier", "model", "day"]
+from clawctl.schemas.ledger import GroupBy, SummaryRow
 
 
 class LedgerRow(BaseModel):
@@ -51,26 +49,6 @@ class LedgerRow(BaseModel):
     cached: str | None = None  # "exact", "semantic" or "coalesced": answered without generating
     tokens_saved: int = 0  # prompt + completion tokens the answer cache spared
     cost_saved: float = 0.0  # what generating it would have cost (the original's remote cost)
-
-
-class SummaryRow(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    key: str
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    prefill_tokens_saved: int
-    remote_cost: float
-    all_remote_cost: float
-    cached: int = 0
-    tokens_saved: int = 0
-    cost_saved: float = 0.0
-
-    @property
-    def saved_cost(self) -> float:
-        """Saved against all-remote: by local answers, escalation and the answer cache."""
-        return self.all_remote_cost - self.remote_cost
 
 
 def _create_requests(db: sqlite3.Connection) -> None:
@@ -248,10 +226,3 @@ class Ledger:
         for row in rows:
             writer.writerow({**row, "usage_by_tier": json.dumps(row["usage_by_tier"])})
         return buffer.getvalue()
-
-
-def open_existing(path: Path) -> Ledger:
-    """The ledger clawd wrote (for `clawctl ledger`); a clear error before the first request."""
-    if not path.is_file():
-        raise BadInput(f"no ledger at {path} yet: clawd writes it once it has served a request")
-    return Ledger(path)

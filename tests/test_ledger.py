@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner, Result
 
+from clawctl.cli import app
 from clawctl.ledger import MIGRATIONS, Ledger, LedgerRow, migrate
-from tests.conftest import run_cli, run_daemon
+from tests.conftest import Daemon, run_cli, run_daemon
 
 
 def _row(request_id: str, app: str, ts: float, prompt: int = 10, saved: int = 0) -> LedgerRow:
@@ -66,6 +68,12 @@ def test_summary_export_and_retention(tmp_path: Path) -> None:
     ledger.close()
 
 
+def ledger_cli(daemon: Daemon, *args: str) -> Result:
+    """`clawctl ledger …` in-process, as a user whose own CLAW_HOME is empty: only the daemon
+    (through its socket) knows the rows."""
+    return CliRunner().invoke(app, ["ledger", *args], env={"CLAW_SOCKET": str(daemon.socket)})
+
+
 @pytest.mark.integration
 def test_rows_equal_the_usage_in_responses(
     fresh_home: Path, short_dir: Path, tmp_path: Path
@@ -73,8 +81,10 @@ def test_rows_equal_the_usage_in_responses(
     with run_daemon(fresh_home, short_dir / "l.sock", tmp_path) as daemon:
         replies = [daemon.complete(f"Count to {n}:", app="counter") for n in (3, 4)]
         replies.append(daemon.complete("Say hi.", app="greeter"))
-    env = dict(os.environ, CLAW_HOME=str(fresh_home))
-    exported = json.loads(run_cli("ledger", "export", "--format", "json", env=env).stdout)
+        exported = json.loads(ledger_cli(daemon, "export", "--format", "json").stdout)
+        summary = json.loads(ledger_cli(daemon, "summary", "--by", "app", "--json").stdout)
+        chart = ledger_cli(daemon, "summary", "--since", "1d")
+        bad_span = ledger_cli(daemon, "summary", "--since", "yesterday")
     by_id = {row["request_id"]: row for row in exported}
     for reply in replies:
         row = by_id[reply["claw"]["request_id"]]
@@ -84,18 +94,18 @@ def test_rows_equal_the_usage_in_responses(
         assert row["uid"] == os.getuid()
         assert row["pid"] == os.getpid()
         assert row["model"] == "smollm2-135m"
-    summary = json.loads(run_cli("ledger", "summary", "--by", "app", "--json", env=env).stdout)
     counter = next(r for r in summary if r["key"] == "counter")
     assert counter["requests"] == 2
     assert counter["completion_tokens"] == sum(r["usage"]["completion_tokens"] for r in replies[:2])
-    chart = run_cli("ledger", "summary", "--since", "1d", env=env)
-    assert chart.returncode == 0
+    assert chart.exit_code == 0
     assert "greeter" in chart.stdout
     assert "per day" in chart.stdout
-    assert run_cli("ledger", "summary", "--since", "yesterday", env=env).returncode == 2
+    assert bad_span.exit_code == 2
 
 
-def test_no_ledger_yet_is_a_clear_error() -> None:
-    done = run_cli("ledger", "summary")
-    assert done.returncode == 2
-    assert "no ledger" in done.stderr
+def test_without_a_daemon_the_ledger_commands_say_how_to_start_one(short_dir: Path) -> None:
+    # A subprocess: httpcore leaves the socket of a failed Unix connect to the garbage collector.
+    env = {**os.environ, "CLAW_SOCKET": str(short_dir / "none.sock")}
+    done = run_cli("ledger", "summary", env=env)
+    assert done.returncode == 3
+    assert "clawctl serve" in done.stderr

@@ -357,7 +357,7 @@ def test_ledger_rows_equal_the_responses(local: Daemon, remote: str) -> None:
     for app_name in ("ledger-a", "ledger-b"):
         body = chat(local, "ledgered", claw={"app": app_name}).json()
         ids[body["claw"]["request_id"]] = body
-    env = {**os.environ, "CLAW_HOME": str(local.home)}
+    env = {**os.environ, "CLAW_HOME": str(local.home), "CLAW_SOCKET": str(local.socket)}
     exported = run_cli("ledger", "export", "--format", "json", env=env)
     assert exported.returncode == 0, exported.stderr
     rows = {row["request_id"]: row for row in json.loads(exported.stdout)}
@@ -488,7 +488,7 @@ def test_distill_export_writes_escalations_as_chat_data(
     chat(local, "private")
     assert kept["claw"]["escalated"] is True
     out = tmp_path / "set.jsonl"
-    env = {**os.environ, "CLAW_HOME": str(local.home)}
+    env = {**os.environ, "CLAW_HOME": str(local.home), "CLAW_SOCKET": str(local.socket)}
     result = run_cli("distill", "export", "--out", str(out), "--since", "1h", env=env)
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -515,7 +515,7 @@ def test_shipped_cascade_without_a_remote_answers_locally_in_full(local: Daemon)
 
 
 def test_escalation_between_local_tiers_streams_only_the_answering_tier(local: Daemon) -> None:
-    env = {**os.environ, "CLAW_HOME": str(local.home)}
+    env = {**os.environ, "CLAW_HOME": str(local.home), "CLAW_SOCKET": str(local.socket)}
     made = run_cli("models", "quantize", "smollm2-135m", "--to", "q2_0", "--name", "tiny", env=env)
     assert made.returncode == 0, made.stderr
     apply(

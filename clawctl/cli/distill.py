@@ -30,16 +30,12 @@ def export(
 
     Example: clawctl distill export --since 30d --policy cascade --out escalations.jsonl
     """
-    from clawctl.config import load_paths
+    from clawctl.cli._client import daemon_client
     from clawctl.fsutil import atomic_write
-    from clawctl.ledger import open_existing
 
     start = time.time() - parse_duration(since) if since else None
-    ledger = open_existing(load_paths().ledger_file)
-    try:
-        examples = ledger.examples(start, policy)
-    finally:
-        ledger.close()
-    text = "".join(example.chat_line() + "\n" for example in examples)
-    atomic_write(out, text.encode("utf-8"))
-    err.print(f"wrote {len(examples)} examples to {out}")
+    with daemon_client() as client:
+        data = b"".join(client.distill_export(start, policy))
+    atomic_write(out, data)
+    examples = data.count(b"\n")
+    err.print(f"wrote {examples} examples to {out}")

@@ -1,31 +1,22 @@
-"""`clawctl ledger`: what each app spent and what caching saved (reads clawd's ledger file)."""
+"""`clawctl ledger`: what each app spent and what caching saved (asks clawd, which owns it)."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 import typer
 
+from clawctl.cli._client import daemon_client
 from clawctl.cli._console import emit_json, out, table
 from clawctl.cli._options import JsonOption, parse_duration
-
-if TYPE_CHECKING:
-    from clawctl.ledger import Ledger
 
 app = typer.Typer(
     help="The token ledger: spend and savings per app, tier, model or day.", no_args_is_help=True
 )
 Since = Annotated[str | None, typer.Option(help="Only the last span, e.g. 1d, 12h, 30m.")]
 BAR = 40
-
-
-def _ledger() -> Ledger:
-    from clawctl.config import load_paths
-    from clawctl.ledger import open_existing
-
-    return open_existing(load_paths().ledger_file)
 
 
 def _since(span: str | None) -> float | None:
@@ -44,9 +35,9 @@ def summary(
 
     Example: clawctl ledger summary --since 7d --by app
     """
-    ledger = _ledger()
-    start = _since(since)
-    rows = ledger.summary(by, start)
+    with daemon_client() as client:
+        report = client.ledger_summary(by, _since(since))
+    rows = report.rows
     if json_:
         emit_json(rows)
         return
@@ -74,7 +65,7 @@ def summary(
             f"{r.saved_cost:.4f}",
         )
     out.print(grid if rows else "no requests in that span")
-    days = ledger.summary("day", start)
+    days = report.days
     if days:
         top = max(
             max(d.prompt_tokens + d.completion_tokens, d.prefill_tokens_saved + d.tokens_saved)
@@ -101,4 +92,7 @@ def export(
 
     Example: clawctl ledger export --format csv --since 1d > today.csv
     """
-    sys.stdout.write(_ledger().export(format_, _since(since)))
+    with daemon_client() as client:
+        for chunk in client.ledger_export(format_, _since(since)):
+            sys.stdout.buffer.write(chunk)
+    sys.stdout.flush()
