@@ -272,19 +272,42 @@ def tcp_config(directory: Path, token: str) -> tuple[Path, int]:
     return config, port
 
 
+# Commands whose data clawd owns: they need a running daemon (as with the installed service).
+DAEMON_COMMANDS = frozenset({"models", "adapters", "snapshot", "ledger", "distill"})
+
+
 def run_cli(
     *args: str,
     env: dict[str, str] | None = None,
     input_text: str | None = None,
     timeout: float = 300,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `clawctl` as a subprocess with the test's environment."""
+    """Run `clawctl` as a subprocess with the test's environment. A command on the daemon's data
+    whose environment names no socket gets a clawd on its CLAW_HOME for the duration, as a user
+    of the installed service would have one; tests of "no daemon" set CLAW_SOCKET themselves."""
+    env = env or dict(os.environ)
+    if args and args[0] in DAEMON_COMMANDS and "CLAW_SOCKET" not in env:
+        log_dir = Path(tempfile.mkdtemp(prefix="claw-log-", dir="/tmp"))
+        extra = {k: env[k] for k in ("CLAW_CONFIG", "CLAW_PROFILE") if k in env}
+        try:
+            with serve(Path(env["CLAW_HOME"]), log_dir, **extra) as daemon:
+                return _run_cli(
+                    args, {**env, "CLAW_SOCKET": str(daemon.socket)}, input_text, timeout
+                )
+        finally:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    return _run_cli(args, env, input_text, timeout)
+
+
+def _run_cli(
+    args: tuple[str, ...], env: dict[str, str], input_text: str | None, timeout: float
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "clawctl"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env or dict(os.environ),
+        env=env,
         input=input_text,
         check=False,
     )

@@ -57,8 +57,8 @@ class CliRunnerOn:
 
 def _names(cli: CliRunnerOn) -> list[str]:
     listing = cli.json("snapshot", "list")
-    assert isinstance(listing, dict)
-    return [entry["name"] for entry in listing["snapshots"]]
+    assert isinstance(listing, list)
+    return [entry["name"] for entry in listing]
 
 
 def _leftovers(directory: Path) -> list[str]:
@@ -97,8 +97,8 @@ def test_save_list_show_verify_prune_rm(clawd: Daemon, cli: CliRunnerOn, tmp_pat
         assert time.monotonic() < deadline, "the session snapshot was never written"
         time.sleep(0.1)
     verified = cli.json("snapshot", "verify")
-    assert isinstance(verified, dict)
-    assert {(r["name"], r["ok"]) for r in verified["reports"]} >= {("doc", True), ("s1", True)}
+    assert isinstance(verified, list)
+    assert {(r["name"], r["ok"]) for r in verified} >= {("doc", True), ("s1", True)}
 
     cli("snapshot", "prune", code=2)  # neither --max-bytes nor --older-than
     cli("snapshot", "prune", "--older-than", "soon", code=2)
@@ -195,14 +195,12 @@ def test_adapter_upload_install_list_show_verify_rm(
     assert len(installed["targets"]) == 60
     assert (blobs / f"sha256-{installed['digest']}").is_file()
     listing = cli.json("adapters", "list")
-    assert listing == {"adapters": [installed]}
-    assert cli.json("adapters", "list", "--base", "other") == {"adapters": []}
+    assert listing == [installed]
+    assert cli.json("adapters", "list", "--base", "other") == []
     shown = cli.json("adapters", "show", "zero", "--base", MODEL)
     assert isinstance(shown, dict)
     assert shown["alpha"] == 8.0
-    assert cli.json("adapters", "verify") == {
-        "results": [{"base": MODEL, "name": "zero", "ok": True}]
-    }
+    assert cli.json("adapters", "verify") == [{"base": MODEL, "name": "zero", "ok": True}]
     # An adapter in use by requests works at once: the daemon reads manifests per request.
     reply = clawd.complete("The capital of France is", max_tokens=2, adapters=[{"name": "zero"}])
     assert reply["claw"]["adapters"] == [{"name": "zero", "scale": 1.0}]
@@ -213,10 +211,10 @@ def test_adapter_upload_install_list_show_verify_rm(
     cli("adapters", "install", str(loras["zero"]), "--base", MODEL, *pinned, code=1)
     cli("adapters", "install", str(loras["zero"]), "--base", "nope", code=2)
     cli("adapters", "install", str(loras["zero"]) + ".missing", "--base", MODEL, code=2)
-    assert cli.json("adapters", "list") == {"adapters": [installed]}
+    assert cli.json("adapters", "list") == [installed]
     assert _leftovers(blobs) == []
 
     assert "removed zero" in cli("adapters", "rm", "zero", "--base", MODEL).stderr
     cli("adapters", "show", "zero", "--base", MODEL, code=2)
-    assert cli.json("adapters", "list") == {"adapters": []}
+    assert cli.json("adapters", "list") == []
     assert not (blobs / f"sha256-{installed['digest']}").exists()

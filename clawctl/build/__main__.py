@@ -22,13 +22,19 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     writer = LineWriter()
     if len(argv) != 2 or argv[0] not in OPS:
-        writer.error(f"usage: python -m clawctl.build {{{','.join(sorted(OPS))}}} ARGS_JSON", "invalid_request", 400)
+        writer.error(
+            f"usage: python -m clawctl.build {{{','.join(sorted(OPS))}}} ARGS_JSON",
+            "invalid_request",
+            400,
+        )
         return 2
     build_op = OPS[argv[0]]
     try:
         request = build_op.request.model_validate_json(argv[1])
     except ValidationError as exc:
-        writer.error(f"bad arguments for {argv[0]}: {exc.errors()[0]['msg']}", "invalid_request", 400)
+        writer.error(
+            f"bad arguments for {argv[0]}: {exc.errors()[0]['msg']}", "invalid_request", 400
+        )
         return 2
     progress = LineProgress(writer)
     try:

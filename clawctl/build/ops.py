@@ -25,7 +25,9 @@ class BuildOp:
 OPS: dict[str, BuildOp] = {}
 
 
-def op(name: str, request: type[BaseModel]) -> Callable[
+def op(
+    name: str, request: type[BaseModel]
+) -> Callable[
     [Callable[[Any, LineProgress, LineWriter], BaseModel]],
     Callable[[Any, LineProgress, LineWriter], BaseModel],
 ]:

@@ -63,7 +63,7 @@ def list_(
     with daemon_client() as client:
         listing = client.list_adapters(base)
     if json_:
-        emit_json(listing)
+        emit_json(listing.adapters)
         return
     grid = table("BASE", "NAME", "RANK", "ALPHA", "TENSORS", "SIZE", "DIGEST")
     for m in listing.adapters:
@@ -119,7 +119,7 @@ def verify(json_: JsonOption = False) -> None:
     with daemon_client() as client:
         report = client.verify_adapters()
     if json_:
-        emit_json(report)
+        emit_json(report.results)
     else:
         grid = table("BASE", "NAME", "STATUS")
         for r in report.results:

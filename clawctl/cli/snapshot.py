@@ -111,7 +111,7 @@ def list_(json_: JsonOption = False) -> None:
     with daemon_client() as client:
         listing = client.list_snapshots()
     if json_:
-        emit_json(listing)
+        emit_json(listing.snapshots)
         return
     entries = listing.snapshots
     grid = table("KIND", "NAME", "TOKENS", "ON DISK", "RATIO", "KV", "MODEL", "LAST USED")
@@ -210,7 +210,7 @@ def verify(json_: JsonOption = False) -> None:
         report = client.verify_snapshots()
     reports = report.reports
     if json_:
-        emit_json(report)
+        emit_json(report.reports)
     else:
         grid = table("KIND", "NAME", "STATUS")
         for r in reports:
