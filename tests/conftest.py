@@ -195,11 +195,13 @@ def run_daemon(
     with log.open("wb") as sink:
         proc = subprocess.Popen([str(BIN / "clawd")], env=full_env, stdout=sink, stderr=sink)
     daemon = Daemon(proc, socket, home, log)
+    SERVING[home.resolve()] = socket
     try:
         if wait:
             wait_healthy(daemon)
         yield daemon
     finally:
+        SERVING.pop(home.resolve(), None)
         daemon.stop()
 
 
@@ -274,6 +276,8 @@ def tcp_config(directory: Path, token: str) -> tuple[Path, int]:
 
 # Commands whose data clawd owns: they need a running daemon (as with the installed service).
 DAEMON_COMMANDS = frozenset({"models", "adapters", "snapshot", "ledger", "distill"})
+# The socket of the clawd each test-started daemon's home is served by (one clawd per data dir).
+SERVING: dict[Path, Path] = {}
 
 
 def run_cli(
@@ -287,6 +291,9 @@ def run_cli(
     of the installed service would have one; tests of "no daemon" set CLAW_SOCKET themselves."""
     env = env or dict(os.environ)
     if args and args[0] in DAEMON_COMMANDS and "CLAW_SOCKET" not in env:
+        live = SERVING.get(Path(env["CLAW_HOME"]).resolve())
+        if live is not None:
+            return _run_cli(args, {**env, "CLAW_SOCKET": str(live)}, input_text, timeout)
         log_dir = Path(tempfile.mkdtemp(prefix="claw-log-", dir="/tmp"))
         extra = {k: env[k] for k in ("CLAW_CONFIG", "CLAW_PROFILE") if k in env}
         try:
