@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,10 +93,17 @@ def test_snapshot_refusals(
     assert missing.status_code == 404
     assert traversal.status_code == 400
     snap = fresh_home / "data" / "snapshots" / "named" / "kv-f16.snap"
-    # A daemon whose profile uses a q8_0 KV cache must refuse the f16 state.
+    # A daemon whose profile uses a q8_0 KV cache must refuse the f16 state: a second box
+    # (its own data dir: one clawd per data dir) that was handed the file.
+    q8_home = tmp_path / "q8-home"
+    shutil.copytree(
+        fresh_home / "data" / "models", q8_home / "data" / "models", copy_function=os.link
+    )
+    (q8_home / "data" / "snapshots" / "named").mkdir(parents=True)
+    shutil.copy2(snap, q8_home / "data" / "snapshots" / "named" / snap.name)
     with (
         run_daemon(
-            fresh_home,
+            q8_home,
             short_dir / "q8.sock",
             tmp_path,
             CLAW_CONFIG=str(config),
@@ -217,7 +225,9 @@ def test_snapshot_cli(nopool: Daemon, tmp_path: Path) -> None:
     assert again.returncode == 2
     junk = tmp_path / "junk.snap"
     junk.write_bytes(b"CLAWSNAP" + b"\x00" * 20)
-    assert run_cli("snapshot", "import", str(junk), env=env).returncode == 1
+    refused = run_cli("snapshot", "import", str(junk), env=env)
+    assert refused.returncode == 2  # a file that is not a snapshot is bad input
+    assert "not a usable clawctl snapshot" in refused.stderr
     assert run_cli("snapshot", "rm", "copy", env=env).returncode == 0
     assert run_cli("snapshot", "show", "copy", env=env).returncode == 2
     bad = run_cli("snapshot", "prune", "--older-than", "soon", env=env)

@@ -56,12 +56,14 @@ def save(
         body["model"] = model
     with daemon_client() as client:
         result = client.complete(body)
-        info = client.show_snapshot(name)
+        listing = client.list_snapshots()
+    # the same shape as `snapshot import` and a `snapshot list` entry
+    info = next(e for e in listing.snapshots if e.kind == "named" and e.name == name)
     if json_:
         emit_json(info)
         return
     err.print(
-        f"saved {name}: {info.n_tokens} tokens, {human_bytes(info.stored_size)} on disk "
+        f"saved {name}: {info.tokens} tokens, {human_bytes(info.stored_size)} on disk "
         f"({info.stored_size / info.raw_size:.2f} of the raw state), "
         f"prefill took {result.claw.timings.prompt_ms if result.claw else 0:.0f} ms"
     )
