@@ -46,7 +46,6 @@ from _results import write_section
 from foundation import BIN, connects, machine, wait_for
 
 from clawctl.config import load_paths
-from clawctl.engines.meter import SIGNALS
 from clawctl.fsutil import atomic_write
 from clawctl.routing.calibrate import (
     PROBE_TOKENS,
@@ -59,7 +58,7 @@ from clawctl.routing.calibrate import (
     read_probe,
     unsureness,
 )
-from clawctl.schemas.signals import Signals
+from clawctl.schemas.signals import SIGNALS, Signals
 from clawctl.store.models import ModelStore
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"

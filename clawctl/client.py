@@ -49,6 +49,15 @@ from clawctl.schemas.openai import (
     ModelList,
     Usage,
 )
+from clawctl.schemas.policy import (
+    CalibrateRequest,
+    CalibrationResult,
+    ExplainRequest,
+    PolicyDetail,
+    PolicyListing,
+    PolicyText,
+    RouteExplanation,
+)
 from clawctl.schemas.snapshots import (
     PruneRequest,
     PruneResult,
@@ -409,6 +418,36 @@ class ClawClient:
         return self._download("/admin/distill/export", {"since": since, "policy": policy})
 
     # --- routing policies (admin) ---
+
+    def _policy_path(self, name: str) -> str:
+        return f"/admin/policies/{self._segment(name)}"
+
+    def list_policies(self) -> PolicyListing:
+        return self._call("GET", "/admin/policies", PolicyListing)
+
+    def show_policy(self, name: str) -> PolicyDetail:
+        return self._call("GET", self._policy_path(name), PolicyDetail)
+
+    def validate_policy(self, text: PolicyText) -> PolicyDetail:
+        """Have clawd check a policy's text as it would load it (installs nothing)."""
+        return self._call("POST", "/admin/policies/validate", PolicyDetail, body=text)
+
+    def install_policy(self, text: PolicyText) -> PolicyDetail:
+        """Check and install a policy under its own name; it routes clawd's next request."""
+        return self._call("POST", "/admin/policies", PolicyDetail, body=text)
+
+    def explain_route(self, name: str, request: ExplainRequest) -> RouteExplanation:
+        return self._call(
+            "POST", f"{self._policy_path(name)}/explain", RouteExplanation, body=request
+        )
+
+    def calibrate_policy(
+        self, name: str, request: CalibrateRequest, progress: ProgressView
+    ) -> CalibrationResult:
+        """Run a policy's local tiers on labelled examples in clawd and choose thresholds."""
+        return self._job(
+            f"{self._policy_path(name)}/calibrate", CalibrationResult, progress, body=request
+        )
 
     # --- health and OpenAI calls ---
 

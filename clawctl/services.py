@@ -15,7 +15,6 @@ from clawctl.errors import BadInput, ClawError
 from clawctl.ledger import Ledger
 from clawctl.metrics import Metrics
 from clawctl.profiles import EdgeProfile, load_profile
-from clawctl.routing.policy import Tier
 from clawctl.routing.policy_store import PolicyStore
 from clawctl.routing.remote import RemoteTier
 from clawctl.runtime.answer_cache import AnswerCache
@@ -24,6 +23,7 @@ from clawctl.runtime.manager import ModelManager
 from clawctl.runtime.statekeeper import SnapshotWriter, StateKeeper
 from clawctl.schemas.admin import CacheStatus, Health
 from clawctl.schemas.openai import AdapterChoice
+from clawctl.schemas.policy import Tier
 from clawctl.store.adapters import AdapterStore
 from clawctl.store.models import ModelStore
 from clawctl.store.snapshots import SnapshotStore

@@ -4,8 +4,6 @@ calibration maths and the circuit breaker - the pure parts of routing."""
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +21,6 @@ from clawctl.routing.calibrate import (
 )
 from clawctl.routing.policy import RouteInput, load_policy, parse_policy, route
 from clawctl.routing.remote import CircuitBreaker
-from tests.conftest import run_cli
 
 GOOD = """name = "p"
 start = "a"
@@ -75,25 +72,6 @@ def test_invalid_policies_name_the_line(broken: str, line: int, words: str) -> N
     message = str(caught.value.message)
     assert words in message
     assert f"x.toml:{line}:" in message or f"line {line}" in message
-
-
-def test_route_validate_cli_exits_2_with_the_line(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.toml"
-    bad.write_text(GOOD.replace('kind = "remote"', 'kind = "cloud"'))
-    result = run_cli("route", "validate", str(bad))
-    assert result.returncode == 2
-    assert f"{bad}:11:" in result.stderr
-    assert "Traceback" not in result.stderr
-    good = tmp_path / "good.toml"
-    good.write_text(GOOD)
-    assert run_cli("route", "validate", str(good)).returncode == 0
-
-
-def test_route_explain_cli() -> None:
-    result = run_cli("route", "explain", "Is 2 > 1?", "--impact", "low", "--json")
-    assert result.returncode == 0, result.stderr
-    assert '"rule": "low impact"' in result.stdout
-    assert '"int2"' in result.stdout
 
 
 def test_rules_match_declared_options_and_policy_regexes() -> None:
@@ -344,16 +322,3 @@ def test_circuit_breaker_opens_and_half_opens() -> None:
     assert not breaker.open  # half-open: one may try
     breaker.record(True)
     assert not breaker.open
-
-
-def test_apply_and_show_cli(tmp_path: Path) -> None:
-    source = tmp_path / "p.toml"
-    source.write_text(GOOD)
-    env = {**os.environ, "CLAW_HOME": str(tmp_path / "home")}
-    assert run_cli("route", "apply", str(source), env=env).returncode == 0
-    shown = run_cli("route", "show", "p", env=env)
-    assert shown.returncode == 0
-    assert "remote" in shown.stdout
-    listed = run_cli("route", "list", "--json", env=env)
-    assert '"p"' in listed.stdout
-    assert '"cascade"' in listed.stdout

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from clawctl.engines.meter import SIGNALS
+from clawctl.schemas.signals import SIGNALS
 from tests.conftest import Daemon, copy_home, run_cli, serve, tcp_config
 
 TOKEN = "remote-s3cret"

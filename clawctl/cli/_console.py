@@ -48,23 +48,25 @@ def human_bytes(size: float) -> str:
 
 
 class RichProgress:
-    """A `ProgressSink` drawing a transfer bar on stderr (silent when stderr is not a terminal)."""
+    """A `ProgressSink` drawing a bar on stderr (silent when stderr is not a terminal): bytes
+    with speed for transfers, or `done/total` for steps (examples, epochs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, steps: bool = False) -> None:
         from rich.progress import (
             BarColumn,
             DownloadColumn,
+            MofNCompleteColumn,
             Progress,
             TextColumn,
             TimeRemainingColumn,
             TransferSpeedColumn,
         )
 
+        amount = (MofNCompleteColumn(),) if steps else (DownloadColumn(), TransferSpeedColumn())
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            *amount,
             TimeRemainingColumn(),
             console=err,
             transient=True,

@@ -7,14 +7,13 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from clawctl.cli._console import emit_json, err, out, table
+from clawctl.cli._client import daemon_client
+from clawctl.cli._console import RichProgress, emit_json, err, out, table
 from clawctl.cli._options import JsonOption
+from clawctl.errors import BadInput
 
 if TYPE_CHECKING:
-    from clawctl.client import ClawClient
-    from clawctl.routing.calibrate import Example, SignalReport, TierReport
-    from clawctl.routing.policy import Policy, Tier
-    from clawctl.routing.policy_store import PolicyStore
+    from clawctl.schemas.policy import CalibrationResult, Policy, PolicyText
 
 app = typer.Typer(
     help="Routing policies: which tier answers, when to escalate, what it costs.",
@@ -23,11 +22,14 @@ app = typer.Typer(
 PolicyName = Annotated[str, typer.Option("--policy", help="Policy name.")]
 
 
-def _store() -> PolicyStore:
-    from clawctl.config import load_paths
-    from clawctl.routing.policy_store import PolicyStore
+def _policy_text(file: Path) -> PolicyText:
+    from clawctl.schemas.policy import PolicyText
 
-    return PolicyStore(load_paths())
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"cannot read policy file {file}: {exc}") from None
+    return PolicyText(text=text, source=str(file))
 
 
 @app.command()
@@ -36,9 +38,8 @@ def validate(file: Annotated[Path, typer.Argument(help="Policy TOML file.")]) ->
 
     Example: clawctl route validate my-policy.toml
     """
-    from clawctl.routing.policy import load_policy
-
-    policy = load_policy(file)
+    with daemon_client() as client:
+        policy = client.validate_policy(_policy_text(file)).policy
     err.print(f"{file}: policy {policy.name!r} is valid ({len(policy.tiers)} tiers)")
 
 
@@ -48,22 +49,24 @@ def apply(file: Annotated[Path, typer.Argument(help="Policy TOML file.")]) -> No
 
     Example: clawctl route apply my-policy.toml
     """
-    installed = _store().apply(file)
+    with daemon_client() as client:
+        installed = client.install_policy(_policy_text(file))
     err.print(f"applied policy {installed.policy.name!r} → {installed.path}")
 
 
 @app.command("list")
 def list_(json_: JsonOption = False) -> None:
     """Installed and shipped policies."""
-    store = _store()
-    found = [(name, store.get(name)) for name in store.names()]
+    with daemon_client() as client:
+        listing = client.list_policies()
     if json_:
-        emit_json({name: {"path": str(f.path), "shipped": f.shipped} for name, f in found})
+        emit_json(listing.policies)
         return
     grid = table("NAME", "TIERS", "SOURCE")
-    for name, f in found:
-        tiers = " > ".join(t.name for t in f.policy.tiers)
-        grid.add_row(name, tiers, "shipped" if f.shipped else str(f.path))
+    for entry in listing.policies:
+        grid.add_row(
+            entry.name, " > ".join(entry.tiers), "shipped" if entry.shipped else entry.path
+        )
     out.print(grid)
 
 
@@ -76,7 +79,8 @@ def show(
 
     Example: clawctl route show cascade
     """
-    found = _store().get(name)
+    with daemon_client() as client:
+        found = client.show_policy(name)
     policy = found.policy
     if json_:
         emit_json(policy)
@@ -123,7 +127,7 @@ def _pairs(values: dict[str, object]) -> str:
 
 
 def _thresholds_text(policy: Policy, tier_name: str) -> str:
-    from clawctl.engines.meter import LOW_IS_UNSURE, SIGNALS
+    from clawctl.schemas.signals import LOW_IS_UNSURE, SIGNALS
 
     tier = policy.tier(tier_name)
     if tier.kind == "remote":
@@ -150,32 +154,22 @@ def explain(
 
     Example: clawctl route explain "Is 2 > 1?" --impact low
     """
-    from clawctl.routing.policy import RouteInput, route
+    from clawctl.schemas.policy import ExplainRequest
 
-    found = _store().get(policy)
-    decision = route(
-        found.policy,
-        RouteInput(
-            prompt=prompt, impact=impact, json_mode=json_mode, max_tokens=max_tokens, app=app_name
-        ),
+    request = ExplainRequest(
+        prompt=prompt, impact=impact, json_mode=json_mode, max_tokens=max_tokens, app=app_name
     )
-    chain = [t.name for t in decision.tiers]
+    with daemon_client() as client:
+        decision = client.explain_route(policy, request)
+        found = client.show_policy(policy)
     if json_:
-        emit_json(
-            {
-                "policy": decision.policy,
-                "rule": decision.rule,
-                "tiers": chain,
-                "escalate": decision.escalate,
-                "temperature": decision.temperature,
-                "max_temperature": decision.max_temperature,
-            }
-        )
+        emit_json(decision)
         return
     out.print(f"policy {decision.policy}: rule {decision.rule or '(none: default start)'}")
-    out.print(f"tiers: {' > '.join(chain)}" + ("" if decision.escalate else " (no escalation)"))
+    chain = " > ".join(decision.tiers)
+    out.print(f"tiers: {chain}" + ("" if decision.escalate else " (no escalation)"))
     for tier in decision.tiers:
-        out.print(f"  {tier.name}: escalate when {_thresholds_text(found.policy, tier.name)}")
+        out.print(f"  {tier}: escalate when {_thresholds_text(found.policy, tier)}")
     if decision.temperature is not None:
         out.print(f"temperature set to {decision.temperature:g}")
     if decision.max_temperature is not None:
@@ -202,114 +196,43 @@ def calibrate(
 
     Example: clawctl route calibrate --data born_first.jsonl --target-remote-rate 0.3
     """
-    from clawctl.cli._client import daemon_client
-    from clawctl.errors import BadInput
-    from clawctl.routing.calibrate import load_examples, with_thresholds
+    from clawctl.schemas.policy import CalibrateRequest, parse_evals
 
+    try:
+        text = data.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"cannot read {data}: {exc}") from None
     if (target_remote_rate is None) == (target_error_rate is None):
         raise BadInput("give exactly one of --target-remote-rate and --target-error-rate")
-    store = _store()
-    found = store.get(policy)
-    examples = load_examples(data, limit)
-    reports = []
-    with daemon_client() as client:
-        installed = {m.id for m in client.models().data}
-        for tier in found.policy.tiers:
-            if tier.kind != "local":
-                continue
-            if tier.model not in installed:
-                err.print(f"[yellow]skipping tier {tier.name}: {tier.model} is not installed")
-                continue
-            reports.append(
-                _calibrate_tier(
-                    client, tier, examples, max_tokens, target_remote_rate, target_error_rate
-                )
-            )
-    if not reports:
-        raise BadInput(f"policy {policy}: none of its local tiers' models is installed")
-    chosen: dict[str, SignalReport] = {}
-    for report in reports:
-        best = report.best
-        if best is not None:
-            chosen[report.tier] = best
-    if not dry_run and chosen:
-        text = with_thresholds(found.path.read_text(encoding="utf-8"), chosen)
-        written = store.write(found, text)
-        err.print(f"wrote thresholds into {written.path}")
+    request = CalibrateRequest(
+        examples=parse_evals(text, str(data), limit),
+        target_remote_rate=target_remote_rate,
+        target_error_rate=target_error_rate,
+        max_tokens=max_tokens,
+        dry_run=dry_run,
+    )
+    with daemon_client() as client, RichProgress(steps=True) as progress:
+        result = client.calibrate_policy(policy, request, progress)
+    if result.written:
+        err.print(f"wrote thresholds into {result.written}")
     if json_:
-        emit_json(
-            {
-                "tiers": [_report_json(r) for r in reports],
-                "chosen": {k: v.signal for k, v in chosen.items()},
-            }
-        )
+        emit_json(result)
         return
-    _render_reports(reports, chosen)
+    _render(result)
 
 
-def _calibrate_tier(
-    client: ClawClient,
-    tier: Tier,
-    examples: list[Example],
-    max_tokens: int,
-    rate: float | None,
-    error: float | None,
-) -> TierReport:
-    from rich.progress import Progress
-
-    from clawctl.routing.calibrate import PROBE_TOKENS, FirstTop, grade, report_tier
-
-    observed: list[dict[str, float | None]] = []
-    first_tops: list[FirstTop] = []
-    correct: list[bool] = []
-    meter = tier.escalate.model_dump(include={"window", "min_tokens", "decide_within"})
-    meter["first_top"] = PROBE_TOKENS
-    with Progress(console=err, transient=True) as progress:
-        task = progress.add_task(f"{tier.name} ({tier.model})", total=len(examples))
-        for example in examples:
-            answer = client.chat(
-                {
-                    "model": tier.model,
-                    "messages": [{"role": r, "content": c} for r, c in example.messages],
-                    "max_tokens": max_tokens,
-                    "temperature": 0,
-                    "claw": {
-                        "app": "clawctl-calibrate",
-                        "meter": meter,
-                        "adapters": [a.model_dump() for a in tier.adapters],
-                    },
-                }
-            )
-            entropy = answer.claw.entropy
-            observed.append(entropy.features() if entropy else {})
-            first_tops.append((entropy.first_top or []) if entropy else [])
-            correct.append(grade(answer.choices[0].message.content, example.ideal))
-            progress.advance(task)
-    return report_tier(tier.name, tier.model, observed, correct, rate, error, first_tops)
-
-
-def _report_json(report: TierReport) -> dict[str, object]:
-    return {
-        "tier": report.tier,
-        "model": report.model,
-        "examples": report.examples,
-        "accuracy": report.accuracy,
-        "signals": {s.signal: {"auroc": s.auroc, "threshold": s.threshold} for s in report.signals},
-    }
-
-
-def _render_reports(reports: list[TierReport], chosen: dict[str, SignalReport]) -> None:
+def _render(result: CalibrationResult) -> None:
     grid = table("TIER", "MODEL", "N", "ACCURACY", "SIGNAL", "AUROC", "THRESHOLD", "")
-    for report in reports:
-        for s in report.signals:
+    for tier in result.tiers:
+        for signal, score in tier.signals.items():
             grid.add_row(
-                report.tier,
-                report.model,
-                str(report.examples),
-                f"{report.accuracy:.1%}",
-                s.signal,
-                "-" if s.auroc is None else f"{s.auroc:.3f}",
-                "-" if s.threshold is None else f"{s.threshold:.4g}",
-                "← chosen" if chosen.get(report.tier) is s else "",
+                tier.tier,
+                tier.model,
+                str(tier.examples),
+                f"{tier.accuracy:.1%}",
+                signal,
+                "-" if score.auroc is None else f"{score.auroc:.3f}",
+                "-" if score.threshold is None else f"{score.threshold:.4g}",
+                "← chosen" if result.chosen.get(tier.tier) == signal else "",
             )
     out.print(grid)

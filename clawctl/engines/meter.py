@@ -45,24 +45,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from clawctl.errors import BadInput
-from clawctl.schemas.signals import Signals
+from clawctl.schemas.signals import LOW_IS_UNSURE, SIGNALS, Signals
 
 if TYPE_CHECKING:  # numpy is imported where the meter runs: policies and the CLI need none
     import numpy as np
     import numpy.typing as npt
 
-SIGNALS = (
-    "window_entropy",
-    "max_entropy",
-    "min_prob",
-    "first_margin",
-    "answer_entropy",
-    "answer_margin",
-    "score",
-    "probe",
-)
-# Signals where a *low* value means unsure; for the others a high value does.
-LOW_IS_UNSURE = frozenset({"min_prob", "first_margin", "answer_margin"})
 _YES_NO = re.compile(r"^\W*(yes|no|y|n)\W*$", re.IGNORECASE)
 
 

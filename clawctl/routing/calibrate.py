@@ -9,7 +9,6 @@ anything else by containment after case-folding.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections.abc import Sequence
@@ -17,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clawctl.engines.meter import LOW_IS_UNSURE, SIGNALS, LogitProbe, ScoreModel
+from clawctl.engines.meter import LogitProbe, ScoreModel
 from clawctl.errors import BadInput
-from clawctl.schemas.signals import FEATURES
+from clawctl.schemas.policy import EvalExample, parse_evals
+from clawctl.schemas.signals import FEATURES, LOW_IS_UNSURE, SIGNALS
 
 if TYPE_CHECKING:  # numpy is imported where calibration runs: the CLI's --help needs none
     import numpy as np
@@ -38,29 +38,16 @@ class Example:
 
 
 def load_examples(path: Path, limit: int | None = None) -> list[Example]:
-    examples: list[Example] = []
+    """The first `limit` examples of an Evals JSONL file."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"cannot read {path}: {exc}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            messages = tuple((str(m["role"]), str(m["content"])) for m in item["input"])
-            ideal = item["ideal"]
-            ideal = str(ideal[0] if isinstance(ideal, list) else ideal)
-        except (ValueError, KeyError, TypeError, IndexError):
-            raise BadInput(
-                f"{path}:{number}: not an Evals line (need 'input' messages and 'ideal')"
-            ) from None
-        examples.append(Example(messages, ideal))
-        if limit is not None and len(examples) >= limit:
-            break
-    if not examples:
-        raise BadInput(f"{path}: no examples")
-    return examples
+    return [as_example(e) for e in parse_evals(text, str(path), limit)]
+
+
+def as_example(example: EvalExample) -> Example:
+    return Example(tuple((m.role, m.content) for m in example.input), example.ideal_text)
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

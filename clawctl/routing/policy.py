@@ -17,210 +17,17 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
 from clawctl.engines.meter import LogitProbe, ScoreModel, Thresholds
 from clawctl.errors import BadInput
-from clawctl.schemas.signals import FEATURES
+from clawctl.schemas.policy import AdapterUse, EscalateSection, Impact, Policy, Rule, Tier
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
-
-Impact = Literal["low", "normal", "critical"]
-POLICY_NAME = r"^[a-z][a-z0-9_-]{0,63}$"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ScoreSection(_Strict):
-    """A logistic model over the meter's summaries (written by `clawctl route calibrate`)."""
-
-    weights: dict[str, float]
-    bias: float = 0.0
-    center: dict[str, float] = Field(default_factory=dict)
-    scale: dict[str, float] = Field(default_factory=dict)
-
-    @field_validator("weights", "center", "scale")
-    @classmethod
-    def _known(cls, value: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(value) - set(FEATURES))
-        if unknown:
-            raise ValueError(f"unknown features {unknown}; known: {list(FEATURES)}")
-        return value
-
-
-class ProbeSection(_Strict):
-    """A logistic model over the first token's log-probabilities (written by `clawctl route
-    calibrate`; token ids of the tier's model: recalibrate when the model changes)."""
-
-    tokens: tuple[Annotated[int, Field(ge=0)], ...] = Field(min_length=1, max_length=4096)
-    weights: tuple[float, ...] = Field(min_length=1, max_length=4096)
-    bias: float = 0.0
-    top_k: int = Field(256, ge=1, le=4096)
-
-    @model_validator(mode="after")
-    def _one_weight_per_token(self) -> ProbeSection:
-        if len(self.tokens) != len(self.weights):
-            raise ValueError(
-                f"{len(self.tokens)} tokens but {len(self.weights)} weights: one weight per token"
-            )
-        return self
-
-
-class EscalateSection(_Strict):
-    """Meter thresholds of a local tier (unset: never escalates on that signal)."""
-
-    window_entropy: float | None = Field(None, gt=0)
-    max_entropy: float | None = Field(None, gt=0)
-    min_prob: float | None = Field(None, gt=0, lt=1)
-    first_margin: float | None = Field(None, gt=0, le=1)
-    answer_entropy: float | None = Field(None, gt=0)
-    answer_margin: float | None = Field(None, gt=0, le=1)
-    score: float | None = Field(None, gt=0, lt=1)
-    model: ScoreSection | None = None
-    probe: float | None = Field(None, gt=0, lt=1)
-    probe_model: ProbeSection | None = None
-    window: int = Field(8, ge=1, le=256)
-    min_tokens: int = Field(1, ge=1)
-    decide_within: int = Field(48, ge=1, le=4096)
-
-    @model_validator(mode="after")
-    def _score_needs_model(self) -> EscalateSection:
-        if self.score is not None and self.model is None:
-            raise ValueError("score needs a [tiers.escalate.model] (see clawctl route calibrate)")
-        if self.probe is not None and self.probe_model is None:
-            raise ValueError(
-                "probe needs a [tiers.escalate.probe_model] (see clawctl route calibrate)"
-            )
-        return self
-
-    def thresholds(self) -> Thresholds:
-        values = self.model_dump(exclude={"model", "probe_model"})
-        model, probe = self.model, self.probe_model
-        score_model = (
-            ScoreModel(model.weights, model.bias, model.center, model.scale) if model else None
-        )
-        probe_model = (
-            LogitProbe(probe.tokens, probe.weights, probe.bias, probe.top_k) if probe else None
-        )
-        return Thresholds(**values, score_model=score_model, probe_model=probe_model)
-
-
-class AdapterUse(_Strict):
-    name: str = Field(min_length=1, max_length=80)
-    scale: float = Field(1.0, ge=-4.0, le=4.0)
-
-
-class Tier(_Strict):
-    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
-    kind: Literal["local", "remote"]
-    model: str = Field(min_length=1)
-    # Prices per million tokens, in the ledger's currency.
-    price_input: float = Field(0.0, ge=0)
-    price_output: float = Field(0.0, ge=0)
-    # local tiers
-    adapters: tuple[AdapterUse, ...] = ()
-    escalate: EscalateSection = EscalateSection()
-    # remote tiers
-    base_url: str | None = None
-    base_url_env: str | None = None
-    api_key_env: str | None = None
-    api_key_file: str | None = None
-    timeout_seconds: float = Field(30.0, gt=0, le=600)
-    retries: int = Field(2, ge=0, le=10)
-    breaker_failures: int = Field(3, ge=1)
-    breaker_cooldown_seconds: float = Field(30.0, ge=0)
-
-    @model_validator(mode="after")
-    def _kind_fields(self) -> Tier:
-        if self.kind == "remote":
-            if not (self.base_url or self.base_url_env):
-                raise ValueError("a remote tier needs base_url or base_url_env")
-            if self.adapters:
-                raise ValueError("adapters apply to local tiers only")
-        elif self.base_url or self.base_url_env or self.api_key_env or self.api_key_file:
-            raise ValueError("base_url and API keys apply to remote tiers only")
-        return self
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.price_input + completion_tokens * self.price_output) / 1e6
-
-
-class Rule(_Strict):
-    """First matching rule wins. Conditions that are unset match anything."""
-
-    name: str = Field(min_length=1, max_length=80)
-    # conditions
-    impact: Impact | None = None
-    json_mode: bool | None = None
-    app: str | None = None
-    uid: int | None = None
-    prompt_regex: str | None = None
-    min_prompt_chars: int | None = Field(None, ge=0)
-    max_prompt_chars: int | None = Field(None, ge=0)
-    min_max_tokens: int | None = Field(None, ge=1)
-    # actions
-    start: str | None = None
-    escalate: bool = True
-    temperature: float | None = Field(None, ge=0, le=2)
-    max_temperature: float | None = Field(None, ge=0, le=2)
-    adapters: tuple[AdapterUse, ...] | None = None
-
-    @field_validator("prompt_regex")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression: {exc}") from None
-        return value
-
-
-class CacheSettings(_Strict):
-    """The policy's say over the answer cache (unset keys take clawd.toml's [cache])."""
-
-    enabled: bool = True
-    threshold: float | None = Field(None, gt=0, le=1)  # cosine for a semantic hit
-    sampled: bool | None = None  # may requests with temperature > 0 be answered from it?
-
-
-class Policy(_Strict):
-    name: str = Field(pattern=POLICY_NAME)
-    description: str = ""
-    start: str
-    on_remote_failure: Literal["degraded", "error"] = "degraded"
-    store_prompts: bool = False
-    cache: CacheSettings = CacheSettings()
-    tiers: Annotated[tuple[Tier, ...], Field(min_length=1)]
-    rules: tuple[Rule, ...] = ()
-
-    @model_validator(mode="after")
-    def _references(self) -> Policy:
-        names = [t.name for t in self.tiers]
-        if len(set(names)) != len(names):
-            raise ValueError("tier names must be unique")
-        if self.start not in names:
-            raise ValueError(f"start tier {self.start!r} is not one of the tiers {names}")
-        for rule in self.rules:
-            if rule.start is not None and rule.start not in names:
-                raise ValueError(f"rule {rule.name!r} starts on unknown tier {rule.start!r}")
-        return self
-
-    def tier(self, name: str) -> Tier:
-        return next(t for t in self.tiers if t.name == name)
-
-    @property
-    def remote(self) -> Tier | None:
-        """The tier an all-remote request would have used (the last remote one)."""
-        remotes = [t for t in self.tiers if t.kind == "remote"]
-        return remotes[-1] if remotes else None
 
 
 @dataclass(frozen=True)
@@ -275,6 +82,19 @@ def route(policy: Policy, request: RouteInput) -> Route:
         max_temperature=rule.max_temperature if rule else None,
         adapters=rule.adapters if rule else None,
     )
+
+
+def escalation_thresholds(section: EscalateSection) -> Thresholds:
+    """A tier's thresholds as the meter's objects (score and probe models built here)."""
+    values = section.model_dump(exclude={"model", "probe_model"})
+    model, probe = section.model, section.probe_model
+    score_model = (
+        ScoreModel(model.weights, model.bias, model.center, model.scale) if model else None
+    )
+    probe_model = (
+        LogitProbe(probe.tokens, probe.weights, probe.bias, probe.top_k) if probe else None
+    )
+    return Thresholds(**values, score_model=score_model, probe_model=probe_model)
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Where policies live: installed ones in the config dir, shipped ones in the package.
+"""Where policies live: installed ones in the daemon's config dir, shipped ones in the package.
 
-clawd asks the store for a policy on every routed request; the parsed policy is cached by file
-modification time, so `clawctl route apply` takes effect on the next request without a restart.
+Only clawd opens this store (`/admin/policies` is how `clawctl route` reaches it). clawd asks it
+for a policy on every routed request; the parsed policy is cached by file modification time, so
+a policy installed with `clawctl route apply` (or rewritten by calibration) routes the next
+request without a restart.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from clawctl.errors import BadInput, NotFound
+from clawctl.errors import NotFound
 from clawctl.fsutil import atomic_write
 from clawctl.paths import Paths
 from clawctl.resources import bundled_dir
-from clawctl.routing.policy import Policy, load_policy, parse_policy
+from clawctl.routing.policy import load_policy, parse_policy
+from clawctl.schemas.policy import Policy
 
 
 @dataclass(frozen=True)
@@ -59,21 +62,10 @@ class PolicyStore:
             raise NotFound(f"no routing policy named {name!r} (installed: {self.names()})")
         return found
 
-    def apply(self, source: Path) -> PolicyFile:
-        """Validate a policy file and install it under its own name (atomically)."""
-        try:
-            text = source.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BadInput(f"cannot read policy file {source}: {exc}") from None
-        policy = parse_policy(text, str(source))
-        target = self.dir / f"{policy.name}.toml"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, text.encode("utf-8"))
-        return PolicyFile(policy, target, shipped=False)
-
-    def write(self, policy_file: PolicyFile, text: str) -> PolicyFile:
-        """Replace an installed policy's text (checked first), e.g. after calibration."""
-        policy = parse_policy(text, str(policy_file.path))
+    def install(self, text: str, source: str) -> PolicyFile:
+        """Check a policy's text and install it under its own name (atomically); calibration
+        rewrites an installed or shipped policy this way too."""
+        policy = parse_policy(text, source)
         target = self.dir / f"{policy.name}.toml"
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(target, text.encode("utf-8"))

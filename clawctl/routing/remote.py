@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clawctl.routing.policy import Tier
+from clawctl.schemas.policy import Tier
 
 
 class RemoteFailure(Exception):

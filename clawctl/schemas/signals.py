@@ -22,6 +22,20 @@ FEATURES = (
     "answer_margin",
 )
 
+# The meter signals a tier may escalate on (policies name them as `[tiers.escalate]` keys).
+SIGNALS = (
+    "window_entropy",
+    "max_entropy",
+    "min_prob",
+    "first_margin",
+    "answer_entropy",
+    "answer_margin",
+    "score",
+    "probe",
+)
+# Signals where a *low* value means unsure; for the others a high value does.
+LOW_IS_UNSURE = frozenset({"min_prob", "first_margin", "answer_margin"})
+
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)

@@ -28,7 +28,7 @@ from clawctl.engines.base import Finished, FinishReason, Prompt, SamplingParams,
 from clawctl.engines.meter import Thresholds
 from clawctl.errors import BadInput, ClawError, NotFound, RemoteTierError
 from clawctl.ledger import DistillExample, LedgerRow
-from clawctl.routing.policy import POLICY_NAME, Policy, Route, RouteInput, Tier, route
+from clawctl.routing.policy import Route, RouteInput, escalation_thresholds, route
 from clawctl.routing.remote import RemoteDone, RemoteFailure, RemoteRequest
 from clawctl.runtime.jobs import Failed, Started
 from clawctl.runtime.statekeeper import StateRequest
@@ -40,6 +40,7 @@ from clawctl.schemas.openai import (
     Timings,
     Usage,
 )
+from clawctl.schemas.policy import POLICY_NAME, Policy, Tier
 from clawctl.services import Services
 from clawctl.serving.caller import PeerCred
 from clawctl.serving.tier_path import TierPath, TierRun
@@ -162,7 +163,7 @@ class GenerationRun:
                 min_tokens=settings.min_tokens,
                 decide_within=settings.decide_within,
             )
-        thresholds = tier.escalate.thresholds()
+        thresholds = escalation_thresholds(tier.escalate)
         if not stop or self._next_unavailable(index):
             # Nowhere to go: note a trigger (the answer is then degraded) but finish it.
             return replace(thresholds, stop=False)
@@ -290,7 +291,9 @@ class GenerationRun:
         assert self._events is not None
         run = self.path.last
         tier = self.tiers[self._index]
-        may_escalate = self._may_escalate(self._index) and tier.escalate.thresholds().armed
+        may_escalate = (
+            self._may_escalate(self._index) and escalation_thresholds(tier.escalate).armed
+        )
         window = tier.escalate.decide_within
         held: list[str] = []
         committed = not may_escalate

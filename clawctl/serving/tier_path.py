@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from clawctl.routing.policy import Policy, Tier
 from clawctl.schemas.openai import Usage
+from clawctl.schemas.policy import Policy, Tier
 from clawctl.schemas.signals import Signals
 
 
