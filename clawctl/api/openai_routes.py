@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from clawctl.api.errors import validation_error
 from clawctl.api.peer import peer_of
 from clawctl.api.sse import DONE, TokenFrames, error_frame, frame
-from clawctl.engines.base import ChatTurn, Prompt, SamplingParams
+from clawctl.engines.base import ChatTurn, Grammar, Prompt, SamplingParams, ToolCall, ToolSpec
 from clawctl.errors import BadInput, ClawError
 from clawctl.ledger import LedgerRow
 from clawctl.schemas.openai import (
@@ -23,6 +24,7 @@ from clawctl.schemas.openai import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatMessage,
     ChunkChoice,
     ChunkDelta,
     Completion,
@@ -32,13 +34,26 @@ from clawctl.schemas.openai import (
     EmbeddingList,
     EmbeddingRequest,
     EmbeddingUsage,
+    FunctionCall,
+    FunctionDelta,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     SamplingRequest,
+    ToolCallBody,
+    ToolCallDelta,
 )
 from clawctl.services import Services
 from clawctl.serving.dedup import Answer, Flights, open_answer
 from clawctl.serving.generation import GenerationRun
+from clawctl.serving.toolcalls import (
+    CallArguments,
+    CallStart,
+    ContentDelta,
+    ToolCallParser,
+    parse_tool_calls,
+)
+from clawctl.serving.tooluse import ToolUse, plan_tool_use
 
 router = APIRouter()
 Body = TypeVar("Body", ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
@@ -67,7 +82,9 @@ def _flights(request: Request) -> Flights:
     return flights
 
 
-def _sampling(body: SamplingRequest, max_tokens: int | None) -> SamplingParams:
+def _sampling(
+    body: SamplingRequest, max_tokens: int | None, grammar: Grammar | None = None
+) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -80,7 +97,28 @@ def _sampling(body: SamplingRequest, max_tokens: int | None) -> SamplingParams:
         seed=body.seed,
         stop=tuple(body.stop_list()),
         speculative=body.claw.speculative,
+        grammar=grammar,
     )
+
+
+def _turn(message: ChatMessage) -> ChatTurn:
+    calls = tuple(
+        ToolCall(c.id, c.function.name, c.function.arguments or "{}")
+        for c in message.tool_calls or ()
+    )
+    return ChatTurn(message.role, message.text(), calls, message.tool_call_id, message.name)
+
+
+def _tool_use(body: ChatCompletionRequest) -> ToolUse:
+    specs = [
+        ToolSpec(t.function.name, t.function.description, json.dumps(t.function.parameters))
+        for t in body.tools or ()
+    ]
+    choice = body.tool_choice
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else choice
+    form = body.response_format
+    schema = form.json_schema.schema_ if form and form.json_schema else None
+    return plan_tool_use(specs, named, body.parallel_tool_calls, schema, body.json_mode())
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -90,13 +128,14 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 async def chat_completions(
     request: Request, body: ChatCompletionRequest = Depends(json_body(ChatCompletionRequest))
 ) -> JSONResponse | StreamingResponse:
-    prompt = Prompt(chat=tuple(ChatTurn(m.role, m.text()) for m in body.messages))
+    use = _tool_use(body)
+    prompt = Prompt(chat=tuple(_turn(m) for m in body.messages), tools=use.tools)
     run = GenerationRun(
         _services(request),
         "chat",
         body.model,
         prompt,
-        _sampling(body, body.token_limit()),
+        _sampling(body, body.token_limit(), use.grammar),
         body.claw,
         peer_of(dict(request.scope.get("state", {}))),
         json_mode=body.json_mode(),
@@ -106,18 +145,29 @@ async def chat_completions(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _chat_stream(answer, include_usage),
+            _chat_stream(answer, include_usage, use),
             media_type="text/event-stream",
             headers=_headers(answer, SSE_HEADERS),
         )
     text = await answer.answer()
+    finish: Any = answer.finish_reason
+    message = AssistantMessage(content=text)
+    if use.parses_calls:
+        content, calls = parse_tool_calls(text, use.names, answer.id)
+        if calls:
+            finish = "tool_calls"
+            message = AssistantMessage(
+                content=content or None,
+                tool_calls=[
+                    ToolCallBody(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                    for c in calls
+                ],
+            )
     completion = ChatCompletion(
         id=f"chatcmpl-{answer.id}",
         created=answer.created,
         model=answer.model,
-        choices=[
-            ChatChoice(message=AssistantMessage(content=text), finish_reason=answer.finish_reason)
-        ],
+        choices=[ChatChoice(message=message, finish_reason=finish)],
         usage=answer.usage(),
         claw=answer.info(),
     )
@@ -131,7 +181,7 @@ def _headers(run: Answer, base: dict[str, str] | None = None) -> dict[str, str]:
     return headers
 
 
-async def _chat_stream(run: Answer, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_stream(run: Answer, include_usage: bool, use: ToolUse) -> AsyncIterator[bytes]:
     def chunk(delta: ChunkDelta, **extra: Any) -> ChatCompletionChunk:
         finish = extra.pop("finish_reason", None)
         return ChatCompletionChunk(
@@ -143,14 +193,44 @@ async def _chat_stream(run: Answer, include_usage: bool) -> AsyncIterator[bytes]
         )
 
     token = TokenFrames(chunk(ChunkDelta(content=TokenFrames.marker)))
+    parser = ToolCallParser(use.names, run.id) if use.parses_calls else None
+
+    def frames(events: list[ContentDelta | CallStart | CallArguments]) -> Iterator[bytes]:
+        for event in events:
+            if isinstance(event, ContentDelta):
+                yield token(event.text)
+                continue
+            if isinstance(event, CallStart):
+                delta = ToolCallDelta(
+                    index=event.index,
+                    id=event.id,
+                    type="function",
+                    function=FunctionDelta(name=event.name, arguments=""),
+                )
+            else:
+                delta = ToolCallDelta(
+                    index=event.index, function=FunctionDelta(arguments=event.text)
+                )
+            yield frame(chunk(ChunkDelta(tool_calls=[delta])))
+
     yield frame(chunk(ChunkDelta(role="assistant", content="")))
     try:
         async for piece in run.text():
-            yield token(piece)
+            if parser is None:
+                yield token(piece)
+            else:
+                for data in frames(parser.feed(piece)):
+                    yield data
     except ClawError as exc:
         yield error_frame(exc)
         return
-    yield frame(chunk(ChunkDelta(), finish_reason=run.finish_reason, claw=run.info()))
+    finish: Any = run.finish_reason
+    if parser is not None:
+        for data in frames(parser.finish()):
+            yield data
+        if parser.calls:
+            finish = "tool_calls"
+    yield frame(chunk(ChunkDelta(), finish_reason=finish, claw=run.info()))
     if include_usage:
         yield frame(
             ChatCompletionChunk(

@@ -20,6 +20,10 @@ from clawctl.schemas.signals import Signals
 from clawctl.schemas.state import StateIdentity
 
 FinishReason = Literal["stop", "length", "cancelled"]
+# The markup every tool-using model writes its calls in (Qwen2.5's native syntax, and the
+# Hermes-style prompt given to models whose template has no tools): see engines/toolprompt.py.
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,41 @@ class AdapterSpec:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call an assistant turn made: `arguments` is the JSON text of an object."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call; `parameters` is its JSON Schema as JSON text (frozen
+    values: prompts are hashed and compared)."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type": "object", "properties": {}}'
+
+
+@dataclass(frozen=True)
 class ChatTurn:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A GBNF grammar that constrains sampling. `trigger` (a regex over the generated text)
+    makes it lazy: free text until the pattern matches, then constrained from the match's
+    first group on (llama.cpp's lazy grammars); None constrains from the first token."""
+
+    gbnf: str
+    trigger: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +103,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     speculative: bool = True  # draft by prompt lookup when decoding greedily
+    grammar: Grammar | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +113,7 @@ class Prompt:
     chat: tuple[ChatTurn, ...] | None = None
     text: str | None = None
     tokens: tuple[int, ...] | None = None
+    tools: tuple[ToolSpec, ...] = ()  # offered to a chat prompt (rendered by its template)
 
 
 @dataclass(frozen=True)

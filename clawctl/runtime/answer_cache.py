@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from clawctl.engines.base import FinishReason, Prompt, SamplingParams
+from clawctl.engines.base import ChatTurn, FinishReason, Prompt, SamplingParams
 from clawctl.schemas.openai import ClawInfo
 
 if TYPE_CHECKING:
@@ -59,7 +59,9 @@ def request_key(
     if prompt.chat is not None:
         *context, last = prompt.chat
         text = last.content
-        turns = [[t.role, t.content] for t in context] + [[last.role]]
+        turns = [_turn_key(t) for t in context] + [
+            [last.role] if last.tool_call_id is None else [last.role, last.tool_call_id]
+        ]
     else:
         text = prompt.text if prompt.text is not None else json.dumps(list(prompt.tokens or ()))
         turns = []
@@ -73,10 +75,20 @@ def request_key(
         "params": settings,
         "turns": turns,
         "tokens": prompt.tokens is not None,
+        "tools": [asdict(tool) for tool in prompt.tools],
         "routing": list(routing),
     }
     scope_digest = _digest(json.dumps(scope, sort_keys=True, default=str))
     return CacheKey(scope_digest, _digest(scope_digest + "\0" + text), text)
+
+
+def _turn_key(turn: ChatTurn) -> list[object]:
+    """A context turn as the key sees it: calls and the call a result answers change the
+    prompt the template renders, so they are part of the scope."""
+    key: list[object] = [turn.role, turn.content]
+    if turn.tool_calls or turn.tool_call_id is not None:
+        key += [[asdict(call) for call in turn.tool_calls], turn.tool_call_id]
+    return key
 
 
 def deterministic(params: SamplingParams) -> bool:

@@ -6,9 +6,10 @@ use); the `claw` object is ours, so unknown fields there are an error.
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from clawctl.schemas.signals import Signals
 
@@ -82,10 +83,39 @@ class ContentPart(_Lenient):
     text: str | None = None
 
 
+TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class FunctionCall(_Lenient):
+    name: str = Field(pattern=TOOL_NAME)
+    arguments: str = Field(description="The call's arguments: the JSON text of an object.")
+
+    @field_validator("arguments")
+    @classmethod
+    def _object_text(cls, value: str) -> str:
+        try:
+            decoded = json.loads(value or "{}")
+        except ValueError:
+            raise ValueError("tool call arguments must be the JSON text of an object") from None
+        if not isinstance(decoded, dict):
+            raise ValueError("tool call arguments must be the JSON text of an object")
+        return value
+
+
+class ToolCallBody(_Lenient):
+    """A call in an assistant message (request) or in a response."""
+
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
+    tool_call_id: str | None = Field(None, max_length=128)
 
     def text(self) -> str:
         if self.content is None:
@@ -94,13 +124,59 @@ class ChatMessage(_Lenient):
             return self.content
         return "".join(part.text or "" for part in self.content if part.type == "text")
 
+    @model_validator(mode="after")
+    def _roles(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
+
+class FunctionSpec(_Lenient):
+    name: str = Field(pattern=TOOL_NAME)
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class ToolDefinition(_Lenient):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Lenient):
+    name: str = Field(pattern=TOOL_NAME)
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(_Lenient):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
 class ResponseFormat(_Lenient):
-    type: str = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format json_schema needs its json_schema object")
+        return self
 
 
 class SamplingRequest(_Lenient):
@@ -141,9 +217,38 @@ class SamplingRequest(_Lenient):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, gt=0)
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @model_validator(mode="after")
+    def _tools_agree(self) -> ChatCompletionRequest:
+        """What OpenAI refuses with a 400: a choice naming no offered tool, a required call
+        without tools, duplicate names, and a tool result answering no earlier call."""
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        called: set[str] = set()
+        for message in self.messages:
+            for call in message.tool_calls or ():
+                called.add(call.id)
+            if message.role == "tool" and message.tool_call_id not in called:
+                raise ValueError(
+                    f"tool message answers {message.tool_call_id!r}, which no earlier "
+                    "assistant message called"
+                )
+        return self
+
+    def tools_offered(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 class CompletionRequest(SamplingRequest):
@@ -212,12 +317,13 @@ class ClawInfo(BaseModel):
     tokens_saved: int = 0  # prompt plus completion tokens not computed for this request
 
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallBody] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -238,9 +344,24 @@ class ChatCompletion(BaseModel):
     claw: ClawInfo
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed call: `{index, id, type, function.name}` first, then argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

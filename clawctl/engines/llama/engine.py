@@ -35,6 +35,13 @@ from clawctl.engines.llama.draft import DraftModel
 from clawctl.engines.llama.load import load_llama, uses_flash_attn
 from clawctl.engines.llama.slots import MEMORY_SEQ, SlotBatch
 from clawctl.engines.meter import Thresholds
+from clawctl.engines.toolprompt import (
+    dumps,
+    hermes_turns,
+    template_knows_tools,
+    template_turns,
+    tool_dicts,
+)
 from clawctl.errors import BadInput, ContextOverflow, EngineError
 from clawctl.schemas.state import AdapterRef, StateIdentity
 
@@ -77,13 +84,19 @@ class LlamaEngine:
         llama = self._llama
         metadata = llama.metadata
         template = metadata.get("tokenizer.chat_template") or FALLBACK_TEMPLATE
+        self._native_tools = template_knows_tools(template)
         eos, bos = llama.token_eos(), llama.token_bos()
         model = llama._model  # the tokenizer's text for special tokens
-        return Jinja2ChatFormatter(
+        formatter = Jinja2ChatFormatter(
             template=template,
             eos_token=model.token_get_text(eos) if eos != -1 else "",
             bos_token=model.token_get_text(bos) if bos != -1 else "",
         )
+        # HF's `tojson` (key order kept, no HTML escaping), which these templates were written
+        # for; Jinja's own sorts keys and escapes "<" in tool schemas.
+        filters = formatter._environment.environment.filters
+        filters["tojson"] = lambda value, indent=None: dumps(value)
+        return formatter
 
     @property
     def n_ctx(self) -> int:
@@ -103,9 +116,14 @@ class LlamaEngine:
                 raise BadInput(f"prompt token ids must be in [0, {n_vocab})", param="prompt")
             return PreparedPrompt(_not_empty(list(prompt.tokens)))
         if prompt.chat is not None:
-            messages: list[Any] = [{"role": t.role, "content": t.content} for t in prompt.chat]
+            tools: list[Any] | None = None
+            if self._native_tools:
+                messages: list[Any] = template_turns(prompt.chat)
+                tools = tool_dicts(prompt.tools) or None
+            else:
+                messages = hermes_turns(prompt.chat, prompt.tools)
             try:
-                rendered = self._formatter(messages=messages)
+                rendered = self._formatter(messages=messages, tools=tools)
             except Exception as exc:  # jinja raises whatever the template raises
                 raise BadInput(f"the model's chat template rejected the messages: {exc}") from None
             stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop or ""]

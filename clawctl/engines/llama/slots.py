@@ -38,6 +38,7 @@ import numpy.typing as npt
 from clawctl.engines.base import (
     Finished,
     FinishReason,
+    Grammar,
     PreparedPrompt,
     SamplingParams,
     TokenEvent,
@@ -245,6 +246,12 @@ class SlotBatch:
             )  # fmt: skip
             for token in prompt[-last_n:]:
                 llama_cpp.llama_sampler_accept(chain, token)
+        if params.grammar is not None:  # after the prompt was fed: it sees only the output
+            try:
+                add(chain, self._grammar(params.grammar))
+            except BaseException:
+                llama_cpp.llama_sampler_free(chain)
+                raise
         if params.temperature <= 0:
             add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
@@ -255,6 +262,22 @@ class SlotBatch:
             add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
             add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
+
+    def _grammar(self, grammar: Grammar) -> Any:
+        """A grammar sampler; lazy ones wait for their trigger pattern. The grammar module
+        checked that llama.cpp parses the text, so NULL here is a library failure."""
+        text, root = grammar.gbnf.encode(), b"root"
+        if grammar.trigger is None:
+            sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, text, root)
+        else:
+            patterns = (ctypes.c_char_p * 1)(grammar.trigger.encode())
+            no_tokens = (llama_cpp.llama_token * 1)()
+            sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                self._vocab, text, root, patterns, 1, no_tokens, 0
+            )
+        if not sampler:
+            raise EngineError("llama.cpp refused the request's grammar")
+        return sampler
 
     # --- stepping -------------------------------------------------------------------------
 

@@ -1,0 +1,57 @@
+"""What a request's tools and response format mean for one generation: the tools its prompt
+offers, the grammar that constrains decoding, and whether calls are parsed from the output.
+
+Shared by every API face (OpenAI today), so `tool_choice` and `response_format` behave the same
+whatever the client speaks. Grammars come from `engines/grammar.py`: a tool whose schema cannot
+become a grammar is decoded with "any JSON object" arguments and logged, never refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from clawctl.engines.base import Grammar, ToolSpec
+from clawctl.engines.grammar import json_grammar, tool_call_grammar
+
+log = logging.getLogger("clawd.requests")
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    tools: tuple[ToolSpec, ...]  # offered in the prompt
+    grammar: Grammar | None
+    names: frozenset[str]  # calls to these are parsed out of the text
+
+    @property
+    def parses_calls(self) -> bool:
+        return bool(self.names)
+
+
+NO_TOOLS = ToolUse((), None, frozenset())
+
+
+def plan_tool_use(
+    tools: Sequence[ToolSpec],
+    choice: str | None,
+    parallel: bool,
+    response_schema: object | None = None,
+    json_output: bool = False,
+) -> ToolUse:
+    """`choice`: "auto" (the default when tools are given), "none", "required", or a tool's
+    name. `auto` constrains lazily, from the first `<tool_call>` on; `required` and a named tool
+    from the first token. Without tools (or with "none"), `json_output` constrains the answer to
+    JSON (`response_schema`, or any object)."""
+    offered = tuple(tools)
+    if offered and choice != "none":
+        lazy = choice in (None, "auto")
+        only = None if choice in (None, "auto", "required") else choice
+        grammar, warnings = tool_call_grammar(offered, parallel=parallel, lazy=lazy, only=only)
+        for warning in warnings:
+            log.warning("%s", warning)
+        names = frozenset(t.name for t in offered if only is None or t.name == only)
+        return ToolUse(offered, grammar, names)
+    if json_output:
+        return ToolUse((), json_grammar(response_schema), frozenset())
+    return NO_TOOLS

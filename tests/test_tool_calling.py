@@ -1,0 +1,209 @@
+"""Tool calls and structured output through a real clawd and the official openai client.
+
+SmolLM2-135M's template knows no tools, so these also prove the Hermes-style tool prompt: the
+model is told the `<tool_call>` syntax, the grammar holds it to a valid call, and the API turns
+the text into OpenAI `tool_calls`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Daemon
+
+pytestmark = pytest.mark.integration
+MODEL = "smollm2-135m"
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+HOSTILE: dict[str, Any] = {  # what OpenClaw's tools carry: keywords no grammar takes as they are
+    "type": "function",
+    "function": {
+        "name": "write_file",
+        "description": "Write a file.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "path": {"type": "string", "pattern": "[^/]+"},
+                "content": {"type": "string", "maxLength": 65536},
+                "meta": {"type": "object", "patternProperties": {"^x-": {"type": "string"}}},
+            },
+            "required": ["path", "content"],
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _checked_weather(arguments: str) -> dict[str, Any]:
+    decoded = json.loads(arguments)
+    assert isinstance(decoded, dict)
+    assert set(decoded) == {"city", "unit"}
+    assert isinstance(decoded["city"], str)
+    assert len(decoded["city"]) <= 40
+    assert decoded["unit"] in ("celsius", "fahrenheit")
+    return decoded
+
+
+def test_required_call_is_a_valid_call(daemon: Daemon) -> None:
+    with daemon.openai() as client:
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,  # type: ignore[arg-type]
+            tools=[WEATHER, HOSTILE],  # type: ignore[list-item]
+            tool_choice="required",
+            parallel_tool_calls=False,
+            temperature=0,
+            max_tokens=80,
+        )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 1
+    call = calls[0]
+    assert call.id
+    assert call.type == "function"
+    assert call.function.name in ("get_weather", "write_file")  # type: ignore[union-attr]
+    arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+    assert isinstance(arguments, dict)
+    assert "<tool_call>" not in (choice.message.content or "")
+
+
+def test_streamed_named_call_accumulates(daemon: Daemon) -> None:
+    with daemon.openai() as client:
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,  # type: ignore[arg-type]
+            tools=[WEATHER, HOSTILE],  # type: ignore[list-item]
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            parallel_tool_calls=False,
+            temperature=0,
+            max_tokens=80,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        calls: dict[int, dict[str, str]] = {}
+        content, finish, usage = "", None, None
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                content += choice.delta.content or ""
+                for delta in choice.delta.tool_calls or ():
+                    entry = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                    if delta.id:
+                        assert not entry["id"], "an id is sent once, with the name"
+                        entry["id"] = delta.id
+                    if delta.function and delta.function.name:
+                        entry["name"] += delta.function.name
+                    if delta.function and delta.function.arguments:
+                        entry["arguments"] += delta.function.arguments
+                finish = choice.finish_reason or finish
+    assert finish == "tool_calls"
+    assert usage is not None
+    assert usage.completion_tokens > 0
+    assert list(calls) == [0]
+    assert calls[0]["id"]
+    assert calls[0]["name"] == "get_weather"
+    _checked_weather(calls[0]["arguments"])
+    assert "tool_call" not in content
+
+
+def test_tool_results_render_and_the_answer_is_text(daemon: Daemon) -> None:
+    with daemon.openai() as client:
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[  # type: ignore[list-item]
+                *ASK,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {
+                                "name": "get_weather",
+                                "arguments": '{"city": "Paris", "unit": "celsius"}',
+                            },
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees, sunny"},
+            ],
+            tools=[WEATHER],  # type: ignore[list-item]
+            tool_choice="none",
+            temperature=0,
+            max_tokens=24,
+        )
+    choice = reply.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert choice.message.tool_calls is None
+    assert choice.message.content
+
+
+def test_json_schema_response_format(daemon: Daemon) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}, "rank": {"type": "integer"}},
+        "required": ["city", "rank"],
+        "additionalProperties": False,
+    }
+    with daemon.openai() as client:
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Name a big city and its rank by size."}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "city", "schema": schema, "strict": True},
+            },
+            temperature=0,
+            max_tokens=60,
+        )
+    decoded = json.loads(reply.choices[0].message.content or "")
+    assert set(decoded) == {"city", "rank"}
+    assert isinstance(decoded["city"], str)
+    assert isinstance(decoded["rank"], int)
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+         "not in tools"),
+        ({"tool_choice": "required"}, "needs tools"),
+        ({"tools": [{"function": {"name": "x"}}]}, "type"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "name"),
+        ({"tools": [WEATHER, WEATHER]}, "unique"),
+        ({"tool_choice": "sometimes", "tools": [WEATHER]}, "tool_choice"),
+        ({"messages": [*ASK, {"role": "tool", "tool_call_id": "x", "content": "1"}]},
+         "no earlier"),
+        ({"messages": [*ASK, {"role": "tool", "content": "1"}]}, "tool_call_id"),
+        ({"response_format": {"type": "json_schema"}}, "json_schema"),
+    ],
+)  # fmt: skip
+def test_bad_tool_input_is_a_400(daemon: Daemon, body: dict[str, Any], needle: str) -> None:
+    request = {"model": MODEL, "messages": ASK, "max_tokens": 4, **body}
+    with httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(daemon.socket)), base_url="http://clawd"
+    ) as client:
+        response = client.post("/v1/chat/completions", json=request)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert needle in error["message"]
