@@ -49,6 +49,10 @@ class EdgeProfile(BaseModel):
     description: str
     threads: int = Field(ge=0)
     n_ctx: int = Field(ge=256)
+    # The context of a model trained for long ones (>= LONG_CONTEXT tokens, what agents such as
+    # OpenClaw need): its own trained length up to this. Its sequences then share the KV cells
+    # `n_ctx * parallel` would have given short ones, so memory stays what the profile planned.
+    long_ctx: int = Field(32768, ge=256)
     n_batch: int = Field(ge=16)
     kv_cache_type: KvType = "f16"
     flash_attn: bool = False

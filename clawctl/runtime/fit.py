@@ -17,6 +17,9 @@ from clawctl.profiles import EdgeProfile
 from clawctl.schemas.models import ModelManifest
 
 MIB = 1 << 20
+# A model trained for at least this many tokens gets the profile's `long_ctx` (OpenClaw refuses
+# models whose context is under 16,000 tokens; its requests run 13-15k).
+LONG_CONTEXT = 16384
 
 
 class ManifestLookup(Protocol):
@@ -40,16 +43,13 @@ class MemoryFit:
     def settings_for(self, manifest: ModelManifest) -> EngineSettings:
         if manifest.onnx is not None:
             return self._onnx_settings(manifest)
-        n_ctx = self.profile.n_ctx
         info = manifest.gguf_info()
         if info.pooling_type:
             raise BadInput(
                 f"model {manifest.name!r} is an embedding model: use /v1/embeddings",
                 param="model",
             )
-        context_length = info.context_length
-        if context_length:
-            n_ctx = min(n_ctx, context_length)
+        n_ctx, parallel = self.context_for(info.context_length)
         draft = self._draft_for(manifest)
         return EngineSettings(
             model_path=self.store.blob_path(manifest.digest),
@@ -59,10 +59,23 @@ class MemoryFit:
             kv_cache_type=self.profile.kv_cache_type,
             flash_attn=self.profile.flash_attn,
             model_digest=manifest.digest,
-            parallel=self.profile.parallel,
+            parallel=parallel,
             draft_max=self.profile.draft_max,
             draft_path=None if draft is None else self.store.blob_path(draft.digest),
         )
+
+    def context_for(self, trained: int | None) -> tuple[int, int]:
+        """(tokens per sequence, sequences) for a model trained on `trained` tokens: the
+        profile's `n_ctx` and `parallel`, or for a long-context model its trained length up to
+        `long_ctx`, with as many sequences as the same KV cells hold (at least one)."""
+        profile = self.profile
+        if not trained:
+            return profile.n_ctx, profile.parallel
+        if trained < LONG_CONTEXT or profile.long_ctx <= profile.n_ctx:
+            return min(profile.n_ctx, trained), profile.parallel
+        n_ctx = min(trained, profile.long_ctx)
+        cells = profile.n_ctx * profile.parallel
+        return n_ctx, max(1, min(profile.parallel, cells // n_ctx))
 
     def _draft_for(self, manifest: ModelManifest) -> ModelManifest | None:
         """The draft model configured for `manifest` ([drafts] in clawd.toml), if any."""
