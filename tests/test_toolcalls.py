@@ -41,6 +41,9 @@ SAMPLES = [
     '<tool_call>{"name": "get_time"}</tool_',
     "  \n ",
     "<<tool_call>" + '{"name": "get_time"}' + "</tool_call><",
+    ' {"name": "read_file", "arguments": {"path": "notes.txt"}}',
+    '```json\n{"name": "get_time", "arguments": {}}\n```',
+    '{"not": "a call"} and then ' + READ,
 ]
 
 
@@ -268,3 +271,22 @@ def test_feed_after_finish_is_an_error() -> None:
     parser.finish()
     with pytest.raises(RuntimeError, match="after finish"):
         parser.feed("x")
+
+
+def test_a_bare_call_is_a_call() -> None:
+    """Qwen2.5-Coder-0.5B under tool_choice auto writes the call without its tags."""
+    content, calls = parse_tool_calls(
+        ' {"name": "read_file", "arguments": {"path": "notes.txt"}}\n', NAMES, "abc"
+    )
+    assert content == ""
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("read_file", {"path": "notes.txt"})
+    ]
+
+
+def test_an_answer_starting_with_an_object_that_is_no_call_is_content() -> None:
+    text = '{"city": "Paris"} is the JSON you asked for.'
+    assert parse_tool_calls(text, NAMES, "abc") == (text, [])
+    content, calls = parse_tool_calls('{"name": "nope", "arguments": {}}', NAMES, "abc")
+    assert content == '{"name": "nope", "arguments": {}}'
+    assert calls == []

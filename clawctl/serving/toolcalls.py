@@ -21,6 +21,10 @@ Rules, in the order a reader of the output meets them:
   a call if its body alone is a valid call, else content.
 - A body with no close tag within `MAX_CALL_CHARS` characters is given up as content, so the
   buffer stays bounded whatever the model writes.
+- An answer that starts with `{` or a code fence is held whole: small models (Qwen2.5-Coder-0.5B
+  among them) often write a call as a bare `{"name": ..., "arguments": ...}` object without the
+  tags when nothing constrains them (`tool_choice: auto`). If the whole answer is one valid call
+  it is that call, else it is parsed by the rules above, as llama.cpp's Hermes parser does.
 """
 
 from __future__ import annotations
@@ -140,6 +144,8 @@ class ToolCallParser:
         self._segment_has_text = False
         self._content: list[str] = []
         self._finished = False
+        self._bare: bool | None = None  # the answer may be a bare call (None: not known yet)
+        self._head = ""  # the answer's start while `_bare` is not False
 
     @property
     def content(self) -> str:
@@ -150,6 +156,18 @@ class ToolCallParser:
         """Take the next piece of generated text; return the events it decides."""
         if self._finished:
             raise RuntimeError("ToolCallParser.feed() after finish()")
+        if self._bare is not False:
+            self._head += text
+            start = self._head.lstrip()
+            if not start:
+                return []  # only whitespace yet: the answer's first character decides
+            if start[0] in "{`" and len(self._head) <= MAX_CALL_CHARS:
+                self._bare = True
+                return []
+            self._bare, text, self._head = False, self._head, ""
+        return self._run(text)
+
+    def _run(self, text: str) -> list[ToolEvent]:
         events: list[ToolEvent] = []
         self._buf += text
         while self._step(events):
@@ -158,6 +176,17 @@ class ToolCallParser:
 
     def finish(self) -> list[ToolEvent]:
         """The text has ended: decide everything still held back."""
+        if self._bare is not False:
+            head, self._head, self._bare = self._head, "", False
+            events: list[ToolEvent] = []
+            if head.strip() and self._try_call(head.strip(), events):
+                self._finished = True
+                return events
+            events = self._run(head)
+            return events + self._finish_rest()
+        return self._finish_rest()
+
+    def _finish_rest(self) -> list[ToolEvent]:
         if self._finished:
             return []
         self._finished = True
