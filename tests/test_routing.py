@@ -252,10 +252,12 @@ def test_a_probe_for_another_vocabulary_is_a_clear_error(local: Daemon, remote: 
 
 class _Misbehaving(http.server.BaseHTTPRequestHandler):
     mode = "garbage"
+    # A remote that hangs holds its answer until its test ends (at most 30 s: threads end).
+    release = threading.Event()
 
     def do_POST(self) -> None:
         if self.mode == "slow":
-            time.sleep(30)
+            self.release.wait(30)
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -277,7 +279,7 @@ class _Misbehaving(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def misbehaving() -> Iterator[type[_Misbehaving]]:
-    handler = type("Handler", (_Misbehaving,), {})
+    handler = type("Handler", (_Misbehaving,), {"release": threading.Event()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -286,6 +288,7 @@ def misbehaving() -> Iterator[type[_Misbehaving]]:
     try:
         yield handler
     finally:
+        handler.release.set()
         server.shutdown()
         server.server_close()
 
