@@ -7,13 +7,12 @@ import json
 
 import pytest
 
-from clawctl.engines.base import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from clawctl.engines.base import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall
 from clawctl.serving.toolcalls import (
     MAX_CALL_CHARS,
     CallArguments,
     CallStart,
     ContentDelta,
-    ParsedCall,
     ToolCallParser,
     ToolEvent,
     parse_tool_calls,
@@ -101,7 +100,7 @@ def test_only_a_possible_open_tag_is_held_back() -> None:
 def test_one_call() -> None:
     content, calls = parse_tool_calls(READ, NAMES, "abc")
     assert content == ""
-    assert calls == [ParsedCall("call_abc_0", "read_file", '{"path": "a.txt"}')]
+    assert calls == [ToolCall("call_abc_0", "read_file", '{"path": "a.txt"}')]
     assert _events([READ]) == [
         CallStart(0, "call_abc_0", "read_file"),
         CallArguments(0, '{"path": "a.txt"}'),
@@ -136,7 +135,7 @@ def test_arguments_as_a_json_string() -> None:
     text = '<tool_call>{"name": "search", "arguments": "{\\"q\\": \\"x\\"}"}</tool_call>'
     assert parse_tool_calls(text, NAMES, "abc") == (
         "",
-        [ParsedCall("call_abc_0", "search", '{"q": "x"}')],
+        [ToolCall("call_abc_0", "search", '{"q": "x"}')],
     )
 
 
@@ -154,7 +153,7 @@ def test_accepted_call_shapes(body: str, arguments: str) -> None:
     text = TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE
     assert parse_tool_calls(text, NAMES, "p") == (
         "",
-        [ParsedCall("call_p_0", "get_time", arguments)],
+        [ToolCall("call_p_0", "get_time", arguments)],
     )
 
 
@@ -198,11 +197,11 @@ def test_unterminated_valid_call_at_finish_is_a_call() -> None:
     text = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n'
     assert parse_tool_calls(text, NAMES, "abc") == (
         "",
-        [ParsedCall("call_abc_0", "get_time", '{"tz": "UTC"}')],
+        [ToolCall("call_abc_0", "get_time", '{"tz": "UTC"}')],
     )
     # The close tag cut part way by the token limit.
     cut = '<tool_call>{"name": "get_time"}</tool_'
-    assert parse_tool_calls(cut, NAMES, "abc") == ("", [ParsedCall("call_abc_0", "get_time", "{}")])
+    assert parse_tool_calls(cut, NAMES, "abc") == ("", [ToolCall("call_abc_0", "get_time", "{}")])
 
 
 def test_unterminated_invalid_call_at_finish_is_content() -> None:
@@ -223,7 +222,7 @@ def test_markup_is_never_content_of_a_good_call() -> None:
     text = "<<tool_call>" + '{"name": "get_time"}' + "</tool_call><"
     assert parse_tool_calls(text, NAMES, "abc") == (
         "<<",
-        [ParsedCall("call_abc_0", "get_time", "{}")],
+        [ToolCall("call_abc_0", "get_time", "{}")],
     )
 
 

@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from clawctl.engines.base import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from clawctl.engines.base import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall
 
 MAX_CALL_CHARS = 1_000_000  # longest body between the tags before it is given up as content
 
@@ -66,15 +66,6 @@ class CallArguments:
 
 
 ToolEvent: TypeAlias = ContentDelta | CallStart | CallArguments
-
-
-@dataclass(frozen=True)
-class ParsedCall:
-    """One call as the model made it: `arguments` is the JSON text of an object."""
-
-    id: str
-    name: str
-    arguments: str
 
 
 def _reject_constant(value: str) -> Any:
@@ -136,7 +127,7 @@ class ToolCallParser:
     def __init__(self, names: frozenset[str] | None, id_prefix: str) -> None:
         self.names = names
         self.id_prefix = id_prefix
-        self.calls: list[ParsedCall] = []  # every call parsed so far
+        self.calls: list[ToolCall] = []  # every call parsed so far
         self._buf = ""  # outside: the held-back prefix of the open tag; inside: the body so far
         self._inside = False
         self._search_from = 0  # inside: no close tag starts before this index of the body
@@ -247,7 +238,7 @@ class ToolCallParser:
         name, arguments = parsed
         index = len(self.calls)
         call_id = f"call_{self.id_prefix}_{index}"
-        self.calls.append(ParsedCall(id=call_id, name=name, arguments=arguments))
+        self.calls.append(ToolCall(id=call_id, name=name, arguments=arguments))
         events += [CallStart(index, call_id, name), CallArguments(index, arguments)]
         self._pending_ws, self._segment_has_text = "", False  # whitespace beside a call: dropped
         return True
@@ -271,7 +262,7 @@ class ToolCallParser:
 
 def parse_tool_calls(
     text: str, names: frozenset[str] | None, id_prefix: str
-) -> tuple[str, list[ParsedCall]]:
+) -> tuple[str, list[ToolCall]]:
     """Whole-text form (non-streaming responses): (content, calls)."""
     parser = ToolCallParser(names, id_prefix)
     parser.feed(text)
