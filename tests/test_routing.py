@@ -580,3 +580,108 @@ def test_a_client_going_away_stops_the_remote_generation(
     while server.log_text().count("cancelled") == before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.log_text().count("cancelled") > before
+
+
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+        },
+    },
+}
+WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _tool_request(**extra: Any) -> dict[str, Any]:
+    return {
+        "messages": WEATHER_ASK,
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "required",
+        "max_tokens": 60,
+        "temperature": 0,
+        **extra,
+    }
+
+
+def test_an_escalated_tool_request_reaches_the_remote_with_its_tools(
+    local: Daemon, remote: str
+) -> None:
+    """The remote tier is asked with the request's tools and tool_choice, and its streamed
+    `tool_calls` come back to the client as calls (not text), as the remote made them."""
+    apply(local, policy_text("esc", remote, key_file=str(local.home / "key")))
+    direct = openai.OpenAI(base_url=remote, api_key=TOKEN).chat.completions.create(
+        model="smollm2-135m", **_tool_request()
+    )
+    expected = direct.choices[0].message.tool_calls or []
+    assert direct.choices[0].finish_reason == "tool_calls"
+    assert expected
+
+    calls: dict[int, dict[str, str]] = {}
+    finish, claw = None, None
+    with local.openai() as client:
+        stream = client.chat.completions.create(model="esc", stream=True, **_tool_request())
+        for chunk in stream:
+            extra = chunk.model_extra or {}
+            claw = extra.get("claw") or claw
+            for choice in chunk.choices:
+                assert not choice.delta.content, "markup or text leaked into content"
+                for delta in choice.delta.tool_calls or ():
+                    call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                    if delta.function and delta.function.name:
+                        call["name"] += delta.function.name
+                    if delta.function and delta.function.arguments:
+                        call["arguments"] += delta.function.arguments
+                finish = choice.finish_reason or finish
+    assert claw is not None
+    assert claw["tier"] == "remote"
+    assert finish == "tool_calls"
+    got = [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
+    assert got == [(c.function.name, json.loads(c.function.arguments)) for c in expected]
+
+
+def test_a_tool_step_escalates_with_the_call_and_its_result(local: Daemon, remote: str) -> None:
+    """After a tool step the history holds an assistant call (null content) and the tool's
+    result; the remote must receive both in OpenAI's shape (a tool message answering no call
+    would be the remote's 400, and the request would fall back to the local tier)."""
+    apply(
+        local,
+        policy_text("strict", remote, on_failure="error", key_file=str(local.home / "key")),
+    )
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    history = [
+        *WEATHER_ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 degrees."},
+    ]
+    body = _tool_request(messages=history, tool_choice="auto", max_tokens=24)
+    response = chat(local, "strict", **body)
+    assert response.status_code == 200, response.text
+    claw = response.json()["claw"]
+    assert claw["path"] == ["small", "remote"]
+    assert claw["degraded"] is False
+    remote_direct = httpx.post(
+        f"{remote}/chat/completions",
+        json={"model": "smollm2-135m", **body},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=120,
+    )
+    assert remote_direct.status_code == 200, remote_direct.text
+
+    def said(message: dict[str, Any]) -> tuple[object, ...]:
+        calls = message.get("tool_calls") or []
+        return message["content"], [
+            (c["function"]["name"], c["function"]["arguments"]) for c in calls
+        ]
+
+    assert said(response.json()["choices"][0]["message"]) == said(
+        remote_direct.json()["choices"][0]["message"]
+    )

@@ -140,6 +140,7 @@ async def chat_completions(
         peer_of(dict(request.scope.get("state", {}))),
         json_mode=body.json_mode(),
         streamed=body.stream,
+        tool_use=use,
     )
     answer = await open_answer(run, _flights(request))
     if body.stream:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clawctl.engines.base import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ChatTurn, ToolSpec
 from clawctl.schemas.policy import Tier
 
 
@@ -66,15 +68,104 @@ class CircuitBreaker:
 
 @dataclass(frozen=True)
 class RemoteRequest:
-    """What the remote tier is asked: chat messages or a plain text prompt."""
+    """What the remote tier is asked: chat messages (with the tools offered, the calls made and
+    their results) or a plain text prompt. `tool_choice` and the JSON output are the client's
+    own request, passed on: the remote server applies its own constraints."""
 
-    messages: tuple[tuple[str, str], ...] | None
+    messages: tuple[ChatTurn, ...] | None
     text: str | None
     max_tokens: int | None
     temperature: float
     top_p: float
     stop: tuple[str, ...]
     seed: int | None
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str | None = None  # "auto", "required" or a tool's name; None: unset
+    parallel_tool_calls: bool = True
+    json_output: bool = False
+    response_schema: str | None = None  # JSON text
+
+    def chat_arguments(self) -> dict[str, Any]:
+        """The chat request's messages, tools and output format in OpenAI's shape."""
+        arguments: dict[str, Any] = {"messages": [_message(t) for t in self.messages or ()]}
+        if self.tools:
+            arguments["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": json.loads(t.parameters),
+                    },
+                }
+                for t in self.tools
+            ]
+            arguments["parallel_tool_calls"] = self.parallel_tool_calls
+            if self.tool_choice in ("auto", "required"):
+                arguments["tool_choice"] = self.tool_choice
+            elif self.tool_choice is not None:
+                function = {"name": self.tool_choice}
+                arguments["tool_choice"] = {"type": "function", "function": function}
+        if self.response_schema is not None:
+            schema = {"name": "answer", "schema": json.loads(self.response_schema)}
+            arguments["response_format"] = {"type": "json_schema", "json_schema": schema}
+        elif self.json_output:
+            arguments["response_format"] = {"type": "json_object"}
+        return arguments
+
+
+def _message(turn: ChatTurn) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": turn.role, "content": turn.content}
+    if turn.tool_calls:
+        message["content"] = turn.content or None
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in turn.tool_calls
+        ]
+    if turn.tool_call_id is not None:
+        message["tool_call_id"] = turn.tool_call_id
+    if turn.name is not None and turn.role != "tool":
+        message["name"] = turn.name
+    return message
+
+
+class _CallPieces:
+    """The remote's streamed `delta.tool_calls`, gathered by index: each call's name and its
+    argument fragments. A finished call becomes the `<tool_call>` text the local tiers write,
+    so one parser turns every tier's calls into the API's `tool_calls`."""
+
+    def __init__(self) -> None:
+        self._names: dict[int, str] = {}
+        self._arguments: dict[int, list[str]] = {}
+
+    def add(self, deltas: Any) -> None:
+        for delta in deltas or ():
+            index = int(getattr(delta, "index", 0) or 0)
+            function = getattr(delta, "function", None)
+            if function is None:
+                continue
+            if function.name:
+                self._names[index] = self._names.get(index, "") + function.name
+            if function.arguments:
+                self._arguments.setdefault(index, []).append(function.arguments)
+
+    def texts(self, tier: str) -> list[str]:
+        texts = []
+        for index in sorted(self._names):
+            raw = "".join(self._arguments.get(index, ())) or "{}"
+            try:
+                arguments = json.loads(raw)
+            except ValueError:
+                raise RemoteFailure(
+                    f"remote tier {tier} sent tool-call arguments that are not JSON"
+                ) from None
+            if not isinstance(arguments, dict):
+                raise RemoteFailure(
+                    f"remote tier {tier} sent tool-call arguments that are not an object"
+                )
+            call = json.dumps({"name": self._names[index], "arguments": arguments})
+            texts.append(f"{TOOL_CALL_OPEN}\n{call}\n{TOOL_CALL_CLOSE}")
+        return texts
 
 
 class RemoteTier:
@@ -178,12 +269,11 @@ class RemoteTier:
         stream: Any = None
         try:
             if chat:
-                messages = [{"role": r, "content": c} for r, c in request.messages or ()]
-                create = client.chat.completions.create(messages=messages, **common)
+                create = client.chat.completions.create(**request.chat_arguments(), **common)
             else:
                 create = client.completions.create(prompt=request.text or "", **common)
             stream = await asyncio.wait_for(create, max(0.01, deadline - time.monotonic()))
-            pieces, finish, usage = 0, None, None
+            pieces, finish, usage, calls = 0, None, None, _CallPieces()
             iterator = stream.__aiter__()
             while True:
                 try:
@@ -201,6 +291,8 @@ class RemoteTier:
                     if text:
                         pieces += 1
                         yield text
+                    if chat:
+                        calls.add(choice.delta.tool_calls)
                     if choice.finish_reason:
                         finish = choice.finish_reason
         except (RemoteFailure, GeneratorExit):
@@ -220,6 +312,9 @@ class RemoteTier:
         finally:
             if stream is not None:  # a caller that went away stops the remote generation too
                 await stream.close()
+        for text in calls.texts(self.tier.name):
+            pieces += 1
+            yield text
         if finish is None or (pieces == 0 and finish != "length"):
             raise RemoteFailure(f"remote tier {self.tier.name} sent no answer")
         yield RemoteDone(

@@ -44,6 +44,7 @@ from clawctl.schemas.policy import POLICY_NAME, Policy, Tier
 from clawctl.services import Services
 from clawctl.serving.caller import PeerCred
 from clawctl.serving.tier_path import TierPath, TierRun
+from clawctl.serving.tooluse import NO_TOOLS, ToolUse
 
 log = logging.getLogger("clawd.requests")
 DIRECT = Tier(name="local", kind="local", model="-")  # stands for a request without a policy
@@ -61,6 +62,7 @@ class GenerationRun:
         peer: PeerCred | None,
         json_mode: bool = False,
         streamed: bool = False,
+        tool_use: ToolUse = NO_TOOLS,
     ) -> None:
         self.services = services
         self.endpoint = endpoint
@@ -70,6 +72,7 @@ class GenerationRun:
         self.claw = claw
         self.peer = peer
         self.json_mode = json_mode
+        self.tool_use = tool_use  # what a remote tier is asked to do with tools and formats
         self.id = uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.started_at = time.perf_counter()
@@ -380,15 +383,20 @@ class GenerationRun:
         await self._start_tier(self._index + 1, stop=False)
 
     def _remote_request(self) -> RemoteRequest:
-        prompt, params = self.prompt, self.params
+        prompt, params, use = self.prompt, self.params, self.tool_use
         return RemoteRequest(
-            messages=tuple((t.role, t.content) for t in prompt.chat) if prompt.chat else None,
+            messages=prompt.chat,
             text=prompt.text,
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
             stop=params.stop,
             seed=params.seed,
+            tools=use.tools,
+            tool_choice=use.choice,
+            parallel_tool_calls=use.parallel,
+            json_output=use.json_output,
+            response_schema=use.response_schema,
         )
 
     async def _close_job(self) -> None:

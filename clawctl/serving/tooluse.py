@@ -8,6 +8,7 @@ become a grammar is decoded with "any JSON object" arguments and logged, never r
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,12 @@ class ToolUse:
     tools: tuple[ToolSpec, ...]  # offered in the prompt
     grammar: Grammar | None
     names: frozenset[str]  # calls to these are parsed out of the text
+    # What the request asked, kept so a remote tier is asked the same (it applies its own
+    # constraints): `choice` as given ("auto", "required", a tool's name; None: unset).
+    choice: str | None = None
+    parallel: bool = True
+    json_output: bool = False
+    response_schema: str | None = None  # JSON text of the json_schema asked for
 
     @property
     def parses_calls(self) -> bool:
@@ -44,6 +51,7 @@ def plan_tool_use(
     from the first token. Without tools (or with "none"), `json_output` constrains the answer to
     JSON (`response_schema`, or any object)."""
     offered = tuple(tools)
+    schema_text = None if response_schema is None else json.dumps(response_schema)
     if offered and choice != "none":
         lazy = choice in (None, "auto")
         only = None if choice in (None, "auto", "required") else choice
@@ -51,7 +59,8 @@ def plan_tool_use(
         for warning in warnings:
             log.warning("%s", warning)
         names = frozenset(t.name for t in offered if only is None or t.name == only)
-        return ToolUse(offered, grammar, names)
+        return ToolUse(offered, grammar, names, choice, parallel)
     if json_output:
-        return ToolUse((), json_grammar(response_schema), frozenset())
+        grammar = json_grammar(response_schema)
+        return ToolUse((), grammar, frozenset(), None, parallel, True, schema_text)
     return NO_TOOLS
