@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 import pytest
 from llama_cpp.llama_grammar import LlamaGrammar
 
@@ -500,3 +501,74 @@ def test_a_pattern_llama_cpp_refuses_is_dropped_not_the_schema(vocab: Any) -> No
     assert schema_rules({"type": "string", "pattern": "^(a|)*$"}) == schema_rules(
         {"type": "string"}
     )
+
+
+def test_lazy_grammar_constrains_a_bare_call_from_its_brace(model: llama_cpp.Llama) -> None:
+    """Small models under `auto` write a call as a bare (often fenced) object; the lazy grammar
+    engages at its `{"name"` and holds the name to an offered tool and the arguments to it."""
+    grammar, _ = tool_call_grammar([WEATHER], parallel=False, lazy=True)
+    sampler = Sampler(model, grammar.gbnf, grammar.trigger)
+    try:
+        sampler.feed('```json\n{\n  "name"')
+        assert not sampler.allows("hello")  # constrained from here on
+        sampler.feed(': "get_weather",\n  "arguments": {"city": "Paris"}\n}')
+        sampler.feed("\n```")
+    finally:
+        sampler.close()
+    prose, _ = tool_call_grammar([WEATHER], parallel=False, lazy=True)
+    free = Sampler(model, prose.gbnf, prose.trigger)
+    try:
+        free.feed('The JSON you asked for: {"name"')  # not the answer's start: not a call
+        assert free.allows("hello")
+    finally:
+        free.close()
+
+
+def test_sampling_first_then_masking_gives_the_masked_chains_text(model: llama_cpp.Llama) -> None:
+    """`CandidateSampler` checks the chain's pick against the grammar and masks the vocabulary
+    only on a rejection; greedy, that yields exactly what a chain with the grammar in it (the
+    vocabulary masked every step) yields; a model that follows the format (shown one call here)
+    is masked on few steps."""
+    from clawctl.engines.llama.constrained import CandidateSampler
+
+    grammar, _ = tool_call_grammar([WEATHER], parallel=False, lazy=False)
+    shown = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    few_shot = f"User: Weather in Rome?\nAssistant: {shown}\nUser: And in Paris?\nAssistant: "
+    vocab = model._model.vocab
+    candidates = CandidateSampler(model.n_vocab())
+
+    def generate(masked_first: bool) -> str:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        constraint = llama_cpp.llama_sampler_init_grammar(vocab, grammar.gbnf.encode(), b"root")
+        if masked_first:  # the chain owns (and frees) the grammar sampler
+            llama_cpp.llama_sampler_chain_add(chain, constraint)
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        out: list[int] = []
+        try:
+            model.reset()
+            model.eval(model.tokenize(few_shot.encode()))
+            for _ in range(60):
+                pointer = llama_cpp.llama_get_logits_ith(model._ctx.ctx, -1)
+                logits = np.ctypeslib.as_array(pointer, shape=(model.n_vocab(),))
+                if masked_first:
+                    token = candidates._apply(chain, None, logits)
+                    llama_cpp.llama_sampler_accept(chain, token)
+                else:
+                    token = candidates.sample(chain, constraint, logits)
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    break
+                out.append(token)
+                model.eval([token])
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+            if not masked_first:
+                llama_cpp.llama_sampler_free(constraint)
+        return model.detokenize(out).decode()
+
+    reference = generate(masked_first=True)
+    assert reference.startswith(TOOL_CALL_OPEN)
+    assert reference.endswith(TOOL_CALL_CLOSE)
+    candidates.masked = 0
+    assert generate(masked_first=False) == reference
+    steps = len(model.tokenize(reference.encode(), add_bos=False))
+    assert 1 <= candidates.masked < steps // 2

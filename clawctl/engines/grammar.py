@@ -78,8 +78,16 @@ _SAFE_CHAR = r'[^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 _SAFE_DOT = r'[^"\\\x7F\x00-\x1F]'
 _UNSAFE = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x7F, 0x7F))  # code points, inclusive
 
-# tool_choice "auto": free text until the model opens a call, constrained from the open tag on.
-TOOL_CALL_TRIGGER = r"[\s\S]*?(" + re.escape(TOOL_CALL_OPEN) + r")[\s\S]*"
+# tool_choice "auto": free text until the model opens a call, constrained from the open tag on;
+# or, as llama.cpp's Hermes handler also watches for, an answer that starts as a bare call
+# object (`{"name"`, perhaps in a code fence), constrained from its `{` on. Small models
+# (Qwen2.5-Coder-0.5B under OpenClaw) write calls that way and then invent the tool's name.
+# llama.cpp matches a pattern wrapped in ^...$ against the whole text so far (any other pattern
+# anywhere in it), and the grammar starts at the first group that matched.
+TOOL_CALL_TRIGGER = (
+    r"^(?:[\s\S]*?(" + re.escape(TOOL_CALL_OPEN) + r")[\s\S]*"
+    r'|\s*(?:```[A-Za-z]*\s*)?(\{)\s*"name"[\s\S]*)$'
+)
 
 _GBNF_TOKEN = re.compile(
     r""""(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|\{[^}]*\}|\#[^\n]*|[A-Za-z0-9-]+|[\s\S]"""
@@ -785,22 +793,38 @@ def tool_call_grammar(
         )
     warnings: list[str] = []
     names: list[str] = []
+    bare_names: list[str] = []
     blocks: list[str] = []
+    colon = gbnf_literal(":")
     for i, tool in enumerate(chosen):
         rules, problem = _arguments_rules(tool)
         if problem is not None:
             warnings.append(f"tool {tool.name!r}: {problem}; its arguments accept any JSON object")
-        head = json.dumps(tool.name, ensure_ascii=False) + ', "arguments": '
+        name = json.dumps(tool.name, ensure_ascii=False)
+        head = name + ', "arguments": '
         names.append(f"fn-{i}")
         blocks.append(
             f"fn-{i} ::= {gbnf_literal(head)} a{i}-root\n" + prefix_rules(rules, f"a{i}-")
         )
+        if lazy:  # the same call as a bare object, in whatever spacing the model began it
+            bare_names.append(f"bfn-{i}")
+            comma, key = gbnf_literal(","), gbnf_literal('"arguments"')
+            blocks.append(
+                f"bfn-{i} ::= {gbnf_literal(name)} ws {comma} ws {key} ws {colon} ws a{i}-root"
+            )
     opening = gbnf_literal(TOOL_CALL_OPEN + '\n{"name": ')
     closing = gbnf_literal("}\n" + TOOL_CALL_CLOSE)
     header = [
-        "root ::= call" + (' ("\\n" call)*' if parallel else ""),
+        "root ::= call" + (' ("\\n" call)*' if parallel else "") + (" | bare" if lazy else ""),
         f"call ::= {opening} ({' | '.join(names)}) {closing}",
     ]
+    if lazy:
+        brace, key, fence = gbnf_literal("{"), gbnf_literal('"name"'), gbnf_literal("```")
+        header += [
+            f"bare ::= {brace} ws {key} ws {colon} ws ({' | '.join(bare_names)}) ws "
+            f"{gbnf_literal('}')} (ws {fence})?",
+            "ws ::= [ \\t\\n]{0,16}",
+        ]
     gbnf = "\n".join(header) + "\n" + "\n".join(blocks)
     if not parses(gbnf):  # each part parsed on its own: this would be a bug here
         raise GrammarError("the tool-call grammar could not be compiled")

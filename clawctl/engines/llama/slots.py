@@ -45,6 +45,7 @@ from clawctl.engines.base import (
     finish_events,
 )
 from clawctl.engines.decoding import DraftRequest, NgramIndex, TextStream
+from clawctl.engines.llama.constrained import CandidateSampler
 from clawctl.engines.meter import EntropyMeter, Thresholds
 from clawctl.errors import EngineError
 from clawctl.schemas.state import common_prefix
@@ -71,6 +72,7 @@ class Slot:
     params: SamplingParams
     cancelled: Callable[[], bool]
     sampler: Any
+    grammar: Any  # a llama.cpp grammar sampler, checked after the chain samples (or None)
     text: TextStream
     meter: EntropyMeter | None
     ngrams: NgramIndex | None
@@ -119,10 +121,11 @@ class SlotBatch:
         self._pieces: dict[int, bytes] = {}
         self.slots: dict[int, Slot] = {}
         self._idle: dict[int, list[int]] = {}  # ended generations' sequences: tokens they hold
+        self._candidates = CandidateSampler(self._n_vocab)
 
     def close(self) -> None:
         for slot in self.slots.values():
-            llama_cpp.llama_sampler_free(slot.sampler)
+            _free_samplers(slot)
         self.slots.clear()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
@@ -163,6 +166,11 @@ class SlotBatch:
             shared = self._share_prefix(seq, tokens)
             held, pending = list(tokens[:shared]), list(tokens[shared:])
         sampler = self._sampler(params, tokens)
+        try:
+            grammar = None if params.grammar is None else self._grammar(params.grammar)
+        except BaseException:
+            llama_cpp.llama_sampler_free(sampler)
+            raise
         greedy = params.temperature <= 0
         ngrams = None
         if greedy and params.speculative and self.draft_max > 0:
@@ -176,6 +184,7 @@ class SlotBatch:
             params=params,
             cancelled=cancelled,
             sampler=sampler,
+            grammar=grammar,
             text=TextStream((*prompt.stop, *params.stop)),
             meter=meter,
             ngrams=ngrams,
@@ -246,12 +255,6 @@ class SlotBatch:
             )  # fmt: skip
             for token in prompt[-last_n:]:
                 llama_cpp.llama_sampler_accept(chain, token)
-        if params.grammar is not None:  # after the prompt was fed: it sees only the output
-            try:
-                add(chain, self._grammar(params.grammar))
-            except BaseException:
-                llama_cpp.llama_sampler_free(chain)
-                raise
         if params.temperature <= 0:
             add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
@@ -413,7 +416,10 @@ class SlotBatch:
             slot.first = time.perf_counter()
         sampled: list[int] = []
         for k, index in enumerate(indexes):
-            token = int(llama_cpp.llama_sampler_sample(slot.sampler, ctx, index))
+            if slot.grammar is None:
+                token = int(llama_cpp.llama_sampler_sample(slot.sampler, ctx, index))
+            else:
+                token = self._candidates.sample(slot.sampler, slot.grammar, self._logits(index))
             sampled.append(token)
             if k >= len(drafts) or token != drafts[k]:
                 break
@@ -472,7 +478,7 @@ class SlotBatch:
         """End `slot`'s generation. Its cells stay (`keep`), so a later prompt with the same
         start reuses them in place; the memory sequence's are the context's memory anyway."""
         self.slots.pop(slot.seq, None)
-        llama_cpp.llama_sampler_free(slot.sampler)
+        _free_samplers(slot)
         if slot.seq != MEMORY_SEQ:
             if keep:
                 self._idle[slot.seq] = slot.held
@@ -509,3 +515,9 @@ class SlotBatch:
 
     def _text(self, token: int) -> str:
         return self._piece(token).decode("utf-8", errors="ignore")
+
+
+def _free_samplers(slot: Slot) -> None:
+    llama_cpp.llama_sampler_free(slot.sampler)
+    if slot.grammar is not None:
+        llama_cpp.llama_sampler_free(slot.grammar)
