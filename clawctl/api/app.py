@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clawctl import __version__
-from clawctl.api import openai_routes
+from clawctl.api import ollama_routes, openai_routes
 from clawctl.api.admin import adapters as admin_adapters
 from clawctl.api.admin import health as admin_health
 from clawctl.api.admin import ledger as admin_ledger
@@ -75,6 +75,7 @@ def create_app(services: Services) -> FastAPI:
         TcpTokenGuard, token=services.config.tcp_token, admin=services.config.tcp_admin
     )
     app.include_router(openai_routes.router)
+    app.include_router(ollama_routes.router)
     for admin in (
         admin_health,
         admin_models,
@@ -84,5 +85,5 @@ def create_app(services: Services) -> FastAPI:
         admin_policies,
     ):
         app.include_router(admin.router)
-    install_openapi(app, openai_routes.BODIES)
+    install_openapi(app, {**openai_routes.BODIES, **ollama_routes.BODIES})
     return app
