@@ -11,17 +11,18 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clawctl import __version__
-from clawctl.api import openai_routes
+from clawctl.api import ollama_routes, openai_routes
 from clawctl.api.admin import adapters as admin_adapters
 from clawctl.api.admin import health as admin_health
 from clawctl.api.admin import ledger as admin_ledger
 from clawctl.api.admin import models as admin_models
 from clawctl.api.admin import policies as admin_policies
 from clawctl.api.admin import snapshots as admin_snapshots
-from clawctl.api.errors import envelope, install_error_handlers
+from clawctl.api.errors import error_response, install_error_handlers
 from clawctl.api.limits import BodyLimit
 from clawctl.api.openapi import install_openapi
 from clawctl.api.peer import transport_of
+from clawctl.errors import Forbidden, Unauthorized
 from clawctl.services import Services
 from clawctl.serving.dedup import Flights
 
@@ -41,21 +42,16 @@ class TcpTokenGuard:
         if scope["type"] == "http" and transport_of(dict(scope.get("state", {}))) == "tcp":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if self.expected is None or not hmac.compare_digest(given, self.expected):
-                response = envelope(
-                    401, "missing or wrong bearer token", "authentication_error", "invalid_api_key"
-                )
-                await response(scope, receive, send)
+                denied = Unauthorized("missing or wrong bearer token")
+                await error_response(scope["path"], denied)(scope, receive, send)
                 return
             changes = scope["method"] not in ("GET", "HEAD")
             if changes and scope["path"].startswith("/admin/") and not self.admin:
-                response = envelope(
-                    403,
+                refused = Forbidden(
                     "changing the daemon's data over TCP is off; use the Unix socket, or set "
-                    "[tcp] admin = true in clawd.toml",
-                    "permission_error",
-                    "forbidden",
+                    "[tcp] admin = true in clawd.toml"
                 )
-                await response(scope, receive, send)
+                await error_response(scope["path"], refused)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -79,6 +75,7 @@ def create_app(services: Services) -> FastAPI:
         TcpTokenGuard, token=services.config.tcp_token, admin=services.config.tcp_admin
     )
     app.include_router(openai_routes.router)
+    app.include_router(ollama_routes.router)
     for admin in (
         admin_health,
         admin_models,
@@ -88,5 +85,5 @@ def create_app(services: Services) -> FastAPI:
         admin_policies,
     ):
         app.include_router(admin.router)
-    install_openapi(app, openai_routes.BODIES)
+    install_openapi(app, {**openai_routes.BODIES, **ollama_routes.BODIES})
     return app

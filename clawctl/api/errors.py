@@ -1,4 +1,8 @@
-"""The one place errors become OpenAI error envelopes `{"error": {message, type, param, code}}`."""
+"""The one place errors become response bodies. Each face has its own shape, chosen by the
+request's path so no route decides it: OpenAI's envelope `{"error": {message, type, param,
+code}}` everywhere, except under `/api/` (the Ollama face), where Ollama clients expect
+`{"error": "message"}` (the ollama Python client reads `error` as a string into
+`ResponseError`)."""
 
 from __future__ import annotations
 
@@ -12,22 +16,29 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from clawctl.errors import BadInput, ClawError, Overloaded
+from clawctl.schemas.ollama import ErrorResponse
 from clawctl.schemas.openai import ErrorBody, ErrorEnvelope
 
 log = logging.getLogger("clawd.api")
 RETRY_AFTER_SECONDS = "2"
+OLLAMA_PREFIX = "/api/"
 
 
-def envelope(
-    status: int, message: str, type_: str, code: str | None, param: str | None = None
+def error_response(path: str, exc: ClawError) -> JSONResponse:
+    """`exc` as the response of the face `path` belongs to."""
+    return _shaped(path, exc.http_status, exc.message, exc.type, exc.code, exc.param)
+
+
+def _shaped(
+    path: str, status: int, message: str, type_: str, code: str, param: str | None = None
 ) -> JSONResponse:
-    body = ErrorEnvelope(error=ErrorBody(message=message, type=type_, param=param, code=code))
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
+    body: ErrorResponse | ErrorEnvelope
+    if path.startswith(OLLAMA_PREFIX):
+        body = ErrorResponse(error=message)
+    else:
+        body = ErrorEnvelope(error=ErrorBody(message=message, type=type_, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-def claw_error_response(exc: ClawError) -> JSONResponse:
-    return envelope(exc.http_status, exc.message, exc.type, exc.code, exc.param)
 
 
 def validation_error(errors: Sequence[Any]) -> BadInput:
@@ -42,24 +53,27 @@ def validation_error(errors: Sequence[Any]) -> BadInput:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_claw_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_claw_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ClawError)
         if isinstance(exc, Overloaded):
             log.warning("overloaded: %s", exc.message)
-        return claw_error_response(exc)
+        return error_response(request.url.path, exc)
 
-    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return claw_error_response(validation_error(exc.errors()))
+        return error_response(request.url.path, validation_error(exc.errors()))
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         code = "not_found" if exc.status_code == 404 else "http_error"
-        return envelope(exc.status_code, str(exc.detail), "invalid_request_error", code)
+        return _shaped(
+            request.url.path, exc.status_code, str(exc.detail), "invalid_request_error", code
+        )
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return envelope(500, "internal error; see clawd's log", "server_error", "internal_error")
+        # ClawError's own type and code are server_error / internal_error
+        return error_response(request.url.path, ClawError("internal error; see clawd's log"))
 
     app.add_exception_handler(ClawError, on_claw_error)
     app.add_exception_handler(RequestValidationError, on_validation)

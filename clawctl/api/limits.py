@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clawctl.api.errors import claw_error_response
+from clawctl.api.errors import error_response
 from clawctl.errors import RequestTooLarge
 
 UPLOAD_PATHS = frozenset(
@@ -25,7 +25,7 @@ UPLOAD_PATHS = frozenset(
 
 
 class BodyLimit:
-    """413 with the OpenAI error envelope (`code: request_too_large`) for bodies over
+    """413 in the face's error shape (`code: request_too_large`) for bodies over
     `max_bytes`, except on `exempt` paths."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, exempt: frozenset[str] = UPLOAD_PATHS) -> None:
@@ -62,7 +62,7 @@ class BodyLimit:
             f"the request body {what}; clawd reads at most {self.max_bytes} bytes "
             "([daemon] max_body_bytes in clawd.toml)"
         )
-        await claw_error_response(error)(scope, receive, send)
+        await error_response(scope["path"], error)(scope, receive, send)
 
 
 class _Replay:

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from clawctl.api.errors import validation_error
 from clawctl.api.peer import peer_of
 from clawctl.api.sse import DONE, TokenFrames, error_frame, frame
-from clawctl.engines.base import ChatTurn, Grammar, Prompt, SamplingParams, ToolCall, ToolSpec
-from clawctl.errors import BadInput, ClawError
-from clawctl.ledger import LedgerRow
+from clawctl.api.wire import answer_headers, json_body
+from clawctl.engines.base import ChatTurn, Grammar, Prompt, SamplingParams, ToolCall
+from clawctl.errors import ClawError
 from clawctl.schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -45,6 +41,7 @@ from clawctl.schemas.openai import (
 )
 from clawctl.services import Services
 from clawctl.serving.dedup import Answer, Flights, open_answer
+from clawctl.serving.embedding import embed_texts
 from clawctl.serving.generation import GenerationRun
 from clawctl.serving.toolcalls import (
     CallArguments,
@@ -53,23 +50,9 @@ from clawctl.serving.toolcalls import (
     ToolCallParser,
     parse_tool_calls,
 )
-from clawctl.serving.tooluse import ToolUse, plan_tool_use
+from clawctl.serving.tooluse import ToolUse, plan_tool_use, tool_spec
 
 router = APIRouter()
-Body = TypeVar("Body", ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
-
-
-def json_body(model: type[Body]) -> Callable[[Request], Awaitable[Body]]:
-    """Parse the body as JSON whatever its Content-Type (curl -d sends form encoding), as
-    llama.cpp's and OpenAI's servers do."""
-
-    async def parse(request: Request) -> Body:
-        try:
-            return model.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise validation_error(exc.errors()) from None
-
-    return parse
 
 
 def _services(request: Request) -> Services:
@@ -111,7 +94,7 @@ def _turn(message: ChatMessage) -> ChatTurn:
 
 def _tool_use(body: ChatCompletionRequest) -> ToolUse:
     specs = [
-        ToolSpec(t.function.name, t.function.description, json.dumps(t.function.parameters))
+        tool_spec(t.function.name, t.function.description, t.function.parameters)
         for t in body.tools or ()
     ]
     choice = body.tool_choice
@@ -119,9 +102,6 @@ def _tool_use(body: ChatCompletionRequest) -> ToolUse:
     form = body.response_format
     schema = form.json_schema.schema_ if form and form.json_schema else None
     return plan_tool_use(specs, named, body.parallel_tool_calls, schema, body.json_mode())
-
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -148,7 +128,7 @@ async def chat_completions(
         return StreamingResponse(
             _chat_stream(answer, include_usage, use),
             media_type="text/event-stream",
-            headers=_headers(answer, SSE_HEADERS),
+            headers=answer_headers(answer, streamed=True),
         )
     text = await answer.answer()
     finish: Any = answer.finish_reason
@@ -172,14 +152,7 @@ async def chat_completions(
         usage=answer.usage(),
         claw=answer.info(),
     )
-    return JSONResponse(completion.model_dump(mode="json"), headers=_headers(answer))
-
-
-def _headers(run: Answer, base: dict[str, str] | None = None) -> dict[str, str]:
-    headers = dict(base or {})
-    if run.tier_name is not None:
-        headers["x-claw-tier"] = run.tier_name
-    return headers
+    return JSONResponse(completion.model_dump(mode="json"), headers=answer_headers(answer))
 
 
 async def _chat_stream(run: Answer, include_usage: bool, use: ToolUse) -> AsyncIterator[bytes]:
@@ -274,7 +247,7 @@ async def completions(
                 answer, prefix, bool(body.stream_options and body.stream_options.include_usage)
             ),
             media_type="text/event-stream",
-            headers=_headers(answer, SSE_HEADERS),
+            headers=answer_headers(answer, streamed=True),
         )
     text = await answer.answer()
     completion = Completion(
@@ -285,7 +258,7 @@ async def completions(
         usage=answer.usage(),
         claw=answer.info(),
     )
-    return JSONResponse(completion.model_dump(mode="json"), headers=_headers(answer))
+    return JSONResponse(completion.model_dump(mode="json"), headers=answer_headers(answer))
 
 
 async def _completion_stream(run: Answer, prefix: str, include_usage: bool) -> AsyncIterator[bytes]:
@@ -323,52 +296,20 @@ async def embeddings(
     import base64
 
     services = _services(request)
-    started = time.perf_counter()
     model = body.model or services.config.cache.embedding_model
-    texts = body.texts()
-    if any(not text.strip() for text in texts):
-        raise BadInput("input texts must not be empty", param="input")
-    try:
-        result = await services.embeddings.embed(model, texts)
-    except ClawError as exc:
-        services.metrics.requests.labels("embeddings", str(exc.http_status)).inc()
-        raise
-    dim = int(result.vectors.shape[1])
-    if body.dimensions is not None and body.dimensions != dim:
-        raise BadInput(
-            f"{model} gives {dim} dimensions; it cannot shorten them", param="dimensions"
-        )
+    peer = peer_of(dict(request.scope.get("state", {})))
+    outcome = await embed_texts(
+        services, "embeddings", model, body.texts(), peer, dimensions=body.dimensions
+    )
     data = []
-    for index, vector in enumerate(result.vectors):
+    for index, vector in enumerate(outcome.result.vectors):
         encoded: list[float] | str = (
             base64.b64encode(vector.astype("<f4").tobytes()).decode()
             if body.encoding_format == "base64"
             else vector.tolist()
         )
         data.append(Embedding(index=index, embedding=encoded))
-    tokens = result.total_tokens
-    services.metrics.requests.labels("embeddings", "200").inc()
-    services.metrics.embeddings.labels(model).inc(len(texts))
-    services.metrics.prompt_tokens.labels(model).inc(tokens)
-    peer = peer_of(dict(request.scope.get("state", {})))
-    services.ledger.record(
-        LedgerRow(
-            request_id=uuid.uuid4().hex[:24],
-            ts=time.time(),
-            uid=peer.uid if peer else None,
-            pid=peer.pid if peer else None,
-            app=None,
-            endpoint="embeddings",
-            model=model,
-            prompt_tokens=tokens,
-            completion_tokens=0,
-            usage_by_tier={},
-            prefill_tokens_saved=0,
-            prefix_source=None,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            finish_reason="stop",
-        )
-    )
+    tokens = outcome.result.total_tokens
     listing = EmbeddingList(
         data=data, model=model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
     )

@@ -3,6 +3,8 @@
 Per-token frames are the hot path of a streaming response: instead of building and serializing a
 pydantic chunk for every token, `TokenFrames` serializes the chunk model once around a marker and
 then splices each token's JSON string into it, so the wire shape still comes from the schema.
+The Ollama face streams NDJSON (one JSON object per line) with the same splicing: `NDJSON_LINE`
+is its framing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from clawctl.errors import ClawError
 from clawctl.schemas.openai import ErrorBody, ErrorEnvelope
 
 DONE = b"data: [DONE]\n\n"
+SSE_FRAME = (b"data: ", b"\n\n")  # what goes before and after each chunk's JSON
+NDJSON_LINE = (b"", b"\n")
 _MARKER = "\x00claw-token\x00"
 
 
@@ -28,17 +32,18 @@ def error_frame(exc: ClawError) -> bytes:
 
 
 class TokenFrames:
-    """Frames for a chunk model whose one text field varies per token."""
+    """Frames (SSE by default, or `NDJSON_LINE`) for a chunk model whose one text field varies
+    per token."""
 
     marker = _MARKER
 
-    def __init__(self, template: BaseModel) -> None:
+    def __init__(self, template: BaseModel, framing: tuple[bytes, bytes] = SSE_FRAME) -> None:
         text = template.model_dump_json(exclude_none=True)
         before, found, after = text.partition(json.dumps(_MARKER))
         if not found:
             raise ValueError("the template chunk must carry TokenFrames.marker as its text")
-        self._before = b"data: " + before.encode()
-        self._after = after.encode() + b"\n\n"
+        self._before = framing[0] + before.encode()
+        self._after = after.encode() + framing[1]
 
     def __call__(self, text: str) -> bytes:
         return self._before + json.dumps(text, ensure_ascii=False).encode() + self._after

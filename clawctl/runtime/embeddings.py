@@ -56,16 +56,14 @@ class EmbeddingService:
     def manifest(self, model: str) -> ModelManifest:
         """The installed embedding model `model`; a clear 400 for a model that cannot embed."""
         manifest = self.store.get(model)
-        if manifest.gguf is not None and manifest.gguf.pooling_type:
-            return manifest  # a GGUF embedding model (pooled output): llama.cpp embeds
-        if manifest.onnx is None or manifest.onnx.task != "embedding":
+        if not manifest.embeds:
             kind = "a GGUF generation model" if manifest.gguf else "not an embedding model"
             raise BadInput(
                 f"model {model!r} is {kind}; embeddings need an embedding model such as "
                 "minilm-l6 or minilm-l6-gguf ('clawctl models pull minilm-l6')",
                 param="model",
             )
-        return manifest
+        return manifest  # GGUF (pooled output): llama.cpp embeds; ONNX: onnxruntime does
 
     def _slot(self, manifest: ModelManifest) -> _Loaded:
         slot = self._loaded.get(manifest.name)

@@ -94,6 +94,13 @@ class ModelManifest(BaseModel):
         return self.gguf.architecture if self.gguf else self.onnx.architecture if self.onnx else ""
 
     @property
+    def embeds(self) -> bool:
+        """An embedding model: a GGUF with pooled output, or an ONNX embedding export."""
+        if self.gguf is not None:
+            return bool(self.gguf.pooling_type)
+        return self.onnx is not None and self.onnx.task == "embedding"
+
+    @property
     def quant(self) -> str:
         if self.gguf is not None:
             return self.gguf.quant

@@ -1,16 +1,17 @@
 """What a request's tools and response format mean for one generation: the tools its prompt
 offers, the grammar that constrains decoding, and whether calls are parsed from the output.
 
-Shared by every API face (OpenAI today), so `tool_choice` and `response_format` behave the same
-whatever the client speaks. Grammars come from `engines/grammar.py`: a tool whose schema cannot
-become a grammar is decoded with "any JSON object" arguments and logged, never refused.
+Shared by every API face (OpenAI's `tools`/`tool_choice`/`response_format`, Ollama's
+`tools`/`format`), so tools and structured output behave the same whatever the client speaks.
+Grammars come from `engines/grammar.py`: a tool whose schema cannot become a grammar is decoded
+with "any JSON object" arguments and logged, never refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from clawctl.engines.base import Grammar, ToolSpec
@@ -37,6 +38,12 @@ class ToolUse:
 
 
 NO_TOOLS = ToolUse((), None, frozenset())
+
+
+def tool_spec(name: str, description: str, parameters: Mapping[str, object]) -> ToolSpec:
+    """A wire tool definition as the engines take it. One serialization for every face, so the
+    same tools make the same prompt (and cache key) whichever API they came through."""
+    return ToolSpec(name, description, json.dumps(parameters))
 
 
 def plan_tool_use(
