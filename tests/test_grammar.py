@@ -23,6 +23,7 @@ from clawctl.engines.grammar import (
     REPEAT_CAP,
     GrammarError,
     clean_schema,
+    integer_range,
     json_grammar,
     prefix_rules,
     schema_rules,
@@ -572,3 +573,39 @@ def test_sampling_first_then_masking_gives_the_masked_chains_text(model: llama_c
     assert generate(masked_first=False) == reference
     steps = len(model.tokenize(reference.encode(), add_bos=False))
     assert 1 <= candidates.masked < steps // 2
+
+
+def _range_regex(gbnf: str) -> re.Pattern[str]:
+    """The integer-range expression as a Python regex (it uses only literals, classes,
+    groups, alternation and counted repetition, which read the same in both)."""
+    return re.compile(re.sub(r'"(\d)"', r"\1", gbnf).replace(" ", ""))
+
+
+@pytest.mark.parametrize(
+    ("low", "high"), [(0, None), (1, None), (9, None), (120, None), (0, 10), (7, 123), (15, 15)]
+)
+def test_integer_range_admits_exactly_the_bounded_integers(low: int, high: int | None) -> None:
+    pattern = _range_regex(integer_range(low, high))
+    for n in range(2100):
+        admitted = low <= n and (high is None or n <= high)
+        assert bool(pattern.fullmatch(str(n))) == admitted, n
+    assert not pattern.fullmatch("01")  # no leading zeros
+    assert not pattern.fullmatch("-1")
+
+
+def test_integer_bounds_reach_the_grammar(model: llama_cpp.Llama) -> None:
+    """OpenClaw's `read` tool: `offset` is an integer >= 1 (Qwen wrote 0 unconstrained)."""
+    schema = {
+        "type": "object",
+        "properties": {"offset": {"type": "integer", "minimum": 1}},
+        "required": ["offset"],
+    }
+    grammar = json_grammar(schema)
+    sampler = Sampler(model, grammar.gbnf)
+    try:
+        sampler.feed('{"offset": ')
+        assert not sampler.allows("0")
+        assert not sampler.allows("-")
+        assert sampler.allows("1")
+    finally:
+        sampler.close()

@@ -136,6 +136,8 @@ def test_show_capabilities_and_context(client: ollama.Client) -> None:
     assert shown.template  # the GGUF's chat template
     embedder = client.show(EMBEDDER)
     assert embedder.capabilities == ["embedding"]
+    policy = client.show("cascade")  # the shipped policy: its remote tier is asked with tools
+    assert policy.capabilities == ["completion", "tools"]
 
 
 def test_ps_lists_a_loaded_model(client: ollama.Client) -> None:

@@ -283,6 +283,27 @@ def test_a_bare_call_is_a_call() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        '```json\n{"name": "read_file", "arguments": {"path": "notes.txt"}}\n```',
+        # The lazy grammar starts at the `{` and may close a fence it never saw opened
+        # (measured: Qwen2.5-Coder-0.5B under OpenClaw, after a tool's error).
+        '{"name": "read_file", "arguments": {"path": "notes.txt"}}\n```',
+    ],
+)
+def test_a_fenced_bare_call_is_a_call(answer: str) -> None:
+    content, calls = parse_tool_calls(answer, NAMES, "abc")
+    assert content == ""
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("read_file", {"path": "notes.txt"})
+    ]
+    parser = ToolCallParser(NAMES, "abc")  # the same, streamed a character at a time
+    events = [e for ch in answer for e in parser.feed(ch)] + parser.finish()
+    assert not [e for e in events if isinstance(e, ContentDelta)]
+    assert [c.name for c in parser.calls] == ["read_file"]
+
+
 def test_an_answer_starting_with_an_object_that_is_no_call_is_content() -> None:
     text = '{"city": "Paris"} is the JSON you asked for.'
     assert parse_tool_calls(text, NAMES, "abc") == (text, [])

@@ -235,10 +235,10 @@ async def tags(request: Request) -> TagsResponse:
 def _capabilities(manifest: ModelManifest | None) -> list[str]:
     """What a model can be asked for. Every chat model gets "tools": clawd offers tools to a
     template that knows none as a Hermes-style system prompt and holds the call to a grammar,
-    so SmolLM2 calls tools as surely as Qwen2.5 (less wisely). A routing policy gets only
-    "completion": a cascade that escalates sends its remote tier no tools (docs/agents.md)."""
+    so SmolLM2 calls tools as surely as Qwen2.5 (less wisely). A routing policy too: a
+    cascade that escalates asks its remote tier with the request's tools."""
     if manifest is None:
-        return ["completion"]
+        return ["completion", "tools"]
     if manifest.embeds:
         return ["embedding"]
     return ["completion", "tools"]
@@ -437,6 +437,7 @@ async def _open(
         peer_of(dict(request.scope.get("state", {}))),
         json_mode=body.json_mode(),
         streamed=body.stream,
+        tool_use=use,
     )
     flights: Flights = request.app.state.flights
     return await open_answer(run, flights)

@@ -249,6 +249,8 @@ class _Cleaner:
             return self.array_schema(node, depth)
         if kind == "string":
             return _string(node)
+        if kind == "integer":
+            return _integer(node)
         return {"type": kind}
 
     def object_schema(self, node: dict[str, Any], depth: int) -> dict[str, object] | None:
@@ -362,6 +364,76 @@ def _pointer(root: object, pointer: str) -> object:
         else:
             return _MISSING
     return node
+
+
+def _integer(node: dict[str, Any]) -> dict[str, object]:
+    """An integer with its bounds as inclusive integers, kept for ranges from zero up (the
+    converter's integers have no bounds; `integer_range` writes them: OpenClaw's `read` wants
+    `offset >= 1`, and Qwen wrote 0 and got the tool's validation error back). Bounds it
+    cannot use (a negative minimum, none at all) are dropped, never the schema."""
+    out: dict[str, object] = {"type": "integer"}
+    low = _int_bound(node.get("minimum"), math.ceil)
+    high = _int_bound(node.get("maximum"), math.floor)
+    above = _int_bound(node.get("exclusiveMinimum"), math.floor)
+    below = _int_bound(node.get("exclusiveMaximum"), math.ceil)
+    if above is not None:
+        low = above + 1 if low is None else max(low, above + 1)
+    if below is not None:
+        high = below - 1 if high is None else min(high, below - 1)
+    if low is None or low < 0 or (high is not None and high < low):
+        return out  # only non-negative ranges become rules; unsatisfiable ones are the tool's
+    out["minimum"] = low
+    if high is not None:
+        out["maximum"] = high
+    return out
+
+
+INT_DIGITS = 16  # the converter's integers have at most 16 digits
+INT_BOUND_LIMIT = 10**15  # beyond this a bound is no constraint a model meets by chance
+
+
+def _int_bound(value: object, rounding: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    bound = int(rounding(value))
+    return bound if abs(bound) <= INT_BOUND_LIMIT else None
+
+
+def integer_range(low: int, high: int | None) -> str:
+    """A GBNF expression for the decimal integers in [low, high] (high None: unbounded), low
+    >= 0, without leading zeros: per digit count, the numbers between that count's bounds."""
+    top = high if high is not None else 10**INT_DIGITS - 1
+    parts = []
+    for digits in range(len(str(low)), len(str(top)) + 1):
+        first = low if digits == len(str(low)) else 10 ** (digits - 1)
+        last = top if digits == len(str(top)) else 10**digits - 1
+        if high is None and first == 10 ** (digits - 1):  # every longer number: one rule
+            parts.append(
+                f"[1-9] [0-9]{{{digits - 1},{INT_DIGITS - 1}}}"
+                if digits > 1
+                else f"[1-9] [0-9]{{0,{INT_DIGITS - 1}}}"
+            )
+            break
+        parts.append(_digits_between(str(first), str(last)))
+    return " | ".join(f"({part})" for part in parts)
+
+
+def _digits_between(a: str, b: str) -> str:
+    """Strings of len(a) == len(b) digits from a to b inclusive, a <= b."""
+    if not a:
+        return '""'
+    if a[0] == b[0]:
+        rest = _digits_between(a[1:], b[1:]) if len(a) > 1 else None
+        return f'"{a[0]}"' + (f" ({rest})" if rest else "")
+    tail = len(a) - 1
+    options = [f'"{a[0]}"' + (f" ({_digits_between(a[1:], '9' * tail)})" if tail else "")]
+    if int(a[0]) + 1 <= int(b[0]) - 1:
+        middle = f"[{int(a[0]) + 1}-{int(b[0]) - 1}]"
+        options.append(middle + (f" [0-9]{{{tail}}}" if tail else ""))
+    options.append(f'"{b[0]}"' + (f" ({_digits_between('0' * tail, b[1:])})" if tail else ""))
+    return " | ".join(options)
 
 
 def _string(node: dict[str, Any]) -> dict[str, object]:
@@ -607,6 +679,13 @@ def _converter_class() -> Any:
     class Converter(SchemaConverter):
         def _format_literal(self, literal: str) -> str:
             return gbnf_literal(literal)
+
+        def visit(self, schema: Any, name: str) -> str:
+            me: Any = self
+            if isinstance(schema, dict) and schema.get("type") == "integer" and "minimum" in schema:
+                body = integer_range(schema["minimum"], schema.get("maximum"))
+                return str(me._add_rule(name or "root", f"({body}) space"))
+            return str(super().visit(schema, name))  # type: ignore[no-untyped-call]
 
         def _resolve_ref(self, ref: str) -> str:
             me: Any = self

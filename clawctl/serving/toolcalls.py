@@ -38,7 +38,9 @@ from clawctl.engines.base import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall
 
 MAX_CALL_CHARS = 1_000_000  # longest body between the tags before it is given up as content
 
-_FENCE = re.compile(r"\A```[A-Za-z0-9_-]*[ \t]*\r?\n?(.*?)\s*```\Z", re.DOTALL)
+# A fenced body; the opening fence may be missing: a bare call that began the answer is
+# constrained from its `{` on, and the grammar then lets it close the fence it may have opened.
+_FENCE = re.compile(r"\A(?:```[A-Za-z0-9_-]*[ \t]*\r?\n?)?(.*?)\s*```\Z", re.DOTALL)
 
 
 @dataclass(frozen=True)
