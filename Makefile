@@ -18,7 +18,7 @@ endif
 WHEEL_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/clawctl/wheels/$(shell echo '$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-16)
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: run test bench lint install model clean
+.PHONY: run test test-agent bench lint install model clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,33 @@ run: model
 
 test: model $(CONVERT_STAMP)
 	$(PY) -m pytest
+
+# The real OpenClaw agent on clawd (tests/test_openclaw_agent.py): Node from npm's
+# node-linux-<arch> package and OpenClaw from npm, installed once into the user's cache (outside
+# the repository); only the npm registry is needed. Each is unpacked into a temporary directory
+# and renamed into place, so an interrupted install is never taken for a finished one.
+NODE_VERSION ?= 24.22.3
+OPENCLAW_VERSION ?= 2026.9.6
+AGENT_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/clawctl/agent
+NODE_ARCH := $(if $(filter aarch64 arm64,$(shell uname -m)),arm64,x64)
+NODE_DIR := $(AGENT_CACHE)/node-$(NODE_VERSION)-linux-$(NODE_ARCH)
+OPENCLAW_DIR := $(AGENT_CACHE)/openclaw-$(OPENCLAW_VERSION)
+OPENCLAW_BIN := $(OPENCLAW_DIR)/node_modules/.bin/openclaw
+
+$(NODE_DIR)/bin/node:
+	rm -rf $(NODE_DIR).part && mkdir -p $(NODE_DIR).part
+	cd $(NODE_DIR).part && npm pack --silent node-linux-$(NODE_ARCH)@$(NODE_VERSION) >/dev/null \
+		&& tar xzf node-linux-$(NODE_ARCH)-$(NODE_VERSION).tgz
+	rm -rf $(NODE_DIR) && mv $(NODE_DIR).part/package $(NODE_DIR) && rm -rf $(NODE_DIR).part
+
+$(OPENCLAW_BIN): $(NODE_DIR)/bin/node
+	rm -rf $(OPENCLAW_DIR).part && mkdir -p $(OPENCLAW_DIR).part
+	cd $(OPENCLAW_DIR).part && echo '{"private": true}' > package.json \
+		&& PATH=$(NODE_DIR)/bin:$$PATH npm install --silent --no-audit --no-fund openclaw@$(OPENCLAW_VERSION)
+	rm -rf $(OPENCLAW_DIR) && mv $(OPENCLAW_DIR).part $(OPENCLAW_DIR)
+
+test-agent: install $(OPENCLAW_BIN)
+	OPENCLAW_BIN=$(OPENCLAW_BIN) OPENCLAW_NODE_DIR=$(NODE_DIR)/bin $(PY) -m pytest tests/test_openclaw_agent.py
 
 lint: install
 	$(VENV)/bin/ruff check clawctl tests bench
