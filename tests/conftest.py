@@ -42,6 +42,19 @@ CLAW_VARS = (
     "LISTEN_PID",
 )
 TEST_PROFILE = "x86-small"
+# An OpenAI tool definition for tests of tool calling on every face.
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+        },
+    },
+}
 BIN = Path(sys.executable).parent
 
 

@@ -21,7 +21,7 @@ import ollama
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.conftest import Daemon, serve, tcp_config
+from tests.conftest import WEATHER_TOOL, Daemon, serve, tcp_config
 
 pytestmark = pytest.mark.integration
 MODEL = "smollm2-135m"
@@ -29,18 +29,7 @@ EMBEDDER = "minilm-l6"
 TOKEN = "ollama-face-token"
 GREEDY: dict[str, Any] = {"temperature": 0, "num_predict": 24}
 CALLING: dict[str, Any] = {"temperature": 0, "num_predict": 60}  # room for a whole call
-WEATHER: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 40}},
-            "required": ["city"],
-        },
-    },
-}
+WEATHER = WEATHER_TOOL
 HI = [{"role": "user", "content": "Say hi to the reader."}]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DOWNLOAD_CACHE, Daemon, copy_home, run_cli, serve
+from tests.conftest import DOWNLOAD_CACHE, WEATHER_TOOL, Daemon, copy_home, run_cli, serve
 
 pytestmark = pytest.mark.integration
 ONNX = "smollm2-135m-onnx-int4"
@@ -95,6 +95,26 @@ def test_what_onnx_models_cannot_do_is_a_400(onnx_daemon: Daemon, claw: dict[str
         )
     assert response.status_code in (400, 404), response.text
     assert "\n" not in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, "grammar"),
+        ({"response_format": {"type": "json_object"}}, "grammar"),
+        ({"logprobs": True}, "logprobs"),
+    ],
+)
+def test_what_needs_llama_cpp_sampling_is_a_400(
+    onnx_daemon: Daemon, extra: dict[str, Any], says: str
+) -> None:
+    """No grammar engine or logits access in onnxruntime-genai's generator here: a request
+    relying on them is refused rather than answered unconstrained."""
+    with onnx_daemon.client() as client:
+        body = {"model": ONNX, "messages": QUESTION, "max_tokens": 4, **extra}
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert says in response.json()["error"]["message"]
 
 
 def test_an_onnx_tier_escalates_on_its_entropy(onnx_daemon: Daemon) -> None:

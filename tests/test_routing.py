@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from clawctl.schemas.signals import SIGNALS
-from tests.conftest import Daemon, copy_home, run_cli, serve, tcp_config
+from tests.conftest import WEATHER_TOOL, Daemon, copy_home, run_cli, serve, tcp_config
 
 TOKEN = "remote-s3cret"
 QUESTION = [{"role": "user", "content": "Is 5 pounds of steel heavier than 2 pounds of air?"}]
@@ -582,18 +582,6 @@ def test_a_client_going_away_stops_the_remote_generation(
     assert server.log_text().count("cancelled") > before
 
 
-WEATHER_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 40}},
-            "required": ["city"],
-        },
-    },
-}
 WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 

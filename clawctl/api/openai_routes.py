@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -12,7 +12,14 @@ from pydantic import BaseModel
 from clawctl.api.peer import peer_of
 from clawctl.api.sse import DONE, TokenFrames, error_frame, frame
 from clawctl.api.wire import answer_headers, json_body
-from clawctl.engines.base import ChatTurn, Grammar, Prompt, SamplingParams, ToolCall
+from clawctl.engines.base import (
+    ChatTurn,
+    Grammar,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+    ToolCall,
+)
 from clawctl.errors import ClawError
 from clawctl.schemas.openai import (
     AssistantMessage,
@@ -21,6 +28,7 @@ from clawctl.schemas.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatMessage,
+    ChoiceLogprobs,
     ChunkChoice,
     ChunkDelta,
     Completion,
@@ -36,8 +44,10 @@ from clawctl.schemas.openai import (
     ModelList,
     NamedToolChoice,
     SamplingRequest,
+    TokenLogprobBody,
     ToolCallBody,
     ToolCallDelta,
+    TopLogprob,
 )
 from clawctl.services import Services
 from clawctl.serving.dedup import Answer, Flights, open_answer
@@ -66,7 +76,10 @@ def _flights(request: Request) -> Flights:
 
 
 def _sampling(
-    body: SamplingRequest, max_tokens: int | None, grammar: Grammar | None = None
+    body: SamplingRequest,
+    max_tokens: int | None,
+    grammar: Grammar | None = None,
+    logprobs: int | None = None,
 ) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
@@ -81,6 +94,7 @@ def _sampling(
         stop=tuple(body.stop_list()),
         speculative=body.claw.speculative,
         grammar=grammar,
+        logprobs=logprobs,
     )
 
 
@@ -115,7 +129,7 @@ async def chat_completions(
         "chat",
         body.model,
         prompt,
-        _sampling(body, body.token_limit(), use.grammar),
+        _sampling(body, body.token_limit(), use.grammar, body.logprob_alternatives()),
         body.claw,
         peer_of(dict(request.scope.get("state", {}))),
         json_mode=body.json_mode(),
@@ -126,7 +140,7 @@ async def chat_completions(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _chat_stream(answer, include_usage, use),
+            _chat_stream(answer, include_usage, use, body.logprobs),
             media_type="text/event-stream",
             headers=answer_headers(answer, streamed=True),
         )
@@ -148,25 +162,66 @@ async def chat_completions(
         id=f"chatcmpl-{answer.id}",
         created=answer.created,
         model=answer.model,
-        choices=[ChatChoice(message=message, finish_reason=finish)],
+        choices=[
+            ChatChoice(
+                message=message,
+                finish_reason=finish,
+                logprobs=_logprobs(answer.logprobs()) if body.logprobs else None,
+            )
+        ],
         usage=answer.usage(),
         claw=answer.info(),
     )
     return JSONResponse(completion.model_dump(mode="json"), headers=answer_headers(answer))
 
 
-async def _chat_stream(run: Answer, include_usage: bool, use: ToolUse) -> AsyncIterator[bytes]:
+def _logprobs(entries: Sequence[TokenLogprob]) -> ChoiceLogprobs:
+    def top(entry: TokenLogprob) -> TopLogprob:
+        return TopLogprob(token=entry.token, logprob=entry.logprob, bytes=list(entry.bytes))
+
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobBody(
+                token=e.token,
+                logprob=e.logprob,
+                bytes=list(e.bytes),
+                top_logprobs=[top(t) for t in e.top],
+            )
+            for e in entries
+        ]
+    )
+
+
+async def _chat_stream(
+    run: Answer, include_usage: bool, use: ToolUse, logprobs: bool = False
+) -> AsyncIterator[bytes]:
+    sent = 0  # logprob entries sent so far
+
+    def fresh() -> ChoiceLogprobs | None:
+        """The entries of tokens generated since the last chunk (each chunk carries those of
+        the tokens that came before it, text held for a stop string or a call included)."""
+        nonlocal sent
+        entries = run.logprobs()[sent:] if logprobs else ()
+        sent += len(entries)
+        return _logprobs(entries) if entries else None
+
     def chunk(delta: ChunkDelta, **extra: Any) -> ChatCompletionChunk:
         finish = extra.pop("finish_reason", None)
         return ChatCompletionChunk(
             id=f"chatcmpl-{run.id}",
             created=run.created,
             model=run.model,
-            choices=[ChunkChoice(delta=delta, finish_reason=finish)],
+            choices=[ChunkChoice(delta=delta, finish_reason=finish, logprobs=fresh())],
             **extra,
         )
 
-    token = TokenFrames(chunk(ChunkDelta(content=TokenFrames.marker)))
+    fast = TokenFrames(chunk(ChunkDelta(content=TokenFrames.marker)))
+
+    def token(text: str) -> bytes:
+        if logprobs:  # each chunk its own entries: no shared template
+            return frame(chunk(ChunkDelta(content=text)))
+        return fast(text)
+
     parser = ToolCallParser(use.names, run.id) if use.parses_calls else None
 
     def frames(events: list[ContentDelta | CallStart | CallArguments]) -> Iterator[bytes]:

@@ -104,6 +104,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     speculative: bool = True  # draft by prompt lookup when decoding greedily
     grammar: Grammar | None = None
+    logprobs: int | None = None  # report each token's logprob and this many alternatives
 
 
 @dataclass(frozen=True)
@@ -117,12 +118,26 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (the raw logits, before sampling
+    settings and grammars), with the most likely alternatives when asked (OpenAI's
+    `logprobs.content` entry; `top` entries have no `top` of their own)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """Text produced by one decode step (may be empty while a stop string is being matched);
-    `tokens` counts the tokens sampled so far, for holding text until a tier commits."""
+    `tokens` counts the tokens sampled so far, for holding text until a tier commits.
+    `logprobs`: the tokens sampled since the last event, when the request asked for them."""
 
     text: str
     tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -286,11 +301,12 @@ def finish_events(
     counts: tuple[int, int],
     times: tuple[float, float | None],
     drafts: tuple[int, int] = (0, 0),
+    logprobs: tuple[TokenLogprob, ...] = (),
 ) -> list[Event]:
     """How every engine ends a generation: the meter judges a finished answer, the text held
     back for a possible stop string is released (not for a cancelled one), then `Finished`.
     `counts` is (prompt tokens, tokens sampled), `times` (opened, first token), `drafts`
-    (drafted, accepted)."""
+    (drafted, accepted); `logprobs` those of tokens no event has carried yet."""
     ended = time.perf_counter()
     opened, first = times[0], times[1] or ended
     if meter is not None and reason != "cancelled" and meter.trigger is None:
@@ -307,8 +323,8 @@ def finish_events(
         drafted=drafts[0],
         accepted=drafts[1],
     )
-    if tail:
-        return [(generation, TokenEvent(tail, counts[1])), (generation, done)]
+    if tail or (logprobs and reason != "cancelled"):
+        return [(generation, TokenEvent(tail, counts[1], logprobs)), (generation, done)]
     return [(generation, done)]
 
 

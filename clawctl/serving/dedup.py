@@ -23,11 +23,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from clawctl.engines.base import FinishReason
+from clawctl.engines.base import FinishReason, TokenLogprob
 from clawctl.errors import ClawError
 from clawctl.runtime.answer_cache import CacheKey, Hit, StoredAnswer, deterministic, request_key
 from clawctl.schemas.openai import ClawInfo, Timings, Usage
@@ -60,6 +60,8 @@ class Answer(Protocol):
 
     def info(self) -> ClawInfo: ...
 
+    def logprobs(self) -> Sequence[TokenLogprob]: ...
+
 
 @dataclass(frozen=True)
 class CachePlan:
@@ -72,6 +74,8 @@ def _plan(run: GenerationRun) -> CachePlan | None:
     services, claw = run.services, run.claw
     settings = services.config.cache
     if not settings.enabled or not claw.cache or claw.session or claw.snapshot or claw.meter:
+        return None
+    if run.params.logprobs is not None:  # stored and shared answers keep no logprobs
         return None
     threshold, sampled = settings.threshold, settings.sampled
     routing: tuple[str | int | None, ...] = ()
@@ -310,6 +314,9 @@ class FlightView:
             tier=source.tier_name,
         )
 
+    def logprobs(self) -> Sequence[TokenLogprob]:
+        return ()  # requests asking for logprobs are never shared (see `_plan`)
+
     def info(self) -> ClawInfo:
         if self.leader:
             return self.flight.run.info()
@@ -352,6 +359,9 @@ class Reused:
             completion_tokens=stored.completion_tokens,
             total_tokens=stored.prompt_tokens + stored.completion_tokens,
         )
+
+    def logprobs(self) -> Sequence[TokenLogprob]:
+        return ()  # requests asking for logprobs are never shared (see `_plan`)
 
     def info(self) -> ClawInfo:
         return _reused_info(self.run, self.hit.answer, self.hit.kind, self.hit.similarity)

@@ -21,10 +21,17 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import replace
 
-from clawctl.engines.base import Finished, FinishReason, Prompt, SamplingParams, TokenEvent
+from clawctl.engines.base import (
+    Finished,
+    FinishReason,
+    Prompt,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
 from clawctl.engines.meter import Thresholds
 from clawctl.errors import BadInput, ClawError, NotFound, RemoteTierError
 from clawctl.ledger import DistillExample, LedgerRow
@@ -73,6 +80,7 @@ class GenerationRun:
         self.peer = peer
         self.json_mode = json_mode
         self.tool_use = tool_use  # what a remote tier is asked to do with tools and formats
+        self._logprobs: list[TokenLogprob] = []  # of the answer's local tokens, in order
         self.id = uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.started_at = time.perf_counter()
@@ -299,17 +307,21 @@ class GenerationRun:
         )
         window = tier.escalate.decide_within
         held: list[str] = []
+        pending: list[TokenLogprob] = []  # of held text: dropped with it if the tier gives up
         committed = not may_escalate
         async for event in self._events:
             if isinstance(event, TokenEvent):
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
                 if committed:
+                    self._logprobs.extend(event.logprobs)
                     yield event.text
                     continue
                 held.append(event.text)
+                pending.extend(event.logprobs)
                 if event.tokens > window:
                     committed = True
+                    self._logprobs.extend(pending)
                     yield "".join(held)
             elif isinstance(event, Finished):
                 run.prompt_tokens, run.completion_tokens = (
@@ -330,6 +342,7 @@ class GenerationRun:
                     self.degraded = True  # unsure, but there was nowhere to go
                     run.escalated = f"{trigger.describe()} (kept: next tier unavailable)"
                 if held and not committed:
+                    self._logprobs.extend(pending)
                     yield "".join(held)
             elif isinstance(event, Failed):
                 raise event.error
@@ -514,6 +527,11 @@ class GenerationRun:
     def usage(self) -> Usage:
         return self.path.usage()
 
+    def logprobs(self) -> Sequence[TokenLogprob]:
+        """The answer's tokens with their log-probabilities so far, when the request asked
+        (`params.logprobs`); none for text a remote tier wrote."""
+        return self._logprobs
+
     def _log(self, outcome: str) -> None:
         caller = f"uid={self.peer.uid} pid={self.peer.pid}" if self.peer else "tcp"
         log.info(
@@ -539,6 +557,9 @@ class GenerationRun:
         digest = None
         if local:
             digest = self.services.store.get(answered.model).digest
+        # The prompt's time: restoring or prefilling its state, then the engine's own part.
+        prompt_seconds = done.prompt_seconds + (started.prefill_seconds if started else 0.0)
+        reused = started.state.reused_tokens if started else 0
         signals = self.path.signals
         return ClawInfo(
             model=answered.model,
@@ -550,10 +571,10 @@ class GenerationRun:
                 if started
                 else 0.0,
                 load_ms=round(started.load_seconds * 1000, 2) if started else 0.0,
-                prompt_ms=round(done.prompt_seconds * 1000, 2),
+                prompt_ms=round(prompt_seconds * 1000, 2),
                 decode_ms=round(done.decode_seconds * 1000, 2),
                 total_ms=round(total * 1000, 2),
-                prompt_tokens_per_s=rate(done.prompt_tokens, done.prompt_seconds),
+                prompt_tokens_per_s=rate(done.prompt_tokens - reused, prompt_seconds),
                 decode_tokens_per_s=rate(done.completion_tokens - 1, done.decode_seconds),
             ),
             adapters=self._adapter_choices(answered.tier) if local else [],

@@ -42,6 +42,7 @@ from clawctl.engines.base import (
     PreparedPrompt,
     SamplingParams,
     TokenEvent,
+    TokenLogprob,
     finish_events,
 )
 from clawctl.engines.decoding import DraftRequest, NgramIndex, TextStream
@@ -86,6 +87,7 @@ class Slot:
     accepted: int = 0
     draft_len: int = 4  # drafts per step now (adapted to how many were accepted)
     cooldown: int = 0  # steps without drafting left
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet carried by an event
 
 
 @dataclass
@@ -151,6 +153,7 @@ class SlotBatch:
         prefill: Callable[[list[int]], int],
     ) -> int:
         tokens = prompt.tokens
+        opened = time.perf_counter()  # the prefill below is the prompt's time too
         # First: a meter the model cannot serve is the caller's error, before any state moves.
         meter = EntropyMeter(self._n_vocab, watch, self._text) if watch else None
         if not self.slots:
@@ -190,6 +193,7 @@ class SlotBatch:
             ngrams=ngrams,
             max_tokens=self._max_new(len(tokens), params),
             shared=shared,
+            opened=opened,
         )
         return seq
 
@@ -451,9 +455,12 @@ class SlotBatch:
         meter = slot.meter
         if meter is not None and meter.observe(self._logits(index)) and meter.thresholds.stop:
             return "stop"
+        if slot.params.logprobs is not None:
+            slot.logprobs.append(self._logprob(token, index, slot.params.logprobs))
         text = slot.text.feed(self._piece(token))
         if text:
-            events.append((slot.seq, TokenEvent(text, slot.sampled)))
+            carried, slot.logprobs = tuple(slot.logprobs), []
+            events.append((slot.seq, TokenEvent(text, slot.sampled, carried)))
         if slot.text.stopped:
             return "stop"
         if slot.sampled >= slot.max_tokens:
@@ -470,6 +477,7 @@ class SlotBatch:
             (slot.prompt_tokens, slot.sampled),
             (slot.opened, slot.first),
             (slot.drafted, slot.accepted),
+            tuple(slot.logprobs),
         )
         self._close(slot)
         return events
@@ -503,6 +511,24 @@ class SlotBatch:
     def _logits(self, index: int) -> npt.NDArray[np.float32]:
         pointer = llama_cpp.llama_get_logits_ith(self._llama._ctx.ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+
+    def _logprob(self, token: int, index: int, alternatives: int) -> TokenLogprob:
+        """`token`'s log-probability at batch `index`, and the `alternatives` most likely."""
+        logits = self._logits(index).astype(np.float64)
+        peak = float(logits.max())
+        log_total = peak + float(np.log(np.exp(logits - peak).sum()))
+        top: tuple[TokenLogprob, ...] = ()
+        if alternatives > 0:
+            best = np.argpartition(-logits, alternatives - 1)[:alternatives]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            top = tuple(self._entry(int(t), float(logits[t]) - log_total) for t in best)
+        return self._entry(token, float(logits[token]) - log_total, top)
+
+    def _entry(
+        self, token: int, logprob: float, top: tuple[TokenLogprob, ...] = ()
+    ) -> TokenLogprob:
+        piece = self._piece(token)
+        return TokenLogprob(piece.decode("utf-8", errors="replace"), logprob, tuple(piece), top)
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)

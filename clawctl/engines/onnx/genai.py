@@ -133,6 +133,13 @@ class GenaiEngine:
     ) -> int:
         if self._open is not None:
             raise EngineError("one generation at a time on an ONNX model")
+        if params.grammar is not None:
+            raise BadInput(
+                "tools and JSON output need grammar-constrained decoding, which ONNX models do "
+                "not have here; use a GGUF model"
+            )
+        if params.logprobs is not None:
+            raise BadInput("logprobs are not available for ONNX models here; use a GGUF model")
         og = self._og
         room = self._context - len(prompt.tokens)
         max_tokens = min(params.max_tokens or room, room)
