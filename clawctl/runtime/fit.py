@@ -57,12 +57,17 @@ class MemoryFit:
             n_batch=self.profile.n_batch,
             n_threads=self.profile.effective_threads(),
             kv_cache_type=self.profile.kv_cache_type,
-            flash_attn=self.profile.flash_attn,
+            flash_attn=self.flash_attn_for(n_ctx),
             model_digest=manifest.digest,
             parallel=parallel,
             draft_max=self.profile.draft_max,
             draft_path=None if draft is None else self.store.blob_path(draft.digest),
         )
+
+    def flash_attn_for(self, n_ctx: int) -> bool:
+        """The profile's `flash_attn`, and always for a long context (`long_flash_attn`)."""
+        profile = self.profile
+        return profile.flash_attn or (profile.long_flash_attn and n_ctx > profile.n_ctx)
 
     def context_for(self, trained: int | None) -> tuple[int, int]:
         """(tokens per sequence, sequences) for a model trained on `trained` tokens: the

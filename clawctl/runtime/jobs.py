@@ -36,6 +36,7 @@ class Started:
     queue_seconds: float
     load_seconds: float
     state: StateOutcome = NO_STATE
+    prefill_seconds: float = 0.0  # restoring or prefilling the prompt's state before the engine
 
 
 @dataclass(frozen=True)

@@ -188,8 +188,10 @@ class ModelWorker:
                     "that needs a GGUF model",
                     param="claw",
                 )
+            prepared_at = time.perf_counter()
             if self.keeper is not None and not busy and engine.stateful:
                 outcome = self.keeper.before(engine, prepared.tokens, job.state)
+            prefilled = time.perf_counter() - prepared_at
             slot = engine.open(prepared, job.params, job.cancel.is_set, job.watch)
             if busy and (shared := engine.shared_prefix(slot)):
                 outcome = StateOutcome(shared, "memory")  # copied from a running sequence
@@ -199,6 +201,7 @@ class ModelWorker:
                     queue_seconds=queued,
                     load_seconds=self.load_seconds if waited_for_load else 0.0,
                     state=outcome,
+                    prefill_seconds=prefilled,
                 )
             )
         except ClawError as exc:
