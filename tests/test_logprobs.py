@@ -99,3 +99,51 @@ def test_top_logprobs_without_logprobs_is_a_400(daemon: Daemon) -> None:
             "/v1/chat/completions", json={**body, "logprobs": True, "top_logprobs": 21}
         )
         assert too_many.status_code == 400
+
+
+def test_completions_take_logprobs_in_their_legacy_shape(daemon: Daemon) -> None:
+    with daemon.openai() as client:
+        whole = client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2
+        )
+        pieces: list[str] = []
+        streamed: list[tuple[str, float, int]] = []
+        for chunk in client.completions.create(
+            model=MODEL,
+            prompt="The capital of France is",
+            max_tokens=6,
+            temperature=0,
+            logprobs=2,
+            stream=True,
+        ):
+            for choice in chunk.choices:
+                pieces.append(choice.text)
+                if choice.logprobs is not None:
+                    lp = choice.logprobs
+                    streamed += zip(
+                        lp.tokens or [], lp.token_logprobs or [], lp.text_offset or [], strict=True
+                    )
+    lp = whole.choices[0].logprobs
+    assert lp is not None
+    assert "".join(lp.tokens or []) == whole.choices[0].text
+    assert len(lp.tokens or []) == (whole.usage.completion_tokens if whole.usage else -1)
+    offsets = lp.text_offset or []
+    assert offsets[0] == 0
+    tokens, logprobs, tops = lp.tokens or [], lp.token_logprobs or [], lp.top_logprobs or []
+    assert all(b - a == len(t) for a, b, t in zip(offsets, offsets[1:], tokens, strict=False))
+    for token, logprob, top in zip(tokens, logprobs, tops, strict=True):
+        assert logprob <= 0
+        assert len(top) == 2
+        assert max(top.values()) == pytest.approx(logprob)  # greedy: the best one was taken
+        assert token in top
+    assert [t for t, _, _ in streamed] == lp.tokens
+    assert [o for _, _, o in streamed] == offsets
+    assert "".join(pieces) == whole.choices[0].text
+
+
+def test_echo_with_logprobs_is_a_400(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        body = {"model": MODEL, "prompt": "Hi", "echo": True, "logprobs": 1}
+        response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400
+    assert "echo" in response.json()["error"]["message"]

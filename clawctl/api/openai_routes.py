@@ -33,6 +33,7 @@ from clawctl.schemas.openai import (
     ChunkDelta,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Embedding,
     EmbeddingList,
@@ -288,7 +289,7 @@ async def completions(
         "completions",
         body.model,
         prompt,
-        _sampling(body, body.max_tokens),
+        _sampling(body, body.max_tokens, logprobs=body.logprobs),
         body.claw,
         peer_of(dict(request.scope.get("state", {}))),
         json_mode=body.json_mode(),
@@ -299,7 +300,10 @@ async def completions(
     if body.stream:
         return StreamingResponse(
             _completion_stream(
-                answer, prefix, bool(body.stream_options and body.stream_options.include_usage)
+                answer,
+                prefix,
+                bool(body.stream_options and body.stream_options.include_usage),
+                body.logprobs is not None,
             ),
             media_type="text/event-stream",
             headers=answer_headers(answer, streamed=True),
@@ -309,25 +313,66 @@ async def completions(
         id=f"cmpl-{answer.id}",
         created=answer.created,
         model=answer.model,
-        choices=[CompletionChoice(text=prefix + text, finish_reason=answer.finish_reason)],
+        choices=[
+            CompletionChoice(
+                text=prefix + text,
+                finish_reason=answer.finish_reason,
+                logprobs=None
+                if body.logprobs is None
+                else _completion_logprobs(answer.logprobs(), len(prefix), body.logprobs > 0),
+            )
+        ],
         usage=answer.usage(),
         claw=answer.info(),
     )
     return JSONResponse(completion.model_dump(mode="json"), headers=answer_headers(answer))
 
 
-async def _completion_stream(run: Answer, prefix: str, include_usage: bool) -> AsyncIterator[bytes]:
+def _completion_logprobs(
+    entries: Sequence[TokenLogprob], offset: int, with_top: bool
+) -> CompletionLogprobs:
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[{t.token: t.logprob for t in e.top} for e in entries] if with_top else None,
+        text_offset=offsets,
+    )
+
+
+async def _completion_stream(
+    run: Answer, prefix: str, include_usage: bool, logprobs: bool = False
+) -> AsyncIterator[bytes]:
+    sent, offset = 0, len(prefix)  # logprob entries sent, and where the next one's text starts
+
+    def fresh() -> CompletionLogprobs | None:
+        nonlocal sent, offset
+        entries = run.logprobs()[sent:] if logprobs else ()
+        if not entries:
+            return None
+        sent += len(entries)
+        shown = _completion_logprobs(entries, offset, any(e.top for e in entries))
+        offset += sum(len(e.token) for e in entries)
+        return shown
+
     def chunk(text: str, **extra: Any) -> Completion:
         finish = extra.pop("finish_reason", None)
         return Completion(
             id=f"cmpl-{run.id}",
             created=run.created,
             model=run.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish)],
+            choices=[CompletionChoice(text=text, finish_reason=finish, logprobs=fresh())],
             **extra,
         )
 
-    token = TokenFrames(chunk(TokenFrames.marker))
+    fast = TokenFrames(chunk(TokenFrames.marker))
+
+    def token(text: str) -> bytes:
+        return frame(chunk(text)) if logprobs else fast(text)
+
     if prefix:
         yield token(prefix)
     try:

@@ -267,6 +267,13 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int]
     max_tokens: int | None = Field(16, gt=0)
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _no_prompt_logprobs(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (the prompt's own logprobs) is not supported")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -410,11 +417,20 @@ class ChatCompletionChunk(BaseModel):
     claw: ClawInfo | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one item per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
