@@ -92,6 +92,8 @@ bench: model $(CONVERT_STAMP)
 	$(PY) bench/cascade.py
 	$(PY) bench/concurrency.py
 	$(PY) bench/onnx_dedup.py
+	$(PY) bench/agents.py
+	$(PY) bench/tool_accuracy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build
