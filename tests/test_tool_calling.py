@@ -11,7 +11,9 @@ import json
 from typing import Any
 
 import httpx
+import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from tests.conftest import Daemon
 
@@ -207,3 +209,59 @@ def test_bad_tool_input_is_a_400(daemon: Daemon, body: dict[str, Any], needle: s
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert needle in error["message"]
+
+
+class Forecast(BaseModel):
+    """What `get_forecast` takes: the SDK turns this model into the tool's schema."""
+
+    city: str = Field(max_length=40)
+    days: int = Field(ge=1, le=7)
+
+
+class CityFact(BaseModel):
+    name: str = Field(max_length=40)
+    country: str = Field(max_length=40)
+
+
+def test_sdk_stream_helper_accumulates_a_valid_call(daemon: Daemon) -> None:
+    """The openai SDK's own `.stream()` helper: its events and final completion hold the call
+    whole, with arguments the SDK parses into the tool's pydantic model."""
+    tool = openai.pydantic_function_tool(Forecast, name="get_forecast")
+    with (
+        daemon.openai() as client,
+        client.chat.completions.stream(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Forecast for Paris, next 3 days?"}],
+            tools=[tool],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            temperature=0,
+            max_tokens=80,
+        ) as stream,
+    ):
+        done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion()
+    assert len(done) == 1
+    assert done[0].name == "get_forecast"
+    call = (final.choices[0].message.tool_calls or [])[0]
+    assert final.choices[0].finish_reason == "tool_calls"
+    parsed = call.function.parsed_arguments
+    assert isinstance(parsed, Forecast)
+    assert 1 <= parsed.days <= 7
+
+
+def test_sdk_parse_gives_the_pydantic_model(daemon: Daemon) -> None:
+    """`.parse()` with a pydantic model sends a strict json_schema response_format; the
+    grammar makes the answer that model."""
+    with daemon.openai() as client:
+        reply = client.chat.completions.parse(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Name a large city in Italy and its country."}],
+            response_format=CityFact,
+            temperature=0,
+            max_tokens=60,
+        )
+    parsed = reply.choices[0].message.parsed
+    assert isinstance(parsed, CityFact)
+    assert parsed.name
+    assert parsed.country
