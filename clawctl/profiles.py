@@ -50,9 +50,12 @@ class EdgeProfile(BaseModel):
     threads: int = Field(ge=0)
     n_ctx: int = Field(ge=256)
     # The context of a model trained for long ones (>= LONG_CONTEXT tokens, what agents such as
-    # OpenClaw need): its own trained length up to this. Its sequences then share the KV cells
-    # `n_ctx * parallel` would have given short ones, so memory stays what the profile planned.
+    # OpenClaw need): its own trained length up to this.
     long_ctx: int = Field(32768, ge=256)
+    # KV memory of one loaded model. Where it holds a whole context per sequence, each sequence
+    # gets its own stream (fastest); otherwise the sequences share one pool of this size
+    # (llama.cpp's unified KV cache), so a long agent context and short requests run together.
+    kv_budget_mb: int = Field(768, ge=16)
     n_batch: int = Field(ge=16)
     kv_cache_type: KvType = "f16"
     flash_attn: bool = False

@@ -152,6 +152,9 @@ class FakeEngine:
     def memory_bytes(self) -> int:
         return self.memory
 
+    def kv_cells(self) -> tuple[int, int]:
+        return len(self.slots), self.n_ctx
+
     def set_adapters(self, adapters: tuple[object, ...]) -> None:
         self.threads.add(threading.get_ident())
 

@@ -177,7 +177,7 @@ def test_concurrent_streams_run_together_and_all_finish(daemon: Daemon, oai: ope
 
     def watch() -> None:
         with daemon.client() as client:
-            while not stop.is_set():
+            while not stop.wait(0.1):  # a poll interval: a busy loop would starve decoding
                 models = client.get("/health").json()["loaded"]
                 seen_active.extend(m["active_requests"] for m in models)
 

@@ -98,23 +98,3 @@ def test_shipped_default_config_is_valid() -> None:
     assert config.default_model == "smollm2-135m"
     assert config.tcp_host is None
     assert config.socket_mode == 0o660
-
-
-def test_long_context_models_get_long_sequences_in_the_same_cells() -> None:
-    from clawctl.runtime.fit import MemoryFit
-
-    profile = load_profile(load_paths(), "x86-small")
-    fit = MemoryFit(None, profile, {})  # type: ignore[arg-type]  # the store is not consulted
-    cells = profile.n_ctx * profile.parallel
-    assert fit.context_for(8192) == (profile.n_ctx, profile.parallel)  # SmolLM2: as before
-    assert fit.context_for(1024) == (1024, profile.parallel)
-    assert fit.context_for(None) == (profile.n_ctx, profile.parallel)
-    n_ctx, parallel = fit.context_for(32768)  # Qwen2.5-Coder: what OpenClaw needs
-    assert n_ctx == min(32768, profile.long_ctx) >= 16384
-    assert parallel == max(1, cells // n_ctx)
-    small = MemoryFit(None, load_profile(load_paths(), "rpi4-4gb"), {})  # type: ignore[arg-type]
-    assert small.context_for(131072) == (16384, 1)
-    # Long contexts prefill with flash attention (1.6x faster at 12k tokens on 2 cores).
-    assert not profile.flash_attn
-    assert fit.flash_attn_for(n_ctx)
-    assert not fit.flash_attn_for(profile.n_ctx)

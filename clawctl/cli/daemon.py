@@ -68,7 +68,9 @@ def register(app: typer.Typer) -> None:
         if json_:
             emit_json(loaded)
             return
-        grid = table("NAME", "MEMORY", "CTX", "ACTIVE", "QUEUED", "UNLOADS IN", "LOADED")
+        grid = table(
+            "NAME", "MEMORY", "CTX", "KV CELLS", "ACTIVE", "QUEUED", "UNLOADS IN", "LOADED"
+        )
         for m in loaded:
             expires = "busy" if m.expires_in is None else f"{m.expires_in:.0f}s"
             since = time.strftime("%H:%M:%S", time.localtime(m.loaded_at))
@@ -76,6 +78,7 @@ def register(app: typer.Typer) -> None:
                 m.name if m.draft is None else f"{m.name} (draft {m.draft})",
                 human_bytes(m.memory_bytes),
                 str(m.n_ctx),
+                f"{m.kv_cells_used}/{m.kv_cells} {m.kv_layout}",
                 str(m.active_requests),
                 str(m.queued_requests),
                 expires,

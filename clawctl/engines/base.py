@@ -39,8 +39,16 @@ class EngineSettings:
     model_digest: str = ""
     format: str = "gguf"  # which engine loads it: "gguf" (llama.cpp) or "onnx" (onnxruntime-genai)
     parallel: int = 1  # sequences decoded together in one context (continuous batching)
+    # KV cells of the context: 0 for a stream of `n_ctx` per sequence; with `kv_unified`, one
+    # pool the sequences share (each still holds at most `n_ctx` tokens).
+    kv_cells: int = 0
+    kv_unified: bool = False
     draft_max: int = 0  # draft tokens per step for greedy requests (0: no speculation)
     draft_path: Path | None = None  # a draft model with the same vocabulary (GGUF)
+
+    def cells(self) -> int:
+        """KV cells the context holds, whatever their layout."""
+        return self.kv_cells or self.n_ctx * max(1, self.parallel)
 
 
 @dataclass(frozen=True)
@@ -216,6 +224,10 @@ class Engine(Protocol):
 
     def memory_bytes(self) -> int:
         """Resident memory this engine holds (weights plus KV cache), for the budget."""
+        ...
+
+    def kv_cells(self) -> tuple[int, int]:
+        """(held, total) KV cells: tokens the context holds now, and what it can hold."""
         ...
 
     def set_adapters(self, adapters: tuple[AdapterSpec, ...]) -> None:

@@ -51,6 +51,8 @@ class ModelWorker:
         self.keeper = keeper
         self.settings = settings
         self.memory_bytes = estimate
+        # (held, total) KV cells, published by the model's thread after each step for `ps`.
+        self.kv_cells = (0, settings.cells())
         self.keep_alive = keep_alive
         self.loaded_at = time.time()
         self.last_used = time.monotonic()
@@ -105,6 +107,7 @@ class ModelWorker:
             return
         self.load_seconds = time.perf_counter() - started
         self.memory_bytes = engine.memory_bytes()
+        self.kv_cells = engine.kv_cells()
         self._loaded.set()
         log.info("model %s loaded in %.2fs", self.name, self.load_seconds)
         try:
@@ -138,6 +141,7 @@ class ModelWorker:
                 waiting = None
             if engine.active:
                 self._step(engine)
+                self.kv_cells = engine.kv_cells()
             elif waiting is None and not (self._preparer and self._preparer.wait_idle()):
                 return  # stopped, and every job is done (none is still being tokenized)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel
 
 
@@ -9,8 +11,12 @@ class LoadedModel(BaseModel):
     name: str
     digest: str
     size: int
-    memory_bytes: int
-    n_ctx: int
+    memory_bytes: int  # weights and the whole KV cache, as allocated
+    n_ctx: int  # tokens one request may hold
+    sequences: int = 1  # requests decoded together
+    kv_cells: int = 0  # KV cells allocated, in all
+    kv_cells_used: int = 0  # KV cells holding tokens now (counting shared ones once per holder)
+    kv_layout: Literal["streams", "pool"] = "streams"  # a stream per sequence, or one pool
     loaded_at: float
     last_used: float
     expires_in: float | None

@@ -33,10 +33,13 @@ class StateIdentity(BaseModel):
     type_v: str
     flash_attn: bool
     sequences: int = 1  # KV streams of the context (the profile's `parallel`)
+    kv_pool: int = 0  # cells of a pool the sequences share (0: a stream per sequence)
 
     def key(self) -> str:
-        """A short stable digest: names the pool directory of this identity."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:20]
+        """A short stable digest: names the pool directory of this identity (fields added
+        later are left out at their defaults, so existing pools keep their names)."""
+        unset = {"kv_pool"} if self.kv_pool == 0 else set()
+        return hashlib.sha256(self.model_dump_json(exclude=unset).encode()).hexdigest()[:20]
 
     def mismatch(self, other: StateIdentity) -> str | None:
         for field in type(self).model_fields:

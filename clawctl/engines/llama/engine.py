@@ -73,7 +73,14 @@ class LlamaEngine:
             except BaseException:
                 self._llama.close()
                 raise
-        self._slots = SlotBatch(self._llama, parallel, settings.draft_max, self._drafter)
+        self._slots = SlotBatch(
+            self._llama,
+            parallel,
+            settings.n_ctx,
+            settings.kv_unified,
+            settings.draft_max,
+            self._drafter,
+        )
         self._loaded_adapters: dict[str, tuple[Path, Any]] = {}
         self._active: tuple[AdapterSpec, ...] = ()
         self._formatter = self._build_formatter()
@@ -100,8 +107,12 @@ class LlamaEngine:
 
     @property
     def n_ctx(self) -> int:
-        """Tokens one generation may hold (each sequence has a whole context)."""
+        """Tokens one generation may hold (its stream, or its share of the pool)."""
         return self._slots.n_ctx
+
+    def kv_cells(self) -> tuple[int, int]:
+        """(cells held, cells in all) of the context's KV cache."""
+        return self._slots.used_cells(), self._slots.cells
 
     def prepare(self, prompt: Prompt) -> PreparedPrompt:
         """Template (chat) and tokenize a prompt, refusing one that cannot fit the context
@@ -211,11 +222,9 @@ class LlamaEngine:
         return self._slots.slots[generation].shared
 
     def memory_bytes(self) -> int:
-        total = _memory_bytes(self._llama, self.settings.model_path, self.n_ctx, self.settings)
+        total = _memory_bytes(self._llama, self.settings.model_path, self.settings)
         if self._drafter is not None and self.settings.draft_path is not None:
-            total += _memory_bytes(
-                self._drafter.llama, self.settings.draft_path, self.n_ctx, self.settings
-            )
+            total += _memory_bytes(self._drafter.llama, self.settings.draft_path, self.settings)
         return total
 
     def set_adapters(self, adapters: tuple[AdapterSpec, ...]) -> None:
@@ -262,6 +271,7 @@ class LlamaEngine:
             type_v=kv,
             flash_attn=self._flash_attn,
             sequences=self.parallel,
+            kv_pool=self._slots.cells if self._slots.unified else 0,
         )
 
     def cached_tokens(self) -> list[int]:
@@ -287,6 +297,7 @@ class LlamaEngine:
             self._slots.forget_idle()
         llama.n_tokens = keep
         llama._ctx.kv_cache_seq_rm(MEMORY_SEQ, keep, -1)  # drop cells past the shared prefix
+        self._slots.room_for_memory(len(tokens))
         if keep < len(tokens):
             llama.eval(tokens[keep:])
         return len(tokens) - keep
@@ -325,8 +336,8 @@ class LlamaEngine:
         self._llama.close()
 
 
-def _memory_bytes(llama: llama_cpp.Llama, path: Path, n_ctx: int, settings: EngineSettings) -> int:
-    """A loaded model's weights plus a KV stream of `n_ctx` per sequence."""
+def _memory_bytes(llama: llama_cpp.Llama, path: Path, settings: EngineSettings) -> int:
+    """A loaded model's weights plus its context's KV cells (streams or pool alike)."""
     meta = llama.metadata
     arch = meta.get("general.architecture", "llama")
     n_embd = int(meta.get(f"{arch}.embedding_length", "0"))
@@ -334,8 +345,8 @@ def _memory_bytes(llama: llama_cpp.Llama, path: Path, n_ctx: int, settings: Engi
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", str(heads)))
     n_layer = int(meta.get(f"{arch}.block_count", "0"))
     width = n_embd * kv_heads // heads
-    kv = estimate_kv_bytes(n_layer, n_ctx, width, settings.kv_cache_type)
-    return path.stat().st_size + kv * max(1, settings.parallel)
+    cells = int(llama_cpp.llama_n_ctx(llama._ctx.ctx))
+    return path.stat().st_size + estimate_kv_bytes(n_layer, cells, width, settings.kv_cache_type)
 
 
 def _max_token_bytes(vocab: Any) -> int:

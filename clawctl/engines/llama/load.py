@@ -1,7 +1,8 @@
 """Loading a GGUF model into a llama.cpp context with the profile's settings.
 
 The one loader for the engine and its draft model (both need the profile's KV type, flash
-attention and one KV stream per sequence), so neither imports the other to get it.
+attention and KV layout: a stream per sequence, or one pool they share), so neither imports the
+other to get it.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ KV_TYPES = {
 
 
 def uses_flash_attn(settings: EngineSettings) -> bool:
-    return settings.flash_attn or settings.kv_cache_type != "f16"  # quantized V needs it
+    # Quantized V needs it; a shared pool needs it to skip the other sequences' cells.
+    return settings.flash_attn or settings.kv_cache_type != "f16" or settings.kv_unified
 
 
 def load_llama(path: Path, settings: EngineSettings, what: str) -> llama_cpp.Llama:
-    """A GGUF model with the profile's context settings, its context holding a KV stream per
-    sequence of `settings.parallel`; `what` names it in errors."""
+    """A GGUF model with the profile's context settings, its context holding the KV cells of
+    `settings` (a stream per sequence, or one shared pool); `what` names it in errors.
+    `Llama` itself is built with one sequence's context (its token buffer is that long)."""
     kv_type = KV_TYPES.get(settings.kv_cache_type)
     if kv_type is None:
         raise BadInput(f"unsupported KV cache type {settings.kv_cache_type!r}")
@@ -47,22 +50,23 @@ def load_llama(path: Path, settings: EngineSettings, what: str) -> llama_cpp.Lla
         )
     except (ValueError, RuntimeError) as exc:
         raise EngineError(f"llama.cpp could not load {what}: {exc}") from None
-    if settings.parallel > 1:
+    if settings.parallel > 1 or settings.kv_unified:
         try:
-            widen_context(llama, settings.parallel)
+            widen_context(llama, settings)
         except BaseException:
             llama.close()
             raise
     return llama
 
 
-def widen_context(llama: llama_cpp.Llama, n_seq_max: int) -> None:
-    """Recreate `llama`'s context with `n_seq_max` sequences, each with a KV stream as long as
-    the context was (llama-cpp-python's constructor offers no such option)."""
+def widen_context(llama: llama_cpp.Llama, settings: EngineSettings) -> None:
+    """Recreate `llama`'s context with `settings.parallel` sequences over `settings.cells()`
+    KV cells, split into equal streams or unified (llama-cpp-python's constructor offers
+    neither)."""
     params = llama.context_params
-    params.n_ctx = llama.n_ctx() * n_seq_max  # llama.cpp splits n_ctx across the streams
-    params.n_seq_max = n_seq_max
-    params.kv_unified = False
+    params.n_ctx = settings.cells()  # llama.cpp splits n_ctx across the streams
+    params.n_seq_max = max(1, settings.parallel)
+    params.kv_unified = settings.kv_unified
     old = llama._ctx
     llama._ctx = llama._stack.enter_context(
         contextlib.closing(

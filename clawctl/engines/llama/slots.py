@@ -6,9 +6,16 @@ slot (the last sampled token plus any drafts of a decoding slot, a chunk of a jo
 prompt) and makes one `llama_decode` call, so N streams cost little more than one on a CPU
 where decoding is memory-bound. Generations join and leave between steps.
 
-Each sequence has its own KV stream of the full context length (llama.cpp's non-unified cache:
-attention of one sequence never scans the others' cells, which is what makes N streams cheap;
-KV memory grows with `parallel`). Sequence 0 is also the context's "memory": the state keeper
+KV cells are laid out one of two ways (the fit chooses, by the profile's KV budget). Where the
+budget holds a whole context per sequence, each sequence has its own stream (llama.cpp's
+non-unified cache: attention of one sequence never scans the others' cells, the fastest layout).
+Otherwise the sequences share one pool (llama.cpp's unified cache), so one long agent context and
+several short requests fit together: a generation is admitted when the pool has room for its
+prompt and a little growth beside the running ones' (cells that ended generations left are given
+back first, oldest first), and when the running ones outgrow the pool the youngest is suspended:
+its cells go, its tokens so far become prompt again, and it resumes, recomputing them (reusing
+any prefix another sequence holds), once there is room (vLLM's recompute preemption). Sequence 0
+is also the context's "memory": the state keeper
 (snapshots, sessions, the prefix pool) prepares it when a generation opens on an idle context,
 and what it holds afterwards is reused by the next request, as before batching. The other
 sequences keep their cells when their generation ends, as llama-server's slots keep their last
@@ -55,9 +62,13 @@ if TYPE_CHECKING:
     from clawctl.engines.llama.draft import DraftModel
 
 MEMORY_SEQ = 0
-# Another sequence's prefix is copied only when it holds this many more tokens: a copy moves the
-# whole stream (7.5 ms for a 4,096-cell SmolLM2 stream here), about what 3 prompt tokens cost.
+# Another sequence's prefix is copied only when it holds this many more tokens: a copy between
+# streams moves the whole stream (7.5 ms for a 4,096-cell SmolLM2 stream here), about what 3
+# prompt tokens cost. In a pool a copy only tags the cells (they are then shared): any gain pays.
 MIN_COPY = 8
+# Cells a pool keeps free per running generation for what it will generate next: admission
+# leaves this much beside each, and a suspended generation resumes only with this much spare.
+GROWTH = 256
 # Steps without drafting after a short draft was rejected outright.
 DRAFT_COOLDOWN = 4
 # Drafts per step never adapt below this: a lone draft token costs nearly a whole step.
@@ -88,6 +99,12 @@ class Slot:
     draft_len: int = 4  # drafts per step now (adapted to how many were accepted)
     cooldown: int = 0  # steps without drafting left
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet carried by an event
+    suspended: bool = False  # its cells were given back to a full pool; `pending` holds them
+
+    def claim(self) -> int:
+        """Cells this generation holds or is about to: its tokens and a little growth."""
+        left = self.max_tokens - self.sampled
+        return len(self.held) + len(self.pending) + max(0, min(GROWTH, left))
 
 
 @dataclass
@@ -107,13 +124,18 @@ class SlotBatch:
         self,
         llama: llama_cpp.Llama,
         parallel: int,
+        n_ctx: int,
+        unified: bool,
         draft_max: int,
         drafter: DraftModel | None = None,
     ) -> None:
         self._llama = llama
         self._drafter = drafter
         self.parallel = parallel
-        self.n_ctx = int(llama_cpp.llama_n_ctx_seq(llama._ctx.ctx))  # per sequence
+        self.unified = unified
+        self.cells = int(llama_cpp.llama_n_ctx(llama._ctx.ctx))
+        # Tokens one sequence may hold: its stream, or in a pool what the model is run with.
+        self.n_ctx = min(n_ctx, int(llama_cpp.llama_n_ctx_seq(llama._ctx.ctx)))
         self.draft_max = draft_max
         self.n_batch = llama.n_batch
         self._n_vocab = int(llama.n_vocab())
@@ -140,7 +162,98 @@ class SlotBatch:
         return room if params.max_tokens is None else max(0, min(params.max_tokens, room))
 
     def admits(self, prompt: PreparedPrompt, params: SamplingParams) -> bool:
-        return len(self.slots) < self.parallel  # every sequence has a whole context
+        """A free sequence, and in a pool room for the prompt and some growth beside what the
+        running generations hold and claim (each stream holds a whole context anyway)."""
+        if len(self.slots) >= self.parallel:
+            return False
+        if any(slot.suspended for slot in self.slots.values()):
+            return False  # those resume first
+        size = len(prompt.tokens)
+        growth = min(GROWTH, self._max_new(size, params))
+        return self._make_room(size + growth + self._claimed())
+
+    # --- the pool ---------------------------------------------------------------------------
+
+    def used_cells(self) -> int:
+        """Cells the sequences hold. In a pool this counts a prefix one sequence copied from
+        another twice, though they share its cells: an upper bound, so room is never
+        overestimated."""
+        total = sum(len(slot.held) for slot in self.slots.values())
+        total += sum(len(held) for held in self._idle.values())
+        if MEMORY_SEQ not in self.slots:
+            total += self._llama.n_tokens
+        return total
+
+    def _claimed(self) -> int:
+        """What the running generations hold or are about to, beyond the cells counted."""
+        return sum(
+            slot.claim() - len(slot.held) for slot in self.slots.values() if not slot.suspended
+        )
+
+    def _make_room(self, need: int, keep_memory: bool = False) -> bool:
+        """Whether `need` more cells fit, after giving back what ended generations left
+        (oldest first) and then, unless `keep_memory` or a generation runs in it, the memory
+        sequence's cells. Streams always have room (admission is by sequence)."""
+        if not self.unified:
+            return True
+        for seq in list(self._idle):
+            if self.cells - self.used_cells() >= need:
+                return True
+            self._drop(seq)
+            del self._idle[seq]
+        if self.cells - self.used_cells() >= need:
+            return True
+        if not keep_memory and MEMORY_SEQ not in self.slots and self._llama.n_tokens:
+            self._drop(MEMORY_SEQ)
+            self._llama.n_tokens = 0
+        return self.cells - self.used_cells() >= need
+
+    def room_for_memory(self, tokens: int) -> None:
+        """Before the memory sequence grows to `tokens` on an idle context: free what the
+        pool needs from the idle sequences (it always can: the pool holds one context)."""
+        self._make_room(max(0, tokens - self._llama.n_tokens), keep_memory=True)
+
+    def _suspend_youngest(self) -> bool:
+        """Give back the cells of the most recently opened running generation, if another
+        one runs; its tokens so far become its prompt again."""
+        running = [slot for slot in self.slots.values() if not slot.suspended]
+        if len(running) < 2:
+            return False
+        slot = max(running, key=lambda s: s.opened)
+        self._drop(slot.seq)
+        tail = [] if slot.last is None else [slot.last]
+        slot.pending = [*slot.held, *tail, *slot.pending]
+        slot.held, slot.last, slot.suspended = [], None, True
+        if slot.seq == MEMORY_SEQ:
+            self._llama.n_tokens = 0
+        if self._drafter is not None:
+            self._drafter.release(slot.seq)
+        return True
+
+    def _resume(self) -> None:
+        """Resume suspended generations, oldest first, while the pool has room for them."""
+        for slot in sorted(self.slots.values(), key=lambda s: s.opened):
+            if not slot.suspended:
+                continue
+            if not self._make_room(slot.claim() + self._claimed()):
+                return
+            tokens = slot.pending
+            slot.held, slot.pending = [], []
+            shared = self._share_prefix(slot.seq, tokens)
+            slot.held, slot.pending = list(tokens[:shared]), list(tokens[shared:])
+            slot.suspended = False
+
+    def _fit_step(self) -> None:
+        """In a pool: resume what fits, then make room for the coming step, suspending the
+        youngest generations while it does not fit."""
+        if not self.unified:
+            return
+        self._resume()
+        while True:
+            running = [slot for slot in self.slots.values() if not slot.suspended]
+            step = sum(len(s.pending) if s.pending else 1 + self.draft_max for s in running)
+            if self._make_room(min(self.n_batch, step)) or not self._suspend_youngest():
+                return
 
     # --- opening --------------------------------------------------------------------------
 
@@ -161,7 +274,7 @@ class SlotBatch:
             # As a request alone always has: everything but the last token in n_batch chunks
             # (reusing what the context holds), then the last token on its own, so a prompt
             # hydrated from a snapshot decodes exactly as a cold one.
-            prefill(tokens[:-1])
+            prefill(tokens[:-1])  # makes the room it needs (`room_for_memory`)
             held, pending = list(tokens[:-1]), tokens[-1:]
             shared = 0
         else:
@@ -218,10 +331,11 @@ class SlotBatch:
         limit = len(tokens) - 1  # the last prompt token is decoded: its logits are needed
         own = min(limit, common_prefix(self._held_by(seq), tokens))
         best, source = own, seq
+        gain = 1 if self.unified else MIN_COPY
         for other in range(self.parallel):
             if other != seq:
                 n = min(limit, common_prefix(self._held_by(other), tokens))
-                if n >= best + MIN_COPY:
+                if n >= best + gain:
                     best, source = n, other
         self._idle.pop(seq, None)
         if source != seq:  # streams are copied whole (into an emptied one), then cut
@@ -305,6 +419,7 @@ class SlotBatch:
                 events.extend(self._finish(slot, "cancelled"))
         if not self.slots:
             return events
+        self._fit_step()
         plan = self._plan()
         if (code := self._decode(plan)) != 0:
             raise EngineError(f"llama_decode failed ({code})")
@@ -314,7 +429,8 @@ class SlotBatch:
 
     def _plan(self) -> list[Planned]:
         """Decoding slots first (one token, plus drafts), then prompt chunks in what is left."""
-        decoding = [s for s in self.slots.values() if not s.pending]
+        running = [s for s in self.slots.values() if not s.suspended]
+        decoding = [s for s in running if not s.pending]
         drafts = self._all_drafts(decoding, self.n_batch - len(decoding))
         plan: list[Planned] = []
         start = 0
@@ -323,7 +439,7 @@ class SlotBatch:
             tokens = [slot.last, *drafts.get(slot.seq, ())]
             plan.append(Planned(slot, start, tokens, prefill=False))
             start += len(tokens)
-        for slot in self.slots.values():
+        for slot in running:
             if slot.pending and start < self.n_batch:
                 chunk = slot.pending[: self.n_batch - start]
                 plan.append(Planned(slot, start, chunk, prefill=True))

@@ -235,6 +235,11 @@ class GenaiEngine:
     def _close(self) -> None:
         self._open = None  # dropping the generator frees its KV cache
 
+    def kv_cells(self) -> tuple[int, int]:
+        current = self._open
+        held = 0 if current is None else current.prompt_tokens + current.sampled
+        return held, self._context
+
     def memory_bytes(self) -> int:
         model = self._config.get("model", {})
         decoder = model.get("decoder", {})
