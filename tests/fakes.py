@@ -90,6 +90,7 @@ class FakeEngine:
         params: SamplingParams,
         cancelled: Callable[[], bool],
         watch: object = None,
+        freeze: object = None,
     ) -> int:
         self.threads.add(threading.get_ident())
         slot = next(i for i in range(self.parallel) if i not in self.slots)

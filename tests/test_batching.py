@@ -121,6 +121,13 @@ def test_a_joining_prompt_copies_the_shared_prefix(engine: LlamaEngine) -> None:
     first = engine.prepare(chat(*PROMPTS[0]))
     second = engine.prepare(chat(*PROMPTS[1]))
     engine.open(first, params, lambda: False)
+    # While the first computes the shared system prompt, the second waits to copy it.
+    assert not engine.admits(second, params)
+    for _ in range(len(first.tokens)):  # bounded: a chunk per step
+        if engine.admits(second, params):
+            break
+        engine.step()
+    assert engine._slots.slots[0].pending == first.tokens[-1:] or not engine._slots.slots[0].pending
     joined = engine.open(second, params, lambda: False)
     slot = engine._slots.slots[joined]
     shared = next(
@@ -136,7 +143,8 @@ def test_a_joining_prompt_copies_the_shared_prefix(engine: LlamaEngine) -> None:
 
 def test_an_ended_sequence_keeps_its_cells_for_the_next_joiner(engine: LlamaEngine) -> None:
     """Like llama-server's slots: a joining prompt takes the free sequence that already holds
-    the longest prefix of it and decodes only the rest; a snapshot drops those idle cells."""
+    the longest prefix of it and decodes only the rest; a snapshot (of the memory sequence)
+    keeps them."""
     engine.prefill([], reuse=False)
     params = SamplingParams(max_tokens=4, temperature=0)
     lead = engine.prepare(chat(*PROMPTS[3]))
@@ -158,9 +166,44 @@ def test_an_ended_sequence_keeps_its_cells_for_the_next_joiner(engine: LlamaEngi
                 emitted = list(engine._slots._idle[again][len(repeat.tokens) :])
     assert len(emitted) >= 3  # the sampled tokens but the last, which was never decoded
     assert again in engine._slots._idle
-    engine.capture_state()
-    assert engine._slots._idle == {}
+    raw, held = engine.capture_state()  # the memory sequence's state only: the others stay
+    assert again in engine._slots._idle
+    assert held == engine.cached_tokens()
+    assert len(raw) > 0
     assert max(alone_gaps(engine, chat(*PROMPTS[2]), emitted)) <= TOLERANCE
+
+
+def test_a_short_request_is_answered_during_a_long_prefill_which_stops_when_cancelled(
+    engine: LlamaEngine,
+) -> None:
+    """A long prompt on an idle context is computed in chunks between steps, so a short
+    request that arrives meanwhile is prefilled and answered before it (an agent's cold 12k
+    prompt no longer holds every other caller for minutes), and a cancelled long prompt stops
+    at the next step rather than after its whole prefill."""
+    engine.prefill([], reuse=False)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    log = chat("", "Summarise these readings: " + "pump rpm 1200 temp 65; " * 160)
+    cancel = threading.Event()
+    long_seq = engine.open(engine.prepare(log), params, cancel.is_set)
+    assert long_seq == 0
+    engine.step()
+    short = engine.open(engine.prepare(chat(*PROMPTS[3])), params, lambda: False)
+    done: dict[int, Finished] = {}
+    for _ in range(200):  # bounded: the short one needs a few dozen steps
+        for seq, event in engine.step():
+            if isinstance(event, Finished):
+                done[seq] = event
+        if short in done:
+            break
+    assert done[short].completion_tokens > 0
+    assert long_seq not in done
+    assert engine._slots.slots[long_seq].pending  # still computing its prompt
+    cancel.set()
+    (event,) = [e for seq, e in engine.step() if seq == long_seq]
+    assert isinstance(event, Finished)
+    assert event.finish_reason == "cancelled"
+    assert event.completion_tokens == 0
+    assert not engine.active
 
 
 @pytest.fixture

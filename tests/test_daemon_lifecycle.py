@@ -210,6 +210,47 @@ def test_sigterm_finishes_in_flight_request_then_exits_zero(
         assert not daemon.socket.exists()
 
 
+def test_a_client_that_leaves_during_a_long_prefill_stops_it(
+    session_home: Path, short_dir: Path, tmp_path: Path
+) -> None:
+    """The prompt is computed in steps that observe cancellation: a client that hangs up on a
+    long prompt frees the model within a step, and SIGTERM then exits at once, rather than
+    after the whole prefill."""
+    with run_daemon(session_home, short_dir / "s.sock", tmp_path) as daemon:
+        with daemon.client() as client:  # load the model first
+            assert _chat(client, "hi", max_tokens=2).status_code == 200
+        content = "Summarise these readings: " + "pump rpm 1200 temp 65; " * 300
+        body = json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": content}],
+             "max_tokens": 8, "stream": True, "claw": {"cache": False}}
+        ).encode()  # fmt: skip
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: clawd\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        caller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        caller.connect(str(daemon.socket))
+        caller.sendall(head + body)
+
+        def loaded(client: httpx.Client) -> dict[str, int]:
+            (model,) = client.get("/health").json()["loaded"]
+            return dict(model)
+
+        with daemon.client() as client:
+            deadline = time.monotonic() + 120
+            while loaded(client)["kv_cells_used"] < 600:  # the prefill is under way
+                assert time.monotonic() < deadline, "the prefill never started"
+                time.sleep(0.05)
+            caller.close()  # the caller gives up
+            while (model := loaded(client))["active_requests"]:
+                assert time.monotonic() < deadline, "the prefill was not stopped"
+                time.sleep(0.05)
+        assert model["kv_cells_used"] < 3000  # stopped part way through the ~3,600 tokens
+        assert "cancelled (client went away" in daemon.log_text()
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(60) == 0
+
+
 def test_sd_notify_ready_watchdog_stopping(
     session_home: Path, short_dir: Path, tmp_path: Path
 ) -> None:

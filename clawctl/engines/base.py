@@ -52,6 +52,16 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class FreezePoint:
+    """Capture a generation's state once its sequence holds the first `tokens` prompt tokens
+    (a prefix-pool block), and hand it (raw state, tokens) to `save`, on the model's thread;
+    the prefill is cut there, as if that prefix had been computed first on its own."""
+
+    tokens: int
+    save: Callable[[bytearray, list[int]], None]
+
+
+@dataclass(frozen=True)
 class AdapterSpec:
     """A LoRA adapter to apply: its blob (content address and file) and scale."""
 
@@ -204,12 +214,15 @@ class Engine(Protocol):
         params: SamplingParams,
         cancelled: Callable[[], bool],
         watch: Thresholds | None = None,
+        freeze: FreezePoint | None = None,
     ) -> int:
         """Start a generation and return its id. Opened with none open, it continues from what
         the context holds (the state keeper prepared it); otherwise it shares its longest common
-        prefix with the other sequences and computes the rest in later steps. With `watch`,
+        prefix with the other sequences. Either way the rest of the prompt is computed in later
+        steps, beside the other generations (and stops there if cancelled). With `watch`,
         every token goes through the entropy meter, which stops generation when a threshold is
-        crossed (`Finished.escalate`)."""
+        crossed (`Finished.escalate`). With `freeze`, the state at that prompt length is
+        captured on the way (the prefix pool)."""
         ...
 
     def shared_prefix(self, generation: int) -> int:
@@ -259,11 +272,12 @@ class Engine(Protocol):
         ...
 
     def capture_state(self) -> tuple[bytearray, list[int]]:
-        """A copy of the raw state (KV cache etc.) and the tokens it holds."""
+        """A copy of the memory sequence's raw state (its KV cells) and the tokens it holds."""
         ...
 
     def restore_state(self, raw: bytearray, tokens: list[int]) -> None:
-        """Replace the context's state with a captured one (already verified)."""
+        """Replace the memory sequence's state with a captured one (already verified); the
+        other sequences keep theirs."""
         ...
 
     def close(self) -> None: ...

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from clawctl.engines.base import Engine
+from clawctl.engines.base import Engine, FreezePoint
 from clawctl.errors import ClawError
 from clawctl.schemas.snapshots import Filter, Kind
 from clawctl.schemas.state import StateIdentity, common_prefix
@@ -44,6 +44,7 @@ class StateOutcome:
     reused_tokens: int  # prompt tokens whose prefill was avoided
     source: str | None  # "memory", "snapshot", "session", "pool" or None
     saved: str | None = None  # named snapshot written for this request
+    freeze: FreezePoint | None = None  # a pool block to capture during the prefill
 
 
 @dataclass(frozen=True)
@@ -146,9 +147,7 @@ class StateKeeper:
                 except ClawError as exc:
                     log.warning("pool entry %s not restored: %s", hit.path.name, exc.message)
         reused = min(held, max(0, len(tokens) - 1))
-        if hashes:
-            self._grow_pool(engine, identity, tokens, hashes, held)
-        saved = None
+        freeze = self._grow_pool(engine, identity, tokens, hashes, held) if hashes else None
         if request.save:
             # From an empty context, as a cold request computes it, so hydrating reproduces a cold
             # run exactly; the last token is always decoded with the generation.
@@ -156,8 +155,8 @@ class StateKeeper:
             raw, held_tokens = engine.capture_state()
             path = self.store.path_for("named", request.save)
             self.writer.write_now(WriteJob(path, "named", request.save, identity, raw, held_tokens))
-            saved = request.save
-        return StateOutcome(reused, source if reused else None, saved)
+            return StateOutcome(reused, source if reused else None, request.save)
+        return StateOutcome(reused, source if reused else None, freeze=freeze)
 
     def _grow_pool(
         self,
@@ -166,8 +165,10 @@ class StateKeeper:
         tokens: list[int],
         hashes: list[str],
         shared: int,
-    ) -> None:
-        """Freeze a block-aligned prefix of the prompt if the pool lacks it.
+    ) -> FreezePoint | None:
+        """Where to freeze a block-aligned prefix of the prompt if the pool lacks it: a point
+        the generation's prefill captures on its way (so the model thread never computes the
+        prefix ahead of the generation, and the prefill stays cancellable and batched).
 
         When the prompt shares a long prefix with what the context held (the previous request),
         that shared part is what later requests will share too (a system prompt, a document), so
@@ -180,14 +181,20 @@ class StateKeeper:
             blocks = min(blocks, shared // block)
         length = blocks * block
         if blocks == 0 or length < self.pool_min_tokens:
-            return
+            return None
         chain = hashes[blocks - 1]
         if self.store.pool_has(identity, chain):
-            return
-        engine.prefill(tokens[:length])  # tokens the request evaluates anyway
-        raw, held = engine.capture_state()
+            return None
         path = self.store.pool_path(identity, chain)
-        self.writer.submit(WriteJob(path, "pool", chain, identity, raw, held))
+
+        def save(raw: bytearray, held: list[int]) -> None:
+            self.writer.submit(WriteJob(path, "pool", chain, identity, raw, held))
+
+        if shared >= length:  # held already: cut the context there and capture it now
+            engine.prefill(tokens[:length])
+            save(*engine.capture_state())
+            return None
+        return FreezePoint(length, save)
 
     def after(self, engine: Engine, request: StateRequest) -> None:
         if request.session:

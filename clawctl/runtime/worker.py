@@ -196,7 +196,7 @@ class ModelWorker:
             if self.keeper is not None and not busy and engine.stateful:
                 outcome = self.keeper.before(engine, prepared.tokens, job.state)
             prefilled = time.perf_counter() - prepared_at
-            slot = engine.open(prepared, job.params, job.cancel.is_set, job.watch)
+            slot = engine.open(prepared, job.params, job.cancel.is_set, job.watch, outcome.freeze)
             if busy and (shared := engine.shared_prefix(slot)):
                 outcome = StateOutcome(shared, "memory")  # copied from a running sequence
             job.emit(

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from clawctl.engines.base import (
     AdapterSpec,
     EngineSettings,
     Finished,
+    FreezePoint,
     PreparedPrompt,
     Prompt,
     SamplingParams,
@@ -33,7 +33,7 @@ from clawctl.engines.base import (
 )
 from clawctl.engines.llama.draft import DraftModel
 from clawctl.engines.llama.load import load_llama, uses_flash_attn
-from clawctl.engines.llama.slots import MEMORY_SEQ, SlotBatch
+from clawctl.engines.llama.slots import MEMORY_SEQ, SlotBatch, seq_state
 from clawctl.engines.meter import Thresholds
 from clawctl.engines.toolprompt import (
     dumps,
@@ -45,12 +45,10 @@ from clawctl.engines.toolprompt import (
 from clawctl.errors import BadInput, ContextOverflow, EngineError
 from clawctl.schemas.state import AdapterRef, StateIdentity
 
-# A shared prefix this short (a lone BOS token) is recomputed: reusing it saves nothing, and
-# prefilling from position 0 keeps batch boundaries, hence rounding, canonical for cold prompts.
-MIN_REUSE = 4
-# What a raw llama.cpp state depends on besides the identity fields: the library that wrote it.
+# What a raw llama.cpp state depends on besides the identity fields: the library that wrote it
+# and its format, one sequence's state (so it is saved and restored while others decode).
 STATE_FORMAT = (
-    f"llama-cpp-python/{llama_cpp.__version__}/session-v{llama_cpp.LLAMA_SESSION_VERSION}"
+    f"llama-cpp-python/{llama_cpp.__version__}/seq-state-v{llama_cpp.LLAMA_STATE_SEQ_VERSION}"
 )
 FALLBACK_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
@@ -212,8 +210,9 @@ class LlamaEngine:
         params: SamplingParams,
         cancelled: Callable[[], bool],
         watch: Thresholds | None = None,
+        freeze: FreezePoint | None = None,
     ) -> int:
-        return self._slots.open(prompt, params, cancelled, watch, self.prefill)
+        return self._slots.open(prompt, params, cancelled, watch, freeze)
 
     def step(self) -> list[tuple[int, TokenEvent | Finished]]:
         return self._slots.step()
@@ -279,48 +278,33 @@ class LlamaEngine:
         return [int(t) for t in llama.input_ids[: llama.n_tokens]]
 
     def held_prefix(self, tokens: list[int]) -> int:
-        llama = self._llama
-        n = min(llama.n_tokens, len(tokens))
-        if n == 0:
-            return 0
-        differs = np.nonzero(llama.input_ids[:n] != np.asarray(tokens[:n], dtype=np.intc))[0]
-        return int(differs[0]) if len(differs) else n
+        return self._slots.memory_prefix(tokens)
 
     def prefill(self, tokens: list[int], reuse: bool = True) -> int:
         """Make the memory sequence hold `tokens` (on an idle context). Without `reuse` it
         starts from an empty context: every sequence's cells go."""
-        llama = self._llama
-        keep = self.held_prefix(tokens) if reuse else 0
-        if keep < MIN_REUSE:
-            keep = 0  # start batches at position 0: the canonical, reproducible prefill
         if not reuse:
             self._slots.forget_idle()
-        llama.n_tokens = keep
-        llama._ctx.kv_cache_seq_rm(MEMORY_SEQ, keep, -1)  # drop cells past the shared prefix
+            self._slots.cut_memory([])
+        keep = self._slots.cut_memory(tokens)
         self._slots.room_for_memory(len(tokens))
         if keep < len(tokens):
-            llama.eval(tokens[keep:])
+            self._llama.eval(tokens[keep:])
         return len(tokens) - keep
 
     def capture_state(self) -> tuple[bytearray, list[int]]:
-        self._slots.forget_idle()  # the state is the memory sequence's
-        ctx = self._llama._ctx.ctx
-        size = int(llama_cpp.llama_state_get_size(ctx))
-        raw = bytearray(size)
-        written = int(llama_cpp.llama_state_get_data(ctx, _c_bytes(raw), size))
-        if written > size:
-            raise EngineError("llama.cpp wrote more state than it announced")
-        del raw[written:]
-        return raw, self.cached_tokens()
+        return seq_state(self._llama._ctx.ctx, MEMORY_SEQ), self.cached_tokens()
 
     def restore_state(self, raw: bytearray, tokens: list[int]) -> None:
         llama = self._llama
         if len(tokens) > self.n_ctx:
             raise EngineError("the saved state holds more tokens than this context")
-        self._slots.forget_idle()  # the whole context is replaced
-        read = int(llama_cpp.llama_state_set_data(llama._ctx.ctx, _c_bytes(raw), len(raw)))
+        self._slots.cut_memory([])  # the memory sequence is replaced; the others keep theirs
+        self._slots.room_for_memory(len(tokens))
+        ctx = llama._ctx.ctx
+        read = int(llama_cpp.llama_state_seq_set_data(ctx, _c_bytes(raw), len(raw), MEMORY_SEQ))
         if read != len(raw):
-            llama.n_tokens = 0
+            self._slots.cut_memory([])
             raise EngineError("llama.cpp rejected the saved state")
         llama.input_ids[: len(tokens)] = tokens
         llama.n_tokens = len(tokens)

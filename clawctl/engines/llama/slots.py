@@ -45,6 +45,7 @@ import numpy.typing as npt
 from clawctl.engines.base import (
     Finished,
     FinishReason,
+    FreezePoint,
     Grammar,
     PreparedPrompt,
     SamplingParams,
@@ -62,6 +63,9 @@ if TYPE_CHECKING:
     from clawctl.engines.llama.draft import DraftModel
 
 MEMORY_SEQ = 0
+# A shared prefix this short (a lone BOS token) is recomputed: reusing it saves nothing, and
+# prefilling from position 0 keeps batch boundaries, hence rounding, canonical for cold prompts.
+MIN_REUSE = 4
 # Another sequence's prefix is copied only when it holds this many more tokens: a copy between
 # streams moves the whole stream (7.5 ms for a 4,096-cell SmolLM2 stream here), about what 3
 # prompt tokens cost. In a pool a copy only tags the cells (they are then shared): any gain pays.
@@ -100,6 +104,7 @@ class Slot:
     cooldown: int = 0  # steps without drafting left
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet carried by an event
     suspended: bool = False  # its cells were given back to a full pool; `pending` holds them
+    freeze: FreezePoint | None = None  # capture the state at this prompt length on the way
 
     def claim(self) -> int:
         """Cells this generation holds or is about to: its tokens and a little growth."""
@@ -168,9 +173,23 @@ class SlotBatch:
             return False
         if any(slot.suspended for slot in self.slots.values()):
             return False  # those resume first
+        if self._computing_its_prefix(prompt.tokens):
+            return False  # it copies that prefix once computed, rather than computing it too
         size = len(prompt.tokens)
         growth = min(GROWTH, self._max_new(size, params))
         return self._make_room(size + growth + self._claimed())
+
+    def _computing_its_prefix(self, tokens: list[int]) -> bool:
+        """Whether a running generation is still computing a prompt that shares a longer
+        prefix with `tokens` than any sequence holds now (requests with the same system prompt
+        and tools arriving together: the later ones wait a few steps and copy it)."""
+        held = max(common_prefix(self._held_by(seq), tokens) for seq in range(self.parallel))
+        for slot in self.slots.values():
+            if slot.pending and not slot.suspended:
+                coming = common_prefix([*slot.held, *slot.pending], tokens)
+                if coming >= held + MIN_COPY and coming > len(slot.held):
+                    return True
+        return False
 
     # --- the pool ---------------------------------------------------------------------------
 
@@ -263,24 +282,22 @@ class SlotBatch:
         params: SamplingParams,
         cancelled: Callable[[], bool],
         watch: Thresholds | None,
-        prefill: Callable[[list[int]], int],
+        freeze: FreezePoint | None = None,
     ) -> int:
         tokens = prompt.tokens
-        opened = time.perf_counter()  # the prefill below is the prompt's time too
+        opened = time.perf_counter()  # the prefill in later steps is the prompt's time too
         # First: a meter the model cannot serve is the caller's error, before any state moves.
         meter = EntropyMeter(self._n_vocab, watch, self._text) if watch else None
         if not self.slots:
+            # The memory sequence continues from what it holds (the state keeper prepared it).
             seq = MEMORY_SEQ
-            # As a request alone always has: everything but the last token in n_batch chunks
-            # (reusing what the context holds), then the last token on its own, so a prompt
-            # hydrated from a snapshot decodes exactly as a cold one.
-            prefill(tokens[:-1])  # makes the room it needs (`room_for_memory`)
-            held, pending = list(tokens[:-1]), tokens[-1:]
             shared = 0
+            keep = self.cut_memory(tokens[:-1])
+            self.room_for_memory(len(tokens))
         else:
             seq = self._free_seq(tokens)
-            shared = self._share_prefix(seq, tokens)
-            held, pending = list(tokens[:shared]), list(tokens[shared:])
+            keep = shared = self._share_prefix(seq, tokens)
+        held, pending = list(tokens[:keep]), list(tokens[keep:])
         sampler = self._sampler(params, tokens)
         try:
             grammar = None if params.grammar is None else self._grammar(params.grammar)
@@ -307,8 +324,30 @@ class SlotBatch:
             max_tokens=self._max_new(len(tokens), params),
             shared=shared,
             opened=opened,
+            freeze=freeze if freeze is not None and freeze.tokens > keep else None,
         )
         return seq
+
+    def memory_prefix(self, tokens: list[int]) -> int:
+        """How many leading `tokens` the memory sequence holds (compared without copying)."""
+        llama = self._llama
+        n = min(llama.n_tokens, len(tokens))
+        if n == 0:
+            return 0
+        same = llama.input_ids[:n] == np.asarray(tokens[:n], dtype=np.intc)
+        return n if same.all() else int(np.argmin(same))
+
+    def cut_memory(self, tokens: list[int]) -> int:
+        """Keep the memory sequence's cells for the longest prefix of `tokens` it holds (none
+        if under MIN_REUSE, so a cold prompt is computed from position 0 in canonical chunks)
+        and drop the rest; how many it keeps."""
+        llama = self._llama
+        keep = self.memory_prefix(tokens)
+        if keep < MIN_REUSE:
+            keep = 0
+        llama.n_tokens = keep
+        llama_cpp.llama_memory_seq_rm(self._memory, MEMORY_SEQ, keep, -1)
+        return keep
 
     def _held_by(self, seq: int) -> list[int]:
         if seq in self.slots:
@@ -439,12 +478,25 @@ class SlotBatch:
             tokens = [slot.last, *drafts.get(slot.seq, ())]
             plan.append(Planned(slot, start, tokens, prefill=False))
             start += len(tokens)
-        for slot in running:
-            if slot.pending and start < self.n_batch:
-                chunk = slot.pending[: self.n_batch - start]
-                plan.append(Planned(slot, start, chunk, prefill=True))
-                start += len(chunk)
+        # Shortest prompts first: a short request joining an agent's long prefill is computed
+        # in the same step, not after it.
+        for slot in sorted((s for s in running if s.pending), key=lambda s: len(s.pending)):
+            if start >= self.n_batch:
+                break
+            chunk = slot.pending[: self._chunk_limit(slot, self.n_batch - start)]
+            plan.append(Planned(slot, start, chunk, prefill=True))
+            start += len(chunk)
         return plan
+
+    @staticmethod
+    def _chunk_limit(slot: Slot, budget: int) -> int:
+        """Prompt tokens of `slot` for this step: as many as fit, but the last prompt token
+        alone in its own step (as a prompt hydrated from a saved state decodes it, so both
+        round alike), and never past the slot's freeze point."""
+        limit = budget if len(slot.pending) == 1 else min(budget, len(slot.pending) - 1)
+        if slot.freeze is not None:
+            limit = min(limit, slot.freeze.tokens - len(slot.held))
+        return limit
 
     def _all_drafts(self, decoding: list[Slot], budget: int) -> dict[int, list[int]]:
         """Prompt-lookup drafts where the history repeats itself; the draft model's (if one is
@@ -513,6 +565,10 @@ class SlotBatch:
         if part.prefill:
             self._hold(slot, part.tokens)
             del slot.pending[: len(part.tokens)]
+            point = slot.freeze
+            if point is not None and len(slot.held) == point.tokens:
+                slot.freeze = None
+                point.save(seq_state(self._llama._ctx.ctx, slot.seq), list(slot.held))
             if slot.pending:
                 return []
             index = part.start + len(part.tokens) - 1
@@ -657,6 +713,19 @@ class SlotBatch:
 
     def _text(self, token: int) -> str:
         return self._piece(token).decode("utf-8", errors="ignore")
+
+
+def seq_state(ctx: Any, seq: int) -> bytearray:
+    """A copy of one sequence's raw state (its KV cells; llama.cpp's sequence state format)."""
+    size = int(llama_cpp.llama_state_seq_get_size(ctx, seq))
+    raw = bytearray(size)
+    buffer = (ctypes.c_uint8 * size).from_buffer(raw)
+    written = int(llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq))
+    if written > size:
+        raise EngineError("llama.cpp wrote more state than it announced")
+    del buffer
+    del raw[written:]
+    return raw
 
 
 def _free_samplers(slot: Slot) -> None:

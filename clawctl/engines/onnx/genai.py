@@ -25,6 +25,7 @@ from clawctl.engines.base import (
     EngineSettings,
     Finished,
     FinishReason,
+    FreezePoint,
     PreparedPrompt,
     Prompt,
     SamplingParams,
@@ -130,6 +131,7 @@ class GenaiEngine:
         params: SamplingParams,
         cancelled: Callable[[], bool],
         watch: Thresholds | None = None,
+        freeze: FreezePoint | None = None,  # never given: this engine has no saved states
     ) -> int:
         if self._open is not None:
             raise EngineError("one generation at a time on an ONNX model")
