@@ -91,6 +91,7 @@ bench: model $(CONVERT_STAMP)
 	$(PY) bench/adapters.py
 	$(PY) bench/cascade.py
 	$(PY) bench/concurrency.py
+	$(PY) bench/kv_layout.py
 	$(PY) bench/onnx_dedup.py
 	$(PY) bench/agents.py
 	$(PY) bench/tool_accuracy.py

@@ -12,7 +12,9 @@ model: engines are only called here, from the worker that owns them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from clawctl.engines.base import Engine, FreezePoint
 from clawctl.errors import ClawError
 from clawctl.schemas.snapshots import Filter, Kind
 from clawctl.schemas.state import StateIdentity, common_prefix
-from clawctl.store.snapshot_format import encode, read_header, write_snapshot
+from clawctl.store.snapshot_format import SnapshotHeader, encode, read_header, write_snapshot
 from clawctl.store.snapshots import SnapshotStore, block_hashes
 
 log = logging.getLogger("clawd.snapshots")
@@ -65,6 +67,8 @@ class SnapshotWriter:
         self.filter = filter_
         self.level = level
         self._jobs: queue.Queue[WriteJob | None] = queue.Queue()
+        self._pending: dict[Path, WriteJob] = {}  # submitted, not yet on disk
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="snapshot-writer", daemon=True)
         self._thread.start()
 
@@ -80,15 +84,32 @@ class SnapshotWriter:
             self.store.enforce_budget()
 
     def submit(self, job: WriteJob) -> None:
+        with self._lock:
+            self._pending[job.path] = job
         self._jobs.put(job)
 
+    def pending(self, path: Path) -> WriteJob | None:
+        """The newest state submitted for `path` and not yet written: a session frozen a
+        moment ago is restored from memory rather than missed (the writer runs at the lowest
+        priority, so under load a file may trail its request by a while)."""
+        with self._lock:
+            return self._pending.get(path)
+
     def _run(self) -> None:
+        # The lowest CPU priority (Linux threads have their own nice value, and the compression
+        # threads started from here inherit it): compressing an agent's 120 MB state must not
+        # slow the model's own threads, which decode the next call meanwhile.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while (job := self._jobs.get()) is not None:
             try:
                 self.write_now(job)
             except Exception:
                 log.exception("could not write snapshot %s", job.path)
             finally:
+                with self._lock:
+                    if self._pending.get(job.path) is job:
+                        del self._pending[job.path]
                 self._jobs.task_done()
         self._jobs.task_done()
 
@@ -118,6 +139,33 @@ class StateKeeper:
         engine.restore_state(raw, header.tokens)
         return engine.held_prefix(tokens)
 
+    def _session(self, name: str) -> WriteJob | SnapshotHeader | None:
+        """The session's newest state: still waiting for the writer, or its file's header."""
+        path = self.store.path_for("session", name)
+        pending = self.writer.pending(path)
+        if pending is not None:
+            return pending
+        if not path.is_file():
+            return None
+        try:
+            return read_header(path)
+        except ClawError as exc:
+            log.warning("session %s not restored: %s", name, exc.message)
+            return None
+
+    def _restore_session(
+        self,
+        engine: Engine,
+        name: str,
+        frozen: WriteJob | SnapshotHeader,
+        tokens: list[int],
+    ) -> int:
+        if isinstance(frozen, WriteJob):
+            engine.restore_state(frozen.raw, frozen.tokens)
+            return engine.held_prefix(tokens)
+        path = self.store.path_for("session", name)
+        return self._restore(engine, path, frozen.identity, tokens)
+
     def before(self, engine: Engine, tokens: list[int], request: StateRequest) -> StateOutcome:
         identity = engine.identity()
         held = engine.held_prefix(tokens)
@@ -127,13 +175,10 @@ class StateKeeper:
             _, path = self.store.find(request.load, "named")
             held = self._restore(engine, path, identity, tokens)
             source = "snapshot"
-        elif request.session and self.store.path_for("session", request.session).is_file():
-            path = self.store.path_for("session", request.session)
+        elif request.session and (frozen := self._session(request.session)) is not None:
             try:
-                header = read_header(path)
-                usable = header.identity == identity
-                if usable and common_prefix(header.tokens, tokens) > held:
-                    held = self._restore(engine, path, identity, tokens)
+                if frozen.identity == identity and common_prefix(frozen.tokens, tokens) > held:
+                    held = self._restore_session(engine, request.session, frozen, tokens)
                     source = "session"
             except ClawError as exc:  # a damaged session costs a recompute, not the request
                 log.warning("session %s not restored: %s", request.session, exc.message)
@@ -190,8 +235,11 @@ class StateKeeper:
         def save(raw: bytearray, held: list[int]) -> None:
             self.writer.submit(WriteJob(path, "pool", chain, identity, raw, held))
 
-        if shared >= length:  # held already: cut the context there and capture it now
-            engine.prefill(tokens[:length])
+        if shared >= length:
+            # Held already (an agent's next call): capture all of the shared prefix now, past
+            # the block boundary, so nothing held is cut and computed again (a lookup reaching
+            # this entry's blocks restores it and keeps what the prompt shares).
+            engine.prefill(tokens[:shared])
             save(*engine.capture_state())
             return None
         return FreezePoint(length, save)
