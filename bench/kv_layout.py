@@ -6,9 +6,10 @@ Two questions the fit (`clawctl/runtime/fit.py`) answers with these numbers:
    memory with a 4,096-cell stream per sequence (no flash attention, the x86-small default; and
    with it), and with one pool of 5,632 cells (what a 128 MiB KV budget holds) with flash
    attention. The anchor is the streams layout.
-2. A short request arriving while a ~3,300-token prompt is being computed: its time to its
-   last token, against the long prompt's own prefill time (the anchor: before prompts were
-   computed in steps, the short request waited for the whole prefill).
+2. A short request arriving with a ~3,300-token prompt, both computed in steps (pool layout):
+   the short one's time to its last token and the long prompt's prefill time, when prompts get
+   `MIXED_PREFILL` tokens of a step while another generation decodes, and when they get the
+   whole batch (the anchor: what llama-server does with its batch).
 
     python bench/kv_layout.py --runs 3
 """
@@ -34,6 +35,7 @@ from clawctl.engines.base import (
     SamplingParams,
     estimate_kv_bytes,
 )
+from clawctl.engines.llama import slots
 from clawctl.engines.llama.engine import LlamaEngine
 from clawctl.paths import Paths
 from clawctl.store.models import ModelStore
@@ -113,18 +115,22 @@ def main() -> None:
     info = store.get(MODEL).gguf_info()
     per_cell = estimate_kv_bytes(info.block_count or 0, 1, info.kv_width or 0, "f16")
     rows = []
-    mixed: tuple[float, float] | None = None
+    mixed: dict[int, tuple[float, float]] = {}
     for layout in layouts(model):
         engine = LlamaEngine(layout.settings)
         try:
             decode_rate(engine)  # warm-up
             rates = [decode_rate(engine) for _ in range(args.runs)]
             if layout.settings.kv_unified:
-                runs = [short_during_long(engine) for _ in range(args.runs)]
-                mixed = (
-                    statistics.median(r[0] for r in runs),
-                    statistics.median(r[1] for r in runs),
-                )
+                chosen = slots.MIXED_PREFILL
+                for share in (layout.settings.n_batch, chosen):
+                    slots.MIXED_PREFILL = share
+                    runs = [short_during_long(engine) for _ in range(args.runs)]
+                    mixed[share] = (
+                        statistics.median(r[0] for r in runs),
+                        statistics.median(r[1] for r in runs),
+                    )
+                slots.MIXED_PREFILL = chosen
         finally:
             engine.close()
         kv_mib = per_cell * layout.settings.cells() / 2**20
@@ -144,15 +150,19 @@ def main() -> None:
     ]
     for name, rate, kv_mib in rows:
         lines.append(f"| {name} | {rate:.1f} | {kv_mib:.0f} | {rate / anchor:.2f}x |")
-    if mixed is not None:
-        short, prefill = mixed
+    if mixed:
         lines += [
             "",
-            "A short request (16 tokens) arriving with a ~3,300-token prompt, pool layout: "
-            f"its whole answer in {short:.1f} s, while the long prompt's prefill took "
-            f"{prefill:.1f} s ({prefill / short:.1f}x sooner than waiting for it, as a prompt "
-            "computed before its first step made it wait).",
+            "A short request (16 tokens) arriving with a ~3,300-token prompt (pool layout):",
+            "",
+            "| prompt tokens per step while another decodes | short answer done s | "
+            "long prefill s | short answer vs whole batch |",
+            "|---|---:|---:|---:|",
         ]
+        whole = mixed[512][0]
+        for share, (short, prefill) in sorted(mixed.items(), reverse=True):
+            label = f"{share} (the whole batch)" if share == 512 else f"{share} (clawd)"
+            lines.append(f"| {label} | {short:.1f} | {prefill:.1f} | {whole / short:.2f}x |")
     write_section("kv_layout", "\n".join(lines))
     print("\n".join(lines))
 

@@ -85,7 +85,7 @@ class MemoryFit:
         """The profile's `flash_attn`; always for a long context (`long_flash_attn`), and for
         a shared pool, where it is what keeps a sequence from paying for the cells of the
         others (its kernel skips masked cells; without it every sequence's attention spans
-        the whole pool: 109 vs 143 tok/s for 8 SmolLM2 streams here)."""
+        the whole pool, and its scratch buffer grows with the pool)."""
         profile = self.profile
         long = profile.long_flash_attn and plan.n_ctx > profile.n_ctx
         return profile.flash_attn or long or plan.unified
@@ -94,8 +94,9 @@ class MemoryFit:
         """The KV layout of a model under the profile. Tokens per sequence: the profile's
         `n_ctx` (at most the trained length), or for a model trained on long contexts its
         trained length up to `long_ctx`. Cells: a stream per sequence when the profile's
-        `kv_budget_mb` holds `parallel` whole contexts (the fastest layout: 184 vs 143 tok/s
-        for 8 short SmolLM2 streams against a shared pool, measured here); otherwise one pool
+        `kv_budget_mb` holds `parallel` whole contexts (the fastest layout: 205 vs 192 tok/s
+        for 8 short SmolLM2 streams against a shared pool, both with flash attention, in
+        bench/kv_layout.py); otherwise one pool
         of what the budget holds (at least one whole context), which one long agent context
         and several short requests share (llama.cpp's unified KV cache)."""
         profile = self.profile

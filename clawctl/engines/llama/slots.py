@@ -70,6 +70,10 @@ MIN_REUSE = 4
 # streams moves the whole stream (7.5 ms for a 4,096-cell SmolLM2 stream here), about what 3
 # prompt tokens cost. In a pool a copy only tags the cells (they are then shared): any gain pays.
 MIN_COPY = 8
+# Prompt tokens per step while other generations decode: a step lasts about as long as its
+# prompt chunk takes, and every decoding generation waits for it (bench/kv_layout.py measures
+# the trade between a short answer beside a long prompt and that prompt's own prefill).
+MIXED_PREFILL = 64
 # Cells a pool keeps free per running generation for what it will generate next: admission
 # leaves this much beside each, and a suspended generation resumes only with this much spare.
 GROWTH = 256
@@ -479,11 +483,13 @@ class SlotBatch:
             plan.append(Planned(slot, start, tokens, prefill=False))
             start += len(tokens)
         # Shortest prompts first: a short request joining an agent's long prefill is computed
-        # in the same step, not after it.
+        # in the same step, not after it; while any generation decodes, prompts get a smaller
+        # share of the step, so it keeps decoding at a useful pace.
+        end = self.n_batch if not decoding else min(self.n_batch, start + MIXED_PREFILL)
         for slot in sorted((s for s in running if s.pending), key=lambda s: len(s.pending)):
-            if start >= self.n_batch:
+            if start >= end:
                 break
-            chunk = slot.pending[: self._chunk_limit(slot, self.n_batch - start)]
+            chunk = slot.pending[: self._chunk_limit(slot, end - start)]
             plan.append(Planned(slot, start, chunk, prefill=True))
             start += len(chunk)
         return plan
