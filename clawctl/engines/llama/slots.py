@@ -2,9 +2,11 @@
 
 Each open generation is a `Slot`: a llama.cpp sequence id, its own sampler chain, stop strings,
 entropy meter and prompt-lookup drafts. `SlotBatch.step` builds one `llama_batch` from every
-slot (the last sampled token plus any drafts of a decoding slot, a chunk of a joining slot's
-prompt) and makes one `llama_decode` call, so N streams cost little more than one on a CPU
-where decoding is memory-bound. Generations join and leave between steps.
+slot (the last sampled token plus any drafts of a decoding slot, a chunk of a slot's prompt) and
+makes one `llama_decode` call, so N streams cost little more than one on a CPU where decoding is
+memory-bound. Generations join and leave between steps. Prompts, too, are computed in these
+steps (shortest first, a smaller share of the step while others decode, the last prompt token in
+a step of its own), so a long prompt never holds the others up and stops when cancelled.
 
 KV cells are laid out one of two ways (the fit chooses, by the profile's KV budget). Where the
 budget holds a whole context per sequence, each sequence has its own stream (llama.cpp's
@@ -21,8 +23,8 @@ and what it holds afterwards is reused by the next request, as before batching. 
 sequences keep their cells when their generation ends, as llama-server's slots keep their last
 prompt: a generation joining busy ones takes the free sequence that already holds the longest
 prefix of its prompt, or copies a longer one from another sequence (`llama_memory_seq_cp`) and
-cuts it to the shared prefix, then prefills only the rest. Whole-context operations (snapshots,
-adapter changes) drop those idle cells first.
+cuts it to the shared prefix, then prefills only the rest. Snapshots hold one sequence's state
+(`seq_state`), so they leave the others' cells alone; adapter changes drop every cell.
 
 Speculative decoding: a greedy slot proposes up to `draft_max` tokens that have reliably followed
 its latest n-grams earlier in its prompt or output (prompt lookup, `NgramIndex`) and verifies
