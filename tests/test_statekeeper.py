@@ -16,7 +16,13 @@ import pytest
 from clawctl.engines.base import ChatTurn, EngineSettings, Prompt, SamplingParams, generate
 from clawctl.engines.llama.engine import LlamaEngine
 from clawctl.paths import Paths
-from clawctl.runtime.statekeeper import SnapshotWriter, StateKeeper, StateRequest, WriteJob
+from clawctl.runtime.statekeeper import (
+    SnapshotWriter,
+    StateKeeper,
+    StateOutcome,
+    StateRequest,
+    WriteJob,
+)
 from clawctl.schemas.state import common_prefix
 from clawctl.store.snapshots import SnapshotStore, block_hashes
 
@@ -69,18 +75,22 @@ def test_an_agents_next_call_computes_only_what_is_new_and_the_pool_keeps_it(
         again = keeper.before(engine, second.tokens, StateRequest())
         assert again.source == "memory"
         assert again.reused_tokens == held
-        assert again.freeze is None  # held already: captured at once
+        assert again.freeze is None  # held already: captured when the generation ends
+        assert again.pool_after is not None
         assert len(engine.cached_tokens()) == held  # nothing held was cut to be recomputed
+        list(generate(engine, second, params))
+        keeper.after(engine, StateRequest(), again)
         writer.flush()
         identity = engine.identity()
         hit = store.pool_lookup(identity, block_hashes(identity, second.tokens, BLOCK))
         assert hit is not None
-        assert hit.tokens == held // BLOCK * BLOCK
-        # After a restart (an empty context), the entry restores the whole shared prefix.
+        # The entry holds the whole second call (captured after it), not only what it shared.
+        assert hit.tokens == len(second.tokens) // BLOCK * BLOCK
+        # After a restart (an empty context), the entry restores all of the prompt.
         engine.prefill([], reuse=False)
         restored = keeper.before(engine, second.tokens, StateRequest())
         assert restored.source == "pool"
-        assert restored.reused_tokens == held
+        assert restored.reused_tokens == len(second.tokens) - 1
         done = list(generate(engine, second, params))
         assert done[-1].completion_tokens > 0  # type: ignore[union-attr]
     finally:
@@ -109,7 +119,7 @@ def test_a_session_still_waiting_for_the_writer_is_restored_from_memory(
         prompt = engine.prepare(turns(("system", SYSTEM), ("user", "Pump 3 rpm?")))
         keeper.before(engine, prompt.tokens, request)
         list(generate(engine, prompt, SamplingParams(max_tokens=8, temperature=0)))
-        keeper.after(engine, request)
+        keeper.after(engine, request, StateOutcome(0, None))
         path = store.path_for("session", "agent-7")
         assert writer.pending(path) is not None
         assert not path.exists()

@@ -60,6 +60,7 @@ class Job:
     prepared: PreparedPrompt | None = None  # tokenized once, while waiting to join
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
+    kept: StateOutcome | None = None  # what the state keeper did before it (and left for after)
 
     def emit(self, event: JobEvent) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening

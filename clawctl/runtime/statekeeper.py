@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,9 @@ class StateOutcome:
     source: str | None  # "memory", "snapshot", "session", "pool" or None
     saved: str | None = None  # named snapshot written for this request
     freeze: FreezePoint | None = None  # a pool block to capture during the prefill
+    # A pool block the context holds already: captured when the generation ends (`after`),
+    # off the path to the first token, answer included.
+    pool_after: Callable[[bytearray, list[int]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -192,7 +196,9 @@ class StateKeeper:
                 except ClawError as exc:
                     log.warning("pool entry %s not restored: %s", hit.path.name, exc.message)
         reused = min(held, max(0, len(tokens) - 1))
-        freeze = self._grow_pool(engine, identity, tokens, hashes, held) if hashes else None
+        freeze, pool_after = (
+            self._grow_pool(identity, tokens, hashes, held) if hashes else (None, None)
+        )
         if request.save:
             # From an empty context, as a cold request computes it, so hydrating reproduces a cold
             # run exactly; the last token is always decoded with the generation.
@@ -201,19 +207,19 @@ class StateKeeper:
             path = self.store.path_for("named", request.save)
             self.writer.write_now(WriteJob(path, "named", request.save, identity, raw, held_tokens))
             return StateOutcome(reused, source if reused else None, request.save)
-        return StateOutcome(reused, source if reused else None, freeze=freeze)
+        return StateOutcome(
+            reused, source if reused else None, freeze=freeze, pool_after=pool_after
+        )
 
     def _grow_pool(
-        self,
-        engine: Engine,
-        identity: StateIdentity,
-        tokens: list[int],
-        hashes: list[str],
-        shared: int,
-    ) -> FreezePoint | None:
-        """Where to freeze a block-aligned prefix of the prompt if the pool lacks it: a point
+        self, identity: StateIdentity, tokens: list[int], hashes: list[str], shared: int
+    ) -> tuple[FreezePoint | None, Callable[[bytearray, list[int]], None] | None]:
+        """How to freeze a block-aligned prefix of the prompt if the pool lacks it: a point
         the generation's prefill captures on its way (so the model thread never computes the
-        prefix ahead of the generation, and the prefill stays cancellable and batched).
+        prefix ahead of the generation, and the prefill stays cancellable and batched), or,
+        when the context holds that prefix already (an agent's next call), a capture once the
+        generation ends: all it shares, its new tokens and its answer, with nothing cut and
+        computed again and no copy before the first token.
 
         When the prompt shares a long prefix with what the context held (the previous request),
         that shared part is what later requests will share too (a system prompt, a document), so
@@ -226,28 +232,27 @@ class StateKeeper:
             blocks = min(blocks, shared // block)
         length = blocks * block
         if blocks == 0 or length < self.pool_min_tokens:
-            return None
+            return None, None
         chain = hashes[blocks - 1]
-        if self.store.pool_has(identity, chain):
-            return None
         path = self.store.pool_path(identity, chain)
+        if self.store.pool_has(identity, chain) or self.writer.pending(path) is not None:
+            return None, None
 
         def save(raw: bytearray, held: list[int]) -> None:
             self.writer.submit(WriteJob(path, "pool", chain, identity, raw, held))
 
         if shared >= length:
-            # Held already (an agent's next call): capture all of the shared prefix now, past
-            # the block boundary, so nothing held is cut and computed again (a lookup reaching
-            # this entry's blocks restores it and keeps what the prompt shares).
-            engine.prefill(tokens[:shared])
-            save(*engine.capture_state())
-            return None
-        return FreezePoint(length, save)
+            return None, save
+        return FreezePoint(length, save), None
 
-    def after(self, engine: Engine, request: StateRequest) -> None:
+    def after(self, engine: Engine, request: StateRequest, outcome: StateOutcome) -> None:
+        """Once a generation that `before` prepared has ended: freeze its session, or the pool
+        entry `before` left for now (the context still holds the generation's tokens)."""
         if request.session:
             raw, held = engine.capture_state()
             path = self.store.path_for("session", request.session)
             self.writer.submit(
                 WriteJob(path, "session", request.session, engine.identity(), raw, held)
             )
+        elif outcome.pool_after is not None:
+            outcome.pool_after(*engine.capture_state())

@@ -194,7 +194,7 @@ class ModelWorker:
                 )
             prepared_at = time.perf_counter()
             if self.keeper is not None and not busy and engine.stateful:
-                outcome = self.keeper.before(engine, prepared.tokens, job.state)
+                outcome = job.kept = self.keeper.before(engine, prepared.tokens, job.state)
             prefilled = time.perf_counter() - prepared_at
             slot = engine.open(prepared, job.params, job.cancel.is_set, job.watch, outcome.freeze)
             if busy and (shared := engine.shared_prefix(slot)):
@@ -243,11 +243,12 @@ class ModelWorker:
             self._finished(engine, job)
 
     def _finished(self, engine: Engine, job: Job) -> None:
-        if self.keeper is not None and job.state.session and engine.stateful:
-            try:  # after the response: freezing the session never delays it
-                self.keeper.after(engine, job.state)
+        kept = job.kept
+        if self.keeper is not None and kept is not None and (job.state.session or kept.pool_after):
+            try:  # after the response: freezing the session or pool entry never delays it
+                self.keeper.after(engine, job.state, kept)
             except Exception:
-                log.exception("could not freeze session %s", job.state.session)
+                log.exception("could not freeze the state of %s", self.name)
         if not self._running:
             self._exclusive = False
             engine.release_adapters()  # frees adapters removed while jobs used them
