@@ -189,12 +189,14 @@ class SlotBatch:
         """Whether a running generation is still computing a prompt that shares a longer
         prefix with `tokens` than any sequence holds now (requests with the same system prompt
         and tools arriving together: the later ones wait a few steps and copy it)."""
+        computing = [s for s in self.slots.values() if s.pending and not s.suspended]
+        if not computing:  # the usual case while a request waits: asked at every step
+            return False
         held = max(common_prefix(self._held_by(seq), tokens) for seq in range(self.parallel))
-        for slot in self.slots.values():
-            if slot.pending and not slot.suspended:
-                coming = common_prefix([*slot.held, *slot.pending], tokens)
-                if coming >= held + MIN_COPY and coming > len(slot.held):
-                    return True
+        for slot in computing:
+            coming = common_prefix([*slot.held, *slot.pending], tokens)
+            if coming >= held + MIN_COPY and coming > len(slot.held):
+                return True
         return False
 
     # --- the pool ---------------------------------------------------------------------------
@@ -221,6 +223,11 @@ class SlotBatch:
         sequence's cells. Streams always have room (admission is by sequence)."""
         if not self.unified:
             return True
+        droppable = sum(len(held) for held in self._idle.values())
+        if not keep_memory and MEMORY_SEQ not in self.slots:
+            droppable += self._llama.n_tokens
+        if self.cells - self.used_cells() + droppable < need:
+            return False  # cannot fit even so: keep the cells for the prompts they may serve
         for seq in list(self._idle):
             if self.cells - self.used_cells() >= need:
                 return True
