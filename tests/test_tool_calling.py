@@ -102,6 +102,7 @@ def test_streamed_named_call_accumulates(daemon: Daemon) -> None:
         )
         calls: dict[int, dict[str, str]] = {}
         content, finish, usage = "", None, None
+        pieces = 0  # chunks that carried a piece of arguments
         for chunk in stream:
             if chunk.usage is not None:
                 usage = chunk.usage
@@ -112,10 +113,13 @@ def test_streamed_named_call_accumulates(daemon: Daemon) -> None:
                     if delta.id:
                         assert not entry["id"], "an id is sent once, with the name"
                         entry["id"] = delta.id
+                        assert delta.function is not None
+                        assert not delta.function.arguments, "the call starts before its arguments"
                     if delta.function and delta.function.name:
                         entry["name"] += delta.function.name
                     if delta.function and delta.function.arguments:
                         entry["arguments"] += delta.function.arguments
+                        pieces += 1
                 finish = choice.finish_reason or finish
     assert finish == "tool_calls"
     assert usage is not None
@@ -124,7 +128,46 @@ def test_streamed_named_call_accumulates(daemon: Daemon) -> None:
     assert calls[0]["id"]
     assert calls[0]["name"] == "get_weather"
     _checked_weather(calls[0]["arguments"])
+    assert pieces > 1, "the arguments stream as the model writes them"
     assert "tool_call" not in content
+
+
+def test_a_call_the_token_limit_cuts(daemon: Daemon) -> None:
+    """Streamed, as OpenAI does: the call and what of its arguments was written, then
+    `finish_reason` "length" (not "tool_calls"). Whole, every call returned is checked, so the
+    cut call is returned as the text it is."""
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": ASK,
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "temperature": 0,
+        "max_tokens": 20,  # the tags and the name, then a few tokens of the arguments
+        "claw": {"cache": False},
+    }
+    with daemon.client() as http:
+        whole = http.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert whole["finish_reason"] == "length"
+    assert whole["message"]["tool_calls"] is None
+    text = whole["message"]["content"]
+    assert text.startswith('<tool_call>\n{"name": "get_weather", "arguments": {')
+    streamed, name, finish = "", "", None
+    with (
+        daemon.client() as http,
+        http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response,
+    ):
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    assert not choice["delta"].get("content")
+                    for delta in choice["delta"].get("tool_calls") or ():
+                        name += delta["function"].get("name") or ""
+                        streamed += delta["function"].get("arguments") or ""
+                    finish = choice.get("finish_reason") or finish
+    assert (name, finish) == ("get_weather", "length")
+    assert text.endswith(streamed)
+    with pytest.raises(ValueError, match=r"Expecting|Unterminated"):
+        json.loads(streamed)
 
 
 def test_tool_results_render_and_the_answer_is_text(daemon: Daemon) -> None:

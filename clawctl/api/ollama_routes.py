@@ -65,7 +65,7 @@ from clawctl.serving.dedup import Answer, Flights, open_answer
 from clawctl.serving.embedding import embed_texts
 from clawctl.serving.generation import GenerationRun, is_policy_name
 from clawctl.serving.toolcalls import (
-    CallArguments,
+    CallEnd,
     ContentDelta,
     ToolCallParser,
     ToolEvent,
@@ -451,14 +451,15 @@ async def _stream(
     final: Callable[[], BaseModel],
 ) -> AsyncIterator[bytes]:
     """NDJSON lines: text as it comes; each tool call whole, in a line of its own, as soon as
-    it is parsed (Ollama sends calls as objects, never in pieces); a last line with `done`."""
+    it is parsed (Ollama sends calls as objects, never in pieces, so the parser checks each
+    call whole before it is sent: no `stream_arguments`); a last line with `done`."""
 
     def lines(events: list[ToolEvent]) -> Iterator[bytes]:
         assert parser is not None
         for event in events:
             if isinstance(event, ContentDelta):
                 yield token(event.text)
-            elif isinstance(event, CallArguments):  # follows its CallStart: the call is whole
+            elif isinstance(event, CallEnd):
                 yield call_line(_wire_call(parser.calls[event.index], event.index))
 
     try:
@@ -530,8 +531,9 @@ async def chat(
     text = await answer.answer()
     calls: list[ToolCall] | None = None
     if use.parses_calls:
-        text, parsed = parse_tool_calls(text, use.names, answer.id)
-        calls = [_wire_call(call, index) for index, call in enumerate(parsed)] or None
+        parsed = parse_tool_calls(text, use.names, answer.id)
+        text = parsed.content
+        calls = [_wire_call(call, index) for index, call in enumerate(parsed.calls)] or None
     return JSONResponse(
         final(text, calls).model_dump(mode="json", exclude_none=True),
         headers=answer_headers(answer),

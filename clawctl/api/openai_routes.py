@@ -55,10 +55,11 @@ from clawctl.serving.dedup import Answer, Flights, open_answer
 from clawctl.serving.embedding import embed_texts
 from clawctl.serving.generation import GenerationRun
 from clawctl.serving.toolcalls import (
-    CallArguments,
+    CallEnd,
     CallStart,
     ContentDelta,
     ToolCallParser,
+    ToolEvent,
     parse_tool_calls,
 )
 from clawctl.serving.tooluse import ToolUse, plan_tool_use, tool_spec
@@ -149,14 +150,16 @@ async def chat_completions(
     finish: Any = answer.finish_reason
     message = AssistantMessage(content=text)
     if use.parses_calls:
-        content, calls = parse_tool_calls(text, use.names, answer.id)
-        if calls:
+        # Whole, every call is checked before it is returned: a call the token limit cut
+        # stays text (streamed, it went out as far as it got; see `_chat_stream`).
+        parsed = parse_tool_calls(text, use.names, answer.id)
+        if parsed.calls:
             finish = "tool_calls"
             message = AssistantMessage(
-                content=content or None,
+                content=parsed.content or None,
                 tool_calls=[
                     ToolCallBody(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
-                    for c in calls
+                    for c in parsed.calls
                 ],
             )
     completion = ChatCompletion(
@@ -223,12 +226,14 @@ async def _chat_stream(
             return frame(chunk(ChunkDelta(content=text)))
         return fast(text)
 
-    parser = ToolCallParser(use.names, run.id) if use.parses_calls else None
+    parser = ToolCallParser(use.names, run.id, run.calls_constrained) if use.parses_calls else None
 
-    def frames(events: list[ContentDelta | CallStart | CallArguments]) -> Iterator[bytes]:
+    def frames(events: list[ToolEvent]) -> Iterator[bytes]:
         for event in events:
             if isinstance(event, ContentDelta):
                 yield token(event.text)
+                continue
+            if isinstance(event, CallEnd):
                 continue
             if isinstance(event, CallStart):
                 delta = ToolCallDelta(
@@ -258,7 +263,7 @@ async def _chat_stream(
     if parser is not None:
         for data in frames(parser.finish()):
             yield data
-        if parser.calls:
+        if parser.calls and parser.partial is None:
             finish = "tool_calls"
     yield frame(chunk(ChunkDelta(), finish_reason=finish, claw=run.info()))
     if include_usage:

@@ -52,6 +52,12 @@ class Answer(Protocol):
     @property
     def tier_name(self) -> str | None: ...
 
+    @property
+    def calls_constrained(self) -> bool:
+        """The text is decoded under the tool-call grammar, so a call's shape is certain
+        before it ends and its arguments may stream (`ToolCallParser.stream_arguments`)."""
+        ...
+
     def text(self) -> AsyncIterator[str]: ...
 
     async def answer(self) -> str: ...
@@ -282,6 +288,10 @@ class FlightView:
     def tier_name(self) -> str | None:
         return self.flight.run.tier_name
 
+    @property
+    def calls_constrained(self) -> bool:
+        return self.flight.run.calls_constrained
+
     async def text(self) -> AsyncIterator[str]:
         try:
             async for piece in self.flight.stream():
@@ -339,6 +349,10 @@ class Reused:
     @property
     def tier_name(self) -> str | None:
         return self.hit.answer.tier
+
+    @property
+    def calls_constrained(self) -> bool:
+        return False  # a stored text comes whole: its calls are checked whole
 
     async def text(self) -> AsyncIterator[str]:
         if self.hit.answer.text:

@@ -430,6 +430,12 @@ class GenerationRun:
         """The answering tier of a routed request (what `x-claw-tier` says)."""
         return self.path.last.tier.name if self.policy and self.path.runs else None
 
+    @property
+    def calls_constrained(self) -> bool:
+        """A local tier decodes calls under the tool-call grammar; a remote one does not."""
+        answering = self.tiers[self._index]
+        return self.tool_use.grammar is not None and answering.kind != "remote"
+
     def _count_error(self, exc: ClawError) -> None:
         self.services.metrics.requests.labels(self.endpoint, str(exc.http_status)).inc()
         self._log(f"error {exc.http_status}: {exc.message}")
