@@ -173,6 +173,39 @@ def test_an_ended_sequence_keeps_its_cells_for_the_next_joiner(engine: LlamaEngi
     assert max(alone_gaps(engine, chat(*PROMPTS[2]), emitted)) <= TOLERANCE
 
 
+def _steps_to_first_token(engine: LlamaEngine, prompt: Prompt) -> int:
+    """Decode steps from opening `prompt` (on the idle context) to its first sampled token;
+    runs the generation to its end."""
+    seq = engine.open(engine.prepare(prompt), SamplingParams(max_tokens=2), lambda: False)
+    steps = 0
+    for _ in range(64):  # bounded: the prompts here are a chunk or two
+        steps += 1
+        events = engine.step()
+        if any(s == seq and (isinstance(e, Finished) or e.tokens) for s, e in events):
+            break
+    while engine.active:
+        engine.step()
+    return steps
+
+
+def test_a_prompt_continuing_the_context_decodes_its_last_token_with_the_rest(
+    engine: LlamaEngine,
+) -> None:
+    """An agent's next call continues what the context holds: its new tokens, the last one
+    included, are one decode step, as llama-server computes them. A prompt computed from an
+    empty context, or from a state restored into it, decodes its last token in a step of its
+    own, so that hydrating replays a cold prefill exactly (test_snapshots_api)."""
+    engine.prefill([], reuse=False)
+    first = chat(SYSTEM, "What is the capital of France?")
+    turns = (*(first.chat or ()), ChatTurn("assistant", "Paris."), ChatTurn("user", "And Italy?"))
+    later = Prompt(chat=turns)
+    assert _steps_to_first_token(engine, first) == 2  # cold: the prompt, then its last token
+    raw, held = engine.capture_state()
+    assert _steps_to_first_token(engine, later) == 1  # continues the context: one step
+    engine.restore_state(raw, held)
+    assert _steps_to_first_token(engine, later) == 2  # hydrated: as a cold prompt rounds
+
+
 def test_a_short_request_is_answered_during_a_long_prefill_which_stops_when_cancelled(
     engine: LlamaEngine,
 ) -> None:

@@ -290,6 +290,8 @@ class LlamaEngine:
         self._slots.room_for_memory(len(tokens))
         if keep < len(tokens):
             self._llama.eval(tokens[keep:])
+        if not reuse:
+            self._slots.memory_replays()
         return len(tokens) - keep
 
     def capture_state(self) -> tuple[bytearray, list[int]]:
@@ -309,6 +311,7 @@ class LlamaEngine:
         llama.input_ids[: len(tokens)] = tokens
         llama.n_tokens = len(tokens)
         llama._requires_eval = True  # logits are not part of a usable restored state
+        self._slots.memory_replays()
 
     def close(self) -> None:
         self._slots.close()

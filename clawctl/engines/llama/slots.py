@@ -5,8 +5,9 @@ entropy meter and prompt-lookup drafts. `SlotBatch.step` builds one `llama_batch
 slot (the last sampled token plus any drafts of a decoding slot, a chunk of a slot's prompt) and
 makes one `llama_decode` call, so N streams cost little more than one on a CPU where decoding is
 memory-bound. Generations join and leave between steps. Prompts, too, are computed in these
-steps (shortest first, a smaller share of the step while others decode, the last prompt token in
-a step of its own), so a long prompt never holds the others up and stops when cancelled.
+steps (shortest first, a smaller share of the step while others decode; the last token of a prompt
+computed from an empty or hydrated context in a step of its own), so a long prompt never holds the
+others up and stops when cancelled.
 
 KV cells are laid out one of two ways (the fit chooses, by the profile's KV budget). Where the
 budget holds a whole context per sequence, each sequence has its own stream (llama.cpp's
@@ -111,6 +112,8 @@ class Slot:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet carried by an event
     suspended: bool = False  # its cells were given back to a full pool; `pending` holds them
     freeze: FreezePoint | None = None  # capture the state at this prompt length on the way
+    # The prompt's last token gets a step of its own (see `SlotBatch.open`).
+    last_alone: bool = True
 
     def claim(self) -> int:
         """Cells this generation holds or is about to: its tokens and a little growth."""
@@ -156,6 +159,7 @@ class SlotBatch:
         self._pieces: dict[int, bytes] = {}
         self.slots: dict[int, Slot] = {}
         self._idle: dict[int, list[int]] = {}  # ended generations' sequences: tokens they hold
+        self._memory_replays = False  # see `memory_replays`
         self._candidates = CandidateSampler(self._n_vocab)
 
     def close(self) -> None:
@@ -305,11 +309,20 @@ class SlotBatch:
             # The memory sequence continues from what it holds (the state keeper prepared it).
             seq = MEMORY_SEQ
             shared = 0
+            replays = self._memory_replays
             keep = self.cut_memory(tokens[:-1])
             self.room_for_memory(len(tokens))
+            self._memory_replays = False  # from now on it holds this generation's tokens
         else:
             seq = self._free_seq(tokens)
             keep = shared = self._share_prefix(seq, tokens)
+            replays = False
+        # Exactness where it is promised: a prompt computed from an empty context, or from a
+        # state saved that way (hydrated), decodes its last token alone, so a hydrated prompt
+        # replays a cold prefill's decode calls and rounds as it does (docs/snapshot-format.md).
+        # A prompt that continues what a live sequence holds (an agent's next call) has no cold
+        # twin to match: its last token goes with the rest, saving a decode step at depth.
+        last_alone = keep == 0 or replays
         held, pending = list(tokens[:keep]), list(tokens[keep:])
         sampler = self._sampler(params, tokens)
         try:
@@ -338,6 +351,7 @@ class SlotBatch:
             shared=shared,
             opened=opened,
             freeze=freeze if freeze is not None and freeze.tokens > keep else None,
+            last_alone=last_alone,
         )
         return seq
 
@@ -360,7 +374,14 @@ class SlotBatch:
             keep = 0
         llama.n_tokens = keep
         llama_cpp.llama_memory_seq_rm(self._memory, MEMORY_SEQ, keep, -1)
+        self._memory_replays = self._memory_replays and keep > 0
         return keep
+
+    def memory_replays(self) -> None:
+        """The memory sequence now holds a state computed as a cold prefill computes it, from
+        an empty context (restored from a saved state, or prefilled to save one): the next
+        prompt opened on it decodes its last token alone, as a cold prompt does."""
+        self._memory_replays = True
 
     def _held_by(self, seq: int) -> list[int]:
         if seq in self.slots:
@@ -505,10 +526,10 @@ class SlotBatch:
 
     @staticmethod
     def _chunk_limit(slot: Slot, budget: int) -> int:
-        """Prompt tokens of `slot` for this step: as many as fit, but the last prompt token
-        alone in its own step (as a prompt hydrated from a saved state decodes it, so both
-        round alike), and never past the slot's freeze point."""
-        limit = budget if len(slot.pending) == 1 else min(budget, len(slot.pending) - 1)
+        """Prompt tokens of `slot` for this step: as many as fit, but never past the slot's
+        freeze point, and the last prompt token alone in its own step where the slot asks it."""
+        alone = slot.last_alone and len(slot.pending) > 1
+        limit = min(budget, len(slot.pending) - 1) if alone else budget
         if slot.freeze is not None:
             limit = min(limit, slot.freeze.tokens - len(slot.held))
         return limit
