@@ -359,7 +359,8 @@ def write_results(rows: Rows, grammar: dict[str, Any], runs: int) -> None:
         "KV is one pool or a stream (measured); clawd's own per-token work is ~1% of its model "
         "thread. Prompt-lookup drafts pay where the answer copies the context (after the tool "
         "step) and cost where they miss: the first call's bare call decoded at 9.7 tok/s with "
-        "`claw.speculative: false` in a separate run, 8.7 with drafts.",
+        "`claw.speculative: false` in a single separate run, 8.7 with drafts (run-to-run "
+        "spread here: about 0.4 tok/s).",
     ]
     write_section("agents", "\n".join(lines))
 
