@@ -349,13 +349,15 @@ def write_results(rows: Rows, grammar: dict[str, Any], runs: int) -> None:
         "- llama-server returned every call as text in `content` (0 `tool_calls`), and after the "
         "tool step, unconstrained, wrote on until its token limit; clawd's grammar-held call "
         'was complete in the time shown under "done".',
-        "- What the warm rows are made of (py-spy and per-step timing, this machine): clawd's "
+        "- What the warm rows are made of (profiled once on 2026-12-07 with py-spy and per-step "
+        "timing, this machine): clawd's "
         "model thread spends 99% of the call in `llama_decode`; after the tool step the 134 new "
         "tokens at 12k depth take one 2.92 s step (llama-server: 135 in 2.97 s). clawd's time "
         "also counts tokenizing the 12k-token prompt (~20 ms) and queueing, which llama-server's "
         "`prompt_ms` does not. Both compute the same tokens with the same kernels, so the rows "
         "are level; being ahead means computing less (docs/agents.md).",
-        "- Decode at depth: one token at 12k depth costs ~95 ms in llama.cpp here, whether the "
+        "- Decode at depth (measured once on 2026-12-07): one token at 12k depth costs ~95 ms "
+        "in llama.cpp here, whether the "
         "KV is one pool or a stream (measured); clawd's own per-token work is ~1% of its model "
         "thread. Prompt-lookup drafts pay where the answer copies the context (after the tool "
         "step) and cost where they miss: the first call's bare call decoded at 9.7 tok/s with "

@@ -51,9 +51,17 @@ SAMPLES = [
 def _whole(
     text: str, names: frozenset[str] | None, prefix: str, stream: bool = False
 ) -> tuple[str, list[ToolCall]]:
-    """(content, calls) of a whole text."""
-    parsed = parse_tool_calls(text, names, prefix, stream)
-    return parsed.content, parsed.calls + ([parsed.partial] if parsed.partial else [])
+    """(content, calls, a partial call included) of a whole text fed at once."""
+    parser = ToolCallParser(names, prefix, stream)
+    parser.feed(text)
+    parser.finish()
+    return parser.content, parser.calls + ([parser.partial] if parser.partial else [])
+
+
+def test_the_whole_text_form_is_the_held_parse() -> None:
+    for text in SAMPLES:
+        parsed = parse_tool_calls(text, NAMES, "abc")
+        assert (parsed.content, parsed.calls) == _whole(text, NAMES, "abc")
 
 
 def _normalise(events: list[ToolEvent]) -> list[ToolEvent]:
@@ -386,11 +394,13 @@ def test_brackets_and_a_close_tag_inside_an_argument_do_not_end_a_streamed_call(
 
 def test_a_streamed_call_the_text_ends_inside_is_partial_not_a_call() -> None:
     text = 'Let me see.\n<tool_call>\n{"name": "read_file", "arguments": {"path": "a.t'
-    parsed = parse_tool_calls(text, NAMES, "abc", stream_arguments=True)
-    assert (parsed.content, parsed.calls) == ("Let me see.\n", [])
-    assert parsed.partial == ToolCall("call_abc_0", "read_file", '{"path": "a.t')
+    parser = ToolCallParser(NAMES, "abc", stream_arguments=True)
+    parser.feed(text)
+    parser.finish()
+    assert (parser.content, parser.calls) == ("Let me see.\n", [])
+    assert parser.partial == ToolCall("call_abc_0", "read_file", '{"path": "a.t')
     # Held, the same text is content: nothing was sent before the call was whole.
-    assert parse_tool_calls(text, NAMES, "abc") == ParsedAnswer(text, [], None)
+    assert parse_tool_calls(text, NAMES, "abc") == ParsedAnswer(text, [])
 
 
 def test_a_streamed_bare_call_and_the_text_after_it() -> None:

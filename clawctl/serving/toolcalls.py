@@ -468,18 +468,16 @@ class ToolCallParser:
 
 @dataclass(frozen=True)
 class ParsedAnswer:
-    """A whole answer's content and calls (`partial`: a streamed call the text ended inside)."""
+    """A whole answer's content and the calls in it, each checked whole."""
 
     content: str
     calls: list[ToolCall]
-    partial: ToolCall | None = None
 
 
-def parse_tool_calls(
-    text: str, names: frozenset[str] | None, id_prefix: str, stream_arguments: bool = False
-) -> ParsedAnswer:
-    """Whole-text form (non-streaming responses), the same machine as the streamed one."""
-    parser = ToolCallParser(names, id_prefix, stream_arguments)
+def parse_tool_calls(text: str, names: frozenset[str] | None, id_prefix: str) -> ParsedAnswer:
+    """Whole-text form (unstreamed responses): the streaming machine without
+    `stream_arguments`, so every call returned parsed whole and a cut call stays text."""
+    parser = ToolCallParser(names, id_prefix)
     parser.feed(text)
     parser.finish()
-    return ParsedAnswer(parser.content, parser.calls, parser.partial)
+    return ParsedAnswer(parser.content, parser.calls)

@@ -291,7 +291,7 @@ class LlamaEngine:
         if keep < len(tokens):
             self._llama.eval(tokens[keep:])
         if not reuse:
-            self._slots.memory_replays()
+            self._slots.mark_memory_cold()
         return len(tokens) - keep
 
     def capture_state(self) -> tuple[bytearray, list[int]]:
@@ -311,7 +311,7 @@ class LlamaEngine:
         llama.input_ids[: len(tokens)] = tokens
         llama.n_tokens = len(tokens)
         llama._requires_eval = True  # logits are not part of a usable restored state
-        self._slots.memory_replays()
+        self._slots.mark_memory_cold()
 
     def close(self) -> None:
         self._slots.close()

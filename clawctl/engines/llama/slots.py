@@ -159,7 +159,7 @@ class SlotBatch:
         self._pieces: dict[int, bytes] = {}
         self.slots: dict[int, Slot] = {}
         self._idle: dict[int, list[int]] = {}  # ended generations' sequences: tokens they hold
-        self._memory_replays = False  # see `memory_replays`
+        self._memory_cold = False  # see `mark_memory_cold`
         self._candidates = CandidateSampler(self._n_vocab)
 
     def close(self) -> None:
@@ -309,20 +309,20 @@ class SlotBatch:
             # The memory sequence continues from what it holds (the state keeper prepared it).
             seq = MEMORY_SEQ
             shared = 0
-            replays = self._memory_replays
+            cold = self._memory_cold
             keep = self.cut_memory(tokens[:-1])
             self.room_for_memory(len(tokens))
-            self._memory_replays = False  # from now on it holds this generation's tokens
+            self._memory_cold = False  # from now on it holds this generation's tokens
         else:
             seq = self._free_seq(tokens)
             keep = shared = self._share_prefix(seq, tokens)
-            replays = False
+            cold = False
         # Exactness where it is promised: a prompt computed from an empty context, or from a
         # state saved that way (hydrated), decodes its last token alone, so a hydrated prompt
         # replays a cold prefill's decode calls and rounds as it does (docs/snapshot-format.md).
         # A prompt that continues what a live sequence holds (an agent's next call) has no cold
         # twin to match: its last token goes with the rest, saving a decode step at depth.
-        last_alone = keep == 0 or replays
+        last_alone = keep == 0 or cold
         held, pending = list(tokens[:keep]), list(tokens[keep:])
         sampler = self._sampler(params, tokens)
         try:
@@ -374,14 +374,14 @@ class SlotBatch:
             keep = 0
         llama.n_tokens = keep
         llama_cpp.llama_memory_seq_rm(self._memory, MEMORY_SEQ, keep, -1)
-        self._memory_replays = self._memory_replays and keep > 0
+        self._memory_cold = self._memory_cold and keep > 0
         return keep
 
-    def memory_replays(self) -> None:
+    def mark_memory_cold(self) -> None:
         """The memory sequence now holds a state computed as a cold prefill computes it, from
         an empty context (restored from a saved state, or prefilled to save one): the next
         prompt opened on it decodes its last token alone, as a cold prompt does."""
-        self._memory_replays = True
+        self._memory_cold = True
 
     def _held_by(self, seq: int) -> list[int]:
         if seq in self.slots:
