@@ -27,6 +27,7 @@ from clawctl.schemas.adapters import (
     AdapterVerifyReport,
 )
 from clawctl.schemas.admin import Health
+from clawctl.schemas.fleet import FleetPullRequest, FleetPushRequest, FleetPushResult, FleetStatus
 from clawctl.schemas.jobs import JOB_LINE
 from clawctl.schemas.ledger import ExportFormat, GroupBy, LedgerSummary
 from clawctl.schemas.models import (
@@ -359,6 +360,17 @@ class ClawClient:
 
     def verify_adapters(self) -> AdapterVerifyReport:
         return self._call("POST", "/admin/adapters/verify", AdapterVerifyReport)
+
+    # --- the fleet (admin) ---
+
+    def fleet_status(self) -> FleetStatus:
+        return self._call("GET", "/admin/fleet", FleetStatus)
+
+    def fleet_push(self, request: FleetPushRequest) -> FleetPushResult:
+        return self._call("POST", "/admin/fleet/push", FleetPushResult, body=request)
+
+    def fleet_pull(self, request: FleetPullRequest) -> SnapshotInfo:
+        return self._call("POST", "/admin/fleet/pull", SnapshotInfo, body=request)
 
     # --- snapshots (admin) ---
 

@@ -92,12 +92,47 @@ class CacheSection(_Strict):
     ttl_seconds: float = Field(86400.0, gt=0)
 
 
+class FleetSection(_Strict):
+    """S3-compatible object storage the boxes of a fleet share frozen state through
+    (docs/fleet.md). Off while `endpoint` is empty. Credentials come from `credentials_file` (TOML
+    with `access_key_id` and `secret_access_key`) or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY."""
+
+    endpoint: str = ""
+    bucket: str = "clawd"
+    prefix: str = "fleet"
+    region: str = "us-east-1"
+    credentials_file: str = ""
+    box_id: str = ""  # this box's name in the fleet; empty: the host name
+    upload: bool = True  # push new pool blocks and named snapshots in the background
+    fetch: bool = True  # on a local pool miss, hydrate a longer prefix another box computed
+    upload_queue: int = Field(256, ge=1)
+    # What a fetch is weighed against before anything is measured on this box: fetch a prefix
+    # when size / bandwidth < its tokens / prefill rate.
+    assumed_bandwidth_mb_s: float = Field(50.0, gt=0)
+    assumed_prefill_tokens_s: float = Field(100.0, gt=0)
+    index_refresh_seconds: float = Field(5.0, ge=0)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("endpoint must be an http:// or https:// URL")
+        return value
+
+
+@dataclass(frozen=True)
+class FleetCredentials:
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+
+
 class ConfigFile(_Strict):
     daemon: DaemonSection = DaemonSection()
     tcp: TcpSection = TcpSection()
     snapshots: SnapshotSection = SnapshotSection()
     ledger: LedgerSection = LedgerSection()
     cache: CacheSection = CacheSection()
+    fleet: FleetSection = FleetSection()
     # Speculative decoding with a draft model: target model name -> draft model name (checked
     # when the target loads: installed, GGUF, the same vocabulary).
     drafts: dict[str, str] = {}
@@ -134,6 +169,8 @@ class DaemonConfig:
     drafts: Mapping[str, str] = field(default_factory=dict)
     tcp_admin: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    fleet: FleetSection = field(default_factory=FleetSection)
+    fleet_credentials: FleetCredentials | None = None
 
     def redacted(self) -> dict[str, str]:
         """The effective settings for the start-up log, with secrets hidden."""
@@ -148,6 +185,7 @@ class DaemonConfig:
             "data_dir": str(self.paths.data_dir),
             "config_file": str(self.config_file),
             "max_body_bytes": str(self.max_body_bytes),
+            "fleet": f"{self.fleet.endpoint}/{self.fleet.bucket}" if self.fleet.endpoint else "off",
             "log_level": self.log_level,
         }
 
@@ -231,6 +269,27 @@ def _read_token(path: Path) -> str:
         raise BadInput(f"cannot read the token file {path}: {exc.strerror}") from None
 
 
+def _fleet_credentials(fleet: FleetSection) -> FleetCredentials | None:
+    """The fleet store's keys: its credentials file, else the AWS variables, else none (an
+    endpoint that needs none, or an instance role the S3 library finds itself)."""
+    if fleet.credentials_file:
+        path = Path(fleet.credentials_file).expanduser()
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise BadInput(
+                f"cannot read the fleet credentials file {path}: {exc.strerror}"
+            ) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise BadInput(f"{path}: invalid TOML: {exc}") from None
+        key, secret = raw.get("access_key_id"), raw.get("secret_access_key")
+        if not isinstance(key, str) or not isinstance(secret, str) or not key or not secret:
+            raise BadInput(f"{path} needs access_key_id and secret_access_key (strings)")
+        return FleetCredentials(key, secret)
+    key, secret = _env("AWS_ACCESS_KEY_ID"), _env("AWS_SECRET_ACCESS_KEY")
+    return FleetCredentials(key, secret) if key and secret else None
+
+
 def load_daemon_config(
     socket: Path | None = None,
     profile: str | None = None,
@@ -285,6 +344,8 @@ def load_daemon_config(
         drafts=file.drafts,
         tcp_admin=file.tcp.admin,
         max_body_bytes=file.daemon.max_body_bytes,
+        fleet=file.fleet,
+        fleet_credentials=_fleet_credentials(file.fleet) if file.fleet.endpoint else None,
         systemd=SystemdEnv(
             notify_socket=_env("NOTIFY_SOCKET"),
             watchdog_usec=int(watchdog) if watchdog and watchdog.isdigit() else None,

@@ -27,4 +27,6 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "CLAW_TOKEN", "", "Bearer token for TCP (client side and, for clawd, the expected one)."
     ),
     EnvVar("CLAW_LOG_LEVEL", "info", "clawd log level."),
+    EnvVar("AWS_ACCESS_KEY_ID", "", "Fleet store key id, unless [fleet] credentials_file is set."),
+    EnvVar("AWS_SECRET_ACCESS_KEY", "", "Fleet store secret, with AWS_ACCESS_KEY_ID."),
 )

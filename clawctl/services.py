@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,9 @@ from clawctl.config import DaemonConfig, environment
 from clawctl.engines.base import AdapterSpec, LoadEngine
 from clawctl.engines.registry import LazyLoader
 from clawctl.errors import BadInput, ClawError
+from clawctl.fleet.bucket import Bucket
+from clawctl.fleet.store import FleetStore
+from clawctl.fleet.uploader import FleetUploader
 from clawctl.ledger import Ledger
 from clawctl.metrics import Metrics
 from clawctl.profiles import EdgeProfile, load_profile
@@ -44,6 +48,8 @@ class Services:
     answers: AnswerCache
     embeddings: EmbeddingService
     started_at: float = field(default_factory=time.time)
+    fleet: FleetStore | None = None
+    uploader: FleetUploader | None = None
     _remotes: dict[str, RemoteTier] = field(default_factory=dict)
     # An httpx async transport for remote tiers (tests: an in-process ASGI app); None: network.
     remote_transport: Any = None
@@ -58,7 +64,10 @@ class Services:
         snapshots = SnapshotStore(config.paths, budget_mb * (1 << 20), snap.block_tokens)
         snapshots.sweep_temps()
         writer = SnapshotWriter(snapshots, "shuffle2" if profile.kv_cache_type == "f16" else "none")
-        keeper = StateKeeper(snapshots, writer, snap.pool, snap.pool_min_tokens)
+        fleet, uploader = cls._fleet(config, snapshots)
+        if uploader is not None:
+            writer.on_written = uploader.submit
+        keeper = StateKeeper(snapshots, writer, snap.pool, snap.pool_min_tokens, fleet)
         manager = ModelManager(
             store,
             profile,
@@ -85,7 +94,25 @@ class Services:
             PolicyStore(config.paths),
             AnswerCache(cache.max_entries, cache.max_mb << 20, cache.ttl_seconds),
             EmbeddingService(store, threads=profile.effective_threads()),
+            fleet=fleet,
+            uploader=uploader,
         )
+
+    @staticmethod
+    def _fleet(
+        config: DaemonConfig, snapshots: SnapshotStore
+    ) -> tuple[FleetStore | None, FleetUploader | None]:
+        """The fleet store and its uploader when `[fleet] endpoint` is set (nothing is
+        contacted here: an unreachable fleet never keeps clawd from starting)."""
+        section = config.fleet
+        if not section.endpoint:
+            return None, None
+        bucket = Bucket(section.endpoint, section.bucket, section.region, config.fleet_credentials)
+        fleet = FleetStore(bucket, section, section.box_id or socket.gethostname(), snapshots)
+        if not section.upload:
+            return fleet, None
+        outbox = config.paths.data_dir / "fleet" / "outbox"
+        return fleet, FleetUploader(fleet, outbox, section.upload_queue)
 
     def remote(self, tier: Tier) -> RemoteTier:
         """The client of a remote tier, kept across requests (its circuit breaker with it)."""
@@ -99,6 +126,8 @@ class Services:
         """Finish generations, then the snapshot writes they queued."""
         await self.manager.stop(self.config.graceful_timeout_seconds)
         self.writer.stop()
+        if self.uploader is not None:
+            self.uploader.stop()  # what it has not sent stays in its outbox for the next start
         self.embeddings.close()
         self.ledger.close()
         for remote in self._remotes.values():

@@ -288,7 +288,9 @@ def tcp_config(directory: Path, token: str) -> tuple[Path, int]:
 
 
 # Commands whose data clawd owns: they need a running daemon (as with the installed service).
-DAEMON_COMMANDS = frozenset({"models", "adapters", "snapshot", "ledger", "distill", "route"})
+DAEMON_COMMANDS = frozenset(
+    {"models", "adapters", "snapshot", "ledger", "distill", "route", "fleet"}
+)
 # The socket of the clawd each test-started daemon's home is served by (one clawd per data dir).
 SERVING: dict[Path, Path] = {}
 

@@ -17,6 +17,7 @@ from clawctl.cli import (
     chat,
     daemon,
     distill,
+    fleet,
     ledger,
     models,
     profile,
@@ -35,7 +36,9 @@ class ClawGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except ClawError as exc:
-            err.print(f"[red]error:[/red] {exc.message}", markup=True, highlight=False)
+            from rich.markup import escape  # messages name config sections: "[fleet] …"
+
+            err.print(f"[red]error:[/red] {escape(exc.message)}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
@@ -65,6 +68,7 @@ app.add_typer(snapshot.app, name="snapshot")
 app.add_typer(ledger.app, name="ledger")
 app.add_typer(route.app, name="route")
 app.add_typer(distill.app, name="distill")
+app.add_typer(fleet.app, name="fleet")
 chat.register(app)
 daemon.register(app)
 

@@ -8,6 +8,10 @@ generation, `after` freezes the session. Pool and session writes are write-behin
 thread only copies the raw state (milliseconds); compression and the atomic write happen on the
 `SnapshotWriter` thread, so responses are not delayed. Snapshots never touch another thread's
 model: engines are only called here, from the worker that owns them.
+
+With a fleet configured, a pool miss (or a shorter local hit) also asks the fleet's index for a
+longer prefix another box computed, and downloads it into the local pool first when that is
+expected to beat computing it here; what the writer freezes is handed to the fleet uploader.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from pathlib import Path
 
 from clawctl.engines.base import Engine, FreezePoint
 from clawctl.errors import ClawError
+from clawctl.fleet.store import FleetStore
 from clawctl.schemas.snapshots import Filter, Kind
 from clawctl.schemas.state import StateIdentity, common_prefix
 from clawctl.store.snapshot_format import SnapshotHeader, encode, read_header, write_snapshot
-from clawctl.store.snapshots import SnapshotStore, block_hashes
+from clawctl.store.snapshots import PoolHit, SnapshotStore, block_hashes
 
 log = logging.getLogger("clawd.snapshots")
 
@@ -45,7 +50,7 @@ class StateRequest:
 @dataclass(frozen=True)
 class StateOutcome:
     reused_tokens: int  # prompt tokens whose prefill was avoided
-    source: str | None  # "memory", "snapshot", "session", "pool" or None
+    source: str | None  # "memory", "snapshot", "session", "pool", "fleet" or None
     saved: str | None = None  # named snapshot written for this request
     freeze: FreezePoint | None = None  # a pool block to capture during the prefill
     # A pool block the context holds already: captured when the generation ends (`after`),
@@ -73,6 +78,8 @@ class SnapshotWriter:
         self._jobs: queue.Queue[WriteJob | None] = queue.Queue()
         self._pending: dict[Path, WriteJob] = {}  # submitted, not yet on disk
         self._lock = threading.Lock()
+        # Told of each pool entry and named snapshot once it is on disk (the fleet uploader).
+        self.on_written: Callable[[Kind, Path], object] | None = None
         self._thread = threading.Thread(target=self._run, name="snapshot-writer", daemon=True)
         self._thread.start()
 
@@ -84,6 +91,8 @@ class SnapshotWriter:
         write_snapshot(job.path, header, chunks)
         if job.kind == "pool":
             self.store.pool_added(job.identity, job.path, job.tokens)
+        if self.on_written is not None and job.kind != "session":
+            self.on_written(job.kind, job.path)
         if job.kind != "named":
             self.store.enforce_budget()
 
@@ -128,12 +137,13 @@ class SnapshotWriter:
 class StateKeeper:
     def __init__(
         self, store: SnapshotStore, writer: SnapshotWriter, pool: bool = True,
-        pool_min_tokens: int = 512,
+        pool_min_tokens: int = 512, fleet: FleetStore | None = None,
     ) -> None:  # fmt: skip
         self.store = store
         self.writer = writer
         self.pool = pool
         self.pool_min_tokens = pool_min_tokens
+        self.fleet = fleet if fleet is not None and fleet.section.fetch else None
 
     def _restore(
         self, engine: Engine, path: Path, identity: StateIdentity, tokens: list[int]
@@ -189,10 +199,12 @@ class StateKeeper:
         elif self.pool and len(tokens) >= self.pool_min_tokens:
             hashes = block_hashes(identity, tokens, self.store.block_tokens)
             hit = self.store.pool_lookup(identity, hashes)
+            fetched = self._from_fleet(identity, hashes, max(held, hit.tokens if hit else 0))
+            hit = fetched or hit
             if hit is not None and hit.tokens > held:
                 try:
                     held = self._restore(engine, hit.path, identity, tokens)
-                    source = "pool"
+                    source = "fleet" if fetched else "pool"
                 except ClawError as exc:
                     log.warning("pool entry %s not restored: %s", hit.path.name, exc.message)
         reused = min(held, max(0, len(tokens) - 1))
@@ -210,6 +222,25 @@ class StateKeeper:
         return StateOutcome(
             reused, source if reused else None, freeze=freeze, pool_after=pool_after
         )
+
+    def _from_fleet(self, identity: StateIdentity, hashes: list[str], best: int) -> PoolHit | None:
+        """A longer prefix than `best` from the fleet, now in the local pool; None when the
+        fleet has none, fetching it would be slower than computing it, or it failed a check."""
+        if self.fleet is None:
+            return None
+        found = self.fleet.pool_lookup(identity, hashes)
+        if found is None or found.tokens <= best:
+            return None
+        if not self.fleet.worth_fetching(found.pointer.size, found.tokens - best):
+            log.info("fleet prefix of %d tokens (%d bytes) not fetched: computing it is faster",
+                     found.tokens, found.pointer.size)  # fmt: skip
+            return None
+        try:
+            path = self.fleet.fetch_pool(found.pointer, identity)
+        except ClawError as exc:  # unreachable, damaged or foreign: computed here instead
+            log.warning("fleet prefix not used: %s", exc.message)
+            return None
+        return PoolHit(path, found.tokens)
 
     def _grow_pool(
         self, identity: StateIdentity, tokens: list[int], hashes: list[str], shared: int

@@ -1,0 +1,86 @@
+"""Admin routes for the fleet (`/admin/fleet…`): its status, pushing this box's snapshots, and
+pulling a named snapshot another box pushed.
+
+Everything here talks to object storage, so it runs in a worker thread; a fleet that is off is a
+400 saying how to turn it on, one that is unreachable a 503 with the store's own complaint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+
+from clawctl.errors import BadInput
+from clawctl.fleet.store import FleetStore
+from clawctl.fleet.uploader import FleetUploader
+from clawctl.schemas.fleet import FleetPullRequest, FleetPushRequest, FleetPushResult, FleetStatus
+from clawctl.schemas.snapshots import Kind, SnapshotInfo
+from clawctl.services import Services
+from clawctl.store.snapshots import validate_snapshot_name
+
+router = APIRouter(prefix="/admin")
+OFF = "the fleet is off: set [fleet] endpoint (and bucket) in clawd.toml; see docs/fleet.md"
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _fleet(request: Request) -> FleetStore:
+    fleet = _services(request).fleet
+    if fleet is None:
+        raise BadInput(OFF)
+    return fleet
+
+
+@router.get("/fleet")
+async def fleet_status(request: Request) -> FleetStatus:
+    services = _services(request)
+    if services.fleet is None:
+        return FleetStatus(enabled=False)
+    status = await asyncio.to_thread(services.fleet.status)
+    uploader = services.uploader
+    if uploader is None:
+        return status
+    return status.model_copy(
+        update={
+            "queued": uploader.queued,
+            "upload_errors": uploader.errors,
+            "last_upload_error": uploader.last_error,
+        }
+    )
+
+
+def _uploader(request: Request) -> FleetUploader:
+    _fleet(request)
+    uploader = _services(request).uploader
+    if uploader is None:
+        raise BadInput("uploads are off here ([fleet] upload = false)")
+    return uploader
+
+
+@router.post("/fleet/push")
+async def fleet_push(body: FleetPushRequest, request: Request) -> FleetPushResult:
+    """Queue a named snapshot for upload, or (no name) every named snapshot and pool entry."""
+    uploader = _uploader(request)
+    store = _services(request).snapshots
+    if body.name is not None:
+        _, path = store.find(validate_snapshot_name(body.name), "named")
+        return FleetPushResult(queued=int(uploader.submit("named", path)))
+    queued = 0
+    kinds: tuple[Kind, ...] = ("named", "pool")
+    for kind in kinds:
+        for entry in store.entries(kind):
+            _, path = store.find(entry.name, kind)
+            queued += uploader.submit(kind, path)
+    return FleetPushResult(queued=queued)
+
+
+@router.post("/fleet/pull")
+async def fleet_pull(body: FleetPullRequest, request: Request) -> SnapshotInfo:
+    fleet = _fleet(request)
+    if body.as_name is not None:
+        validate_snapshot_name(body.as_name)
+    return await asyncio.to_thread(fleet.pull_named, body.name, body.as_name)

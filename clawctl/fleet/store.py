@@ -1,0 +1,309 @@
+"""The fleet's layout in its bucket, and this box's view of it.
+
+    <prefix>/objects/<sha256>                      snapshot files, content-addressed
+    <prefix>/pool/<identity key>/<chain>.json      a pool entry's pointer (`PoolPointer`)
+    <prefix>/named/<name>.json                     a named snapshot's pointer (`NamedPointer`)
+
+Objects are the very `.snap` files the local store keeps, named by the sha256 of their bytes and
+written with a conditional put, so two boxes uploading one prefix write it once and nothing is
+ever overwritten. Each object also carries its identity (model digest, adapters, state format,
+KV types, context size) as object metadata for anyone browsing the bucket; what a box trusts is
+what it checks after a download: the bytes' sha256 against the pointer, then the file's own
+header identity against its context (the same refusal a local snapshot gets), then every chunk's
+checksum when it is restored.
+
+A pool pointer lists every block chain hash of the tokens its object holds, so one listing per
+identity plus a small read per new entry tells a box every prefix the fleet can serve; pool
+entries from boxes with another `block_tokens` simply never match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+from pydantic import ValidationError
+
+from clawctl.config import FleetSection
+from clawctl.errors import BadInput, ClawError, IntegrityError, NotFound
+from clawctl.fleet.bucket import Bucket, FleetUnavailable
+from clawctl.fsutil import fsync_dir
+from clawctl.schemas.fleet import FleetStatus, NamedPointer, PoolPointer
+from clawctl.schemas.snapshots import Kind, SnapshotInfo
+from clawctl.schemas.state import StateIdentity
+from clawctl.store.snapshot_format import SnapshotHeader, SnapshotMismatch, read_header
+from clawctl.store.snapshots import SnapshotStore, block_hashes, validate_snapshot_name
+
+log = logging.getLogger("clawd.fleet")
+HASH_CHUNK = 1 << 20
+BANDWIDTH_WEIGHT = 0.5  # of the newest fetch in the running estimate
+# After the fleet failed a lookup, requests skip it this long (an unreachable host would
+# otherwise cost each of them a connect timeout).
+LOOKUP_BACKOFF_SECONDS = 30.0
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FleetHit:
+    pointer: PoolPointer
+    tokens: int  # leading prompt tokens the entry holds (block aligned)
+
+
+@dataclass
+class _PoolIndex:
+    by_chain: dict[str, PoolPointer]
+    seen: set[str]  # pointer keys already read
+    refreshed: float = 0.0
+
+
+@dataclass
+class _Counters:
+    uploaded: int = 0
+    already_there: int = 0
+    fetched: int = 0
+    fetched_bytes: int = 0
+    fetch_refused: int = 0
+
+
+class FleetStore:
+    def __init__(
+        self, bucket: Bucket, section: FleetSection, box: str, snapshots: SnapshotStore
+    ) -> None:
+        self.bucket = bucket
+        self.section = section
+        self.box = box
+        self.snapshots = snapshots
+        self._root = section.prefix.strip("/")
+        self._lock = threading.Lock()
+        self._pools: dict[str, _PoolIndex] = {}
+        self._bandwidth: float | None = None  # bytes/s, measured on fetches
+        self._skip_until = 0.0
+        self.counters = _Counters()
+
+    # --- keys --------------------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p for p in (self._root, *parts) if p)
+
+    def object_key(self, sha256: str) -> str:
+        return self._key("objects", sha256)
+
+    def pool_key(self, identity_key: str, chain: str) -> str:
+        return self._key("pool", identity_key, f"{chain}.json")
+
+    def named_key(self, name: str) -> str:
+        return self._key("named", f"{name}.json")
+
+    # --- pushing -----------------------------------------------------------------------------
+
+    def push(self, kind: Kind, path: Path) -> bool:
+        """Upload one local snapshot and its pointer; False if the object was already there.
+        Raises FileNotFoundError if the file is gone (evicted before its turn came)."""
+        if kind == "session":
+            raise BadInput("sessions are not shared through the fleet", param="kind")
+        header = read_header(path)
+        sha256 = file_sha256(path)
+        size = path.stat().st_size
+        identity = header.identity
+        metadata = {
+            "kind": kind,
+            "identity": identity.key(),
+            "model-sha256": identity.model_sha256,
+            "state-format": identity.state_format,
+            "n-ctx": str(identity.n_ctx),
+            "kv-type": f"{identity.type_k}/{identity.type_v}",
+            "tokens": str(len(header.tokens)),
+            "box": self.box,
+        }
+        with path.open("rb") as body:
+            created = self.bucket.put_if_absent(self.object_key(sha256), body, size, metadata)
+        now = datetime.now(timezone.utc)
+        if kind == "pool":
+            pointer = PoolPointer(
+                chain=path.stem, sha256=sha256, size=size, tokens=len(header.tokens),
+                chains=block_hashes(identity, header.tokens, self.snapshots.block_tokens),
+                box=self.box, created_at=now,
+            )  # fmt: skip
+            key = self.pool_key(identity.key(), path.stem)
+        else:
+            named = NamedPointer(
+                name=path.stem, sha256=sha256, size=size, tokens=len(header.tokens),
+                identity=identity, box=self.box, created_at=now,
+            )  # fmt: skip
+            key = self.named_key(path.stem)
+        record = pointer if kind == "pool" else named
+        self.bucket.put_bytes(key, record.model_dump_json().encode())
+        with self._lock:
+            if created:
+                self.counters.uploaded += 1
+            else:
+                self.counters.already_there += 1
+        return created
+
+    # --- the pool ----------------------------------------------------------------------------
+
+    def _refresh(self, identity: StateIdentity, index: _PoolIndex) -> None:
+        """Read the pointers of entries this box has not seen yet (pointers never change)."""
+        prefix = self._key("pool", identity.key()) + "/"
+        for key in self.bucket.keys(prefix):
+            if key in index.seen or not key.endswith(".json"):
+                continue
+            data = self.bucket.get_bytes(key)
+            index.seen.add(key)
+            if data is None:
+                continue
+            try:
+                pointer = PoolPointer.model_validate_json(data)
+            except ValidationError:
+                log.warning("fleet pool pointer %s is not valid; ignored", key)
+                continue
+            for chain in pointer.chains:
+                known = index.by_chain.get(chain)
+                if known is None or pointer.tokens > known.tokens:
+                    index.by_chain[chain] = pointer
+        index.refreshed = time.monotonic()
+
+    def pool_lookup(self, identity: StateIdentity, hashes: Sequence[str]) -> FleetHit | None:
+        """The fleet entry sharing the most leading blocks with a prompt (its chain hashes);
+        None also while the fleet is unreachable (then only what is already indexed counts)."""
+        with self._lock:
+            index = self._pools.setdefault(identity.key(), _PoolIndex({}, set()))
+            now = time.monotonic()
+            stale = now - index.refreshed >= self.section.index_refresh_seconds
+            if stale and now >= self._skip_until:
+                try:
+                    self._refresh(identity, index)
+                except FleetUnavailable as exc:
+                    self._skip_until = now + LOOKUP_BACKOFF_SECONDS
+                    log.warning("fleet index not read (next try in %.0f s): %s",
+                                LOOKUP_BACKOFF_SECONDS, exc.message)  # fmt: skip
+            for i in range(len(hashes) - 1, -1, -1):
+                pointer = index.by_chain.get(hashes[i])
+                if pointer is not None:
+                    return FleetHit(pointer, (i + 1) * self.snapshots.block_tokens)
+        return None
+
+    def worth_fetching(self, size: int, tokens: int) -> bool:
+        """Whether downloading `size` bytes is expected to beat computing `tokens` here."""
+        bandwidth = self._bandwidth or self.section.assumed_bandwidth_mb_s * (1 << 20)
+        return size / bandwidth < tokens / self.section.assumed_prefill_tokens_s
+
+    def _download(self, sha256: str, handle: IO[bytes]) -> None:
+        started = time.perf_counter()
+        got = self.bucket.download(self.object_key(sha256), handle)
+        if got != sha256:
+            with self._lock:
+                self.counters.fetch_refused += 1
+            raise IntegrityError(
+                f"fleet object {sha256[:12]}… arrived with sha256 {got[:12]}…; not used"
+            )
+        handle.flush()
+        os.fsync(handle.fileno())
+        size = handle.tell()
+        seconds = max(time.perf_counter() - started, 1e-6)
+        with self._lock:
+            measured = size / seconds
+            self._bandwidth = (
+                measured
+                if self._bandwidth is None
+                else BANDWIDTH_WEIGHT * measured + (1 - BANDWIDTH_WEIGHT) * self._bandwidth
+            )
+            self.counters.fetched += 1
+            self.counters.fetched_bytes += size
+
+    def fetch_pool(self, pointer: PoolPointer, identity: StateIdentity) -> Path:
+        """Download a fleet pool entry into the local pool, checked: its bytes against the
+        pointer's sha256 and its header against this context's identity."""
+        target = self.snapshots.pool_path(identity, validate_snapshot_name(pointer.chain))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            dir=target.parent, prefix=".fleet-", suffix=".tmp", delete=False
+        ) as handle:
+            tmp = Path(handle.name)
+        try:
+            with tmp.open("r+b") as out:
+                self._download(pointer.sha256, out)
+            header = self._checked_header(tmp, identity, "pool")
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.snapshots.pool_added(identity, target, header.tokens)
+        return target
+
+    def _checked_header(self, path: Path, identity: StateIdentity, kind: Kind) -> SnapshotHeader:
+        try:
+            header = read_header(path)
+        except ClawError:
+            with self._lock:
+                self.counters.fetch_refused += 1
+            raise
+        problem = identity.mismatch(header.identity)
+        if problem is None and header.kind != kind:
+            problem = f"it is a {header.kind} snapshot, not a {kind} one"
+        if problem is not None:
+            with self._lock:
+                self.counters.fetch_refused += 1
+            raise SnapshotMismatch(f"fleet snapshot {path.stem} does not fit here: {problem}")
+        return header
+
+    # --- named snapshots ---------------------------------------------------------------------
+
+    def named(self) -> list[str]:
+        prefix = self._key("named") + "/"
+        return sorted(
+            key[len(prefix) : -len(".json")] for key in self.bucket.keys(prefix)
+            if key.endswith(".json")
+        )  # fmt: skip
+
+    def pull_named(self, name: str, as_name: str | None = None) -> SnapshotInfo:
+        """A named snapshot from the fleet into the local store, verified whole (as an import
+        is) and never replacing a local one."""
+        data = self.bucket.get_bytes(self.named_key(validate_snapshot_name(name)))
+        if data is None:
+            raise NotFound(f"the fleet has no snapshot named {name!r}", param="name")
+        pointer = NamedPointer.model_validate_json(data)
+        with self.snapshots.incoming() as (tmp, handle):
+            self._download(pointer.sha256, handle)
+            return self.snapshots.adopt(tmp, handle, as_name or name)
+
+    # --- status ------------------------------------------------------------------------------
+
+    def status(self) -> FleetStatus:
+        reachable, problem, named = True, None, []
+        try:
+            named = self.named()
+        except FleetUnavailable as exc:
+            reachable, problem = False, exc.message
+        with self._lock:
+            counters = self.counters
+            bandwidth = self._bandwidth
+            entries = sum(
+                len({p.sha256 for p in index.by_chain.values()}) for index in self._pools.values()
+            )
+        return FleetStatus(
+            enabled=True, endpoint=self.bucket.endpoint, bucket=self.bucket.name,
+            prefix=self._root, box=self.box, reachable=reachable, problem=problem,
+            uploaded=counters.uploaded, already_there=counters.already_there,
+            fetched=counters.fetched, fetched_bytes=counters.fetched_bytes,
+            fetch_refused=counters.fetch_refused,
+            bandwidth_mb_s=round(bandwidth / (1 << 20), 1) if bandwidth else None,
+            pool_entries=entries, named=named,
+        )  # fmt: skip

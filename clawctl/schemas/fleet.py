@@ -1,0 +1,80 @@
+"""What the fleet stores beside its snapshot objects, and what its admin API answers.
+
+Pointers are the fleet's index: small JSON objects naming a content-addressed snapshot object
+(its sha256) and what it holds, so a box finds a prefix another box computed with one listing
+and a few small reads, without downloading a snapshot to learn what is in it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from clawctl.schemas.state import StateIdentity
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class PoolPointer(_Frozen):
+    """A prefix-pool entry in the fleet: `<prefix>/pool/<identity key>/<chain hash>.json`."""
+
+    chain: str  # the entry's name: the chain hash of the prefix it was frozen for
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    chains: list[str]  # the block chain hashes of its tokens: every prefix it can serve
+    box: str
+    created_at: datetime
+
+
+class NamedPointer(_Frozen):
+    """A named snapshot in the fleet: `<prefix>/named/<name>.json`."""
+
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    identity: StateIdentity
+    box: str
+    created_at: datetime
+
+
+class FleetStatus(_Frozen):
+    """`clawctl fleet status`: where the fleet is and what this box exchanged with it."""
+
+    enabled: bool
+    endpoint: str = ""
+    bucket: str = ""
+    prefix: str = ""
+    box: str = ""
+    reachable: bool | None = None  # None: not asked (the fleet is off)
+    problem: str | None = None
+    queued: int = 0  # uploads waiting (persisted: they survive a restart)
+    uploaded: int = 0
+    already_there: int = 0  # uploads another box had made first
+    upload_errors: int = 0
+    last_upload_error: str | None = None
+    fetched: int = 0
+    fetched_bytes: int = 0
+    fetch_refused: int = 0  # objects that failed their checksum or identity
+    bandwidth_mb_s: float | None = None  # measured on fetches
+    pool_entries: int = 0  # fleet pool entries known for the identities asked about
+    named: list[str] = []
+
+
+class FleetPushRequest(_Frozen):
+    """Queue named snapshots for upload: one by name, or every named and pool snapshot."""
+
+    name: str | None = None
+
+
+class FleetPushResult(_Frozen):
+    queued: int
+
+
+class FleetPullRequest(_Frozen):
+    name: str
+    as_name: str | None = None  # store it locally under another name
