@@ -673,3 +673,199 @@ def test_a_tool_step_escalates_with_the_call_and_its_result(local: Daemon, remot
     assert said(response.json()["choices"][0]["message"]) == said(
         remote_direct.json()["choices"][0]["message"]
     )
+
+
+NO_CACHE = {"cache": False}  # every request reaches the pool
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+    """A fault-injecting proxy in front of the real remote clawd: `mode` "ok" forwards, a status
+    code answers it (with `retry_after` when set), "hang" holds the request until released.
+    It records the X-Request-ID of every request it gets."""
+
+    mode = "ok"
+    upstream = ""
+    retry_after: str | None = None
+    seen: list[str]
+    release: threading.Event
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.seen.append(self.headers.get("X-Request-ID", ""))
+        if self.mode == "hang":
+            self.release.wait(30)
+            return
+        if self.mode != "ok":
+            payload = json.dumps({"error": {"message": "busy", "type": "overloaded"}}).encode()
+            self.send_response(int(self.mode))
+            if self.retry_after is not None:
+                self.send_header("Retry-After", self.retry_after)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        headers = {
+            k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")
+        }
+        with httpx.stream(
+            "POST", self.upstream + self.path.removeprefix("/v1"), content=body, headers=headers,
+            timeout=60,
+        ) as upstream:  # fmt: skip
+            self.send_response(upstream.status_code)
+            self.send_header("Content-Type", upstream.headers.get("content-type", ""))
+            self.end_headers()
+            for chunk in upstream.iter_raw():
+                self.wfile.write(chunk)
+                self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *_: object) -> None:
+        return
+
+
+@pytest.fixture
+def proxies(remote: str) -> Iterator[list[type[_Proxy]]]:
+    """Three proxies to the remote clawd, each with its own mode and log."""
+    made, servers = [], []
+    for _ in range(3):
+        handler = type(
+            "Proxy", (_Proxy,), {"upstream": remote, "seen": [], "release": threading.Event()}
+        )
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        handler.url = f"http://127.0.0.1:{server.server_address[1]}/v1"  # type: ignore[attr-defined]
+        made.append(handler)
+        servers.append(server)
+    try:
+        yield made
+    finally:
+        for handler, server in zip(made, servers, strict=True):
+            handler.release.set()
+            server.shutdown()
+            server.server_close()
+
+
+def pool_policy(name: str, urls: list[str], key_file: str, extra: str = "") -> str:
+    endpoints = "".join(
+        f'\n[[tiers.endpoints]]\nbase_url = "{url}"\napi_key_file = "{key_file}"\n' for url in urls
+    )
+    return f"""
+name = "{name}"
+start = "small"
+on_remote_failure = "degraded"
+
+[[tiers]]
+name = "small"
+kind = "local"
+model = "smollm2-135m"
+[tiers.escalate]
+first_margin = 0.999
+
+[[tiers]]
+name = "remote"
+kind = "remote"
+model = "smollm2-135m"
+retries = 0
+{extra}
+{endpoints}
+"""
+
+
+def _ledger_rows(daemon: Daemon) -> dict[str, dict[str, Any]]:
+    env = {**os.environ, "CLAW_HOME": str(daemon.home), "CLAW_SOCKET": str(daemon.socket)}
+    exported = run_cli("ledger", "export", "--format", "json", env=env)
+    assert exported.returncode == 0, exported.stderr
+    return {row["request_id"]: row for row in json.loads(exported.stdout)}
+
+
+def _by_remote(response: httpx.Response, remote: str) -> str:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["claw"]["tier"] == "remote", body["claw"]
+    assert body["claw"]["path"] == ["small", "remote"]
+    assert body["choices"][0]["message"]["content"] == remote_answer(remote)
+    return str(body["claw"]["request_id"])
+
+
+def test_a_pool_fails_over_with_one_request_id_and_honours_retry_after(
+    local: Daemon, remote: str, proxies: list[type[_Proxy]]
+) -> None:
+    busy, good, _ = proxies
+    busy.mode, busy.retry_after = "503", "120"
+    key = str(local.home / "key")
+    text = pool_policy("pool-503", [busy.url, good.url], key, "timeout_seconds = 20")  # type: ignore[attr-defined]
+    apply(local, text)
+    request_id = _by_remote(chat(local, "pool-503", claw=NO_CACHE), remote)
+    assert busy.seen == [request_id]  # tried first, in order, once: the SDK does not retry
+    assert good.seen == [request_id]  # the same request, not a new one
+    row = _ledger_rows(local)[request_id]  # one ledger row for the request, whatever it took
+    assert row["tier_path"] == "small>remote"
+    # The busy server asked for 120 s: the next request goes straight to the other one.
+    second = _by_remote(chat(local, "pool-503", claw=NO_CACHE), remote)
+    assert busy.seen == [request_id]
+    assert good.seen == [request_id, second]
+
+
+def test_a_hung_endpoint_leaves_time_for_the_next(
+    local: Daemon, remote: str, proxies: list[type[_Proxy]]
+) -> None:
+    hung, good, _ = proxies
+    hung.mode = "hang"
+    key = str(local.home / "key")
+    apply(local, pool_policy("pool-hang", [hung.url, good.url], key, "timeout_seconds = 16"))  # type: ignore[attr-defined]
+    request_id = _by_remote(chat(local, "pool-hang", claw=NO_CACHE), remote)
+    assert hung.seen == [request_id]
+    assert good.seen == [request_id]
+
+
+def test_least_recent_failure_first_and_a_breaker_per_endpoint(
+    local: Daemon, remote: str, proxies: list[type[_Proxy]]
+) -> None:
+    flaky, good, broken = proxies
+    flaky.mode = "500"  # fails once, no Retry-After: only the order changes
+    broken.mode = "500"
+    key = str(local.home / "key")
+    extra = 'failover = "least_recent_failure"\nbreaker_failures = 2\ntimeout_seconds = 20'
+    urls = [flaky.url, broken.url, good.url]  # type: ignore[attr-defined]
+    apply(local, pool_policy("pool-lrf", urls, key, extra))
+    first = _by_remote(chat(local, "pool-lrf", claw=NO_CACHE), remote)
+    assert flaky.seen == broken.seen == good.seen == [first]
+    # Now the endpoint that never failed goes first.
+    second = _by_remote(chat(local, "pool-lrf", claw=NO_CACHE), remote)
+    assert good.seen == [first, second]
+    assert flaky.seen == broken.seen == [first]
+    good.mode = "500"  # everything fails now: each endpoint is tried, and two breakers open
+    third = chat(local, "pool-lrf", claw=NO_CACHE).json()["claw"]
+    assert third["degraded"] is True
+    assert "500" in third["reason"]
+    assert len(flaky.seen) == len(broken.seen) == 2
+    good.mode = "ok"
+    # flaky and broken have failed twice in a row: their breakers are open, so only good is asked
+    fourth = _by_remote(chat(local, "pool-lrf", claw=NO_CACHE), remote)
+    assert good.seen[-1] == fourth
+    assert len(flaky.seen) == len(broken.seen) == 2
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    from clawctl.routing.remote import MAX_RETRY_AFTER_SECONDS, retry_after_seconds
+
+    assert retry_after_seconds("7") == 7.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412490.0) == 0.0
+    assert retry_after_seconds("99999999") == MAX_RETRY_AFTER_SECONDS
+    assert retry_after_seconds("soon") is None
+    assert retry_after_seconds(None) is None
+
+
+def test_a_tier_names_its_servers_one_way(local: Daemon) -> None:
+    both = pool_policy("pool-both", ["http://127.0.0.1:9/v1"], "k").replace(
+        "retries = 0", 'retries = 0\nbase_url = "http://127.0.0.1:9/v1"'
+    )
+    path = local.home / "both.toml"
+    path.write_text(both)
+    env = {**os.environ, "CLAW_HOME": str(local.home), "CLAW_SOCKET": str(local.socket)}
+    result = run_cli("route", "apply", str(path), env=env)
+    assert result.returncode == 2
+    assert "either endpoints or base_url" in result.stderr

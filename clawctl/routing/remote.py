@@ -1,35 +1,67 @@
-"""The remote tier: any OpenAI-compatible server, reached with the official `openai` client.
+"""The remote tier: any OpenAI-compatible server, or a pool of them, reached with the official
+`openai` client.
 
 Streaming is passed through piece by piece. Failures (connection refused, timeouts, 5xx/429,
-bodies that are not OpenAI-shaped, an answer with no text) are retried with exponential backoff,
-but only before the first piece of text: once text has reached the caller a retry would repeat
-it. `timeout_seconds` bounds each read (so a slow server fails in time) and, across retries, the
-wait for the first token. A circuit breaker per tier stops calling a server that keeps failing for
-`breaker_cooldown_seconds`, so requests fall back at once instead of each waiting out a timeout.
+bodies that are not OpenAI-shaped, an answer with no text) move the request to the pool's next
+endpoint, and after a round through the pool it is retried with exponential backoff, but only
+before the first piece of text: once text has reached the caller a retry would repeat it.
+`timeout_seconds` bounds each read (so a slow server fails in time) and, across attempts, the
+wait for the first token; one attempt gets `attempt_timeout_seconds`, or an even share of what is
+left among the endpoints still to try, so a server that hangs leaves time for the next.
+
+Each endpoint has its own circuit breaker (a server that keeps failing is skipped for
+`breaker_cooldown_seconds`, so requests go elsewhere or fall back at once instead of each waiting
+out a timeout) and honours `Retry-After` (a 429 or 503 that asks for time gets it: that endpoint
+is skipped until then). `failover = "least_recent_failure"` tries the endpoint that failed
+longest ago first. Every attempt of one request carries the same `X-Request-ID`, so a proxy or
+server that logs or deduplicates by it sees one request, and it is the id of the request's one
+ledger row (`claw.request_id`); the SDK's own retries are off, so attempts never multiply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import time
+import uuid
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clawctl.engines.base import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ChatTurn, ToolSpec
-from clawctl.schemas.policy import Tier
+from clawctl.schemas.policy import Endpoint, Tier
+
+MAX_RETRY_AFTER_SECONDS = 3600.0  # a longer ask is read as an hour: the breaker covers the rest
 
 
 class RemoteFailure(Exception):
     """The remote tier could not answer; `message` says why (for logs and `claw.reason`)."""
 
-    def __init__(self, message: str, after_text: bool = False) -> None:
+    def __init__(
+        self, message: str, after_text: bool = False, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.after_text = after_text
+        self.retry_after = retry_after  # seconds the server asked for (429/503 Retry-After)
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header as seconds from now: delta-seconds or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_SECONDS)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    delta = when.timestamp() - (time.time() if now is None else now)
+    return min(max(delta, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -84,6 +116,7 @@ class RemoteRequest:
     parallel_tool_calls: bool = True
     json_output: bool = False
     response_schema: str | None = None  # JSON text
+    request_id: str | None = None  # clawd's (the ledger row's): every attempt sends it
 
     def chat_arguments(self) -> dict[str, Any]:
         """The chat request's messages, tools and output format in OpenAI's shape."""
@@ -168,39 +201,49 @@ class _CallPieces:
         return texts
 
 
-class RemoteTier:
-    def __init__(self, tier: Tier, env: Mapping[str, str], transport: Any = None) -> None:
-        """`transport`: an httpx async transport for the SDK's HTTP client (tests route the
-        remote tier to an in-process ASGI app with `httpx.ASGITransport`); None: the network."""
+class _Endpoint:
+    """One server of the pool: its client, circuit breaker, Retry-After and last failure."""
+
+    def __init__(self, spec: Endpoint, tier: Tier, env: Mapping[str, str], transport: Any) -> None:
+        self.spec = spec
         self.tier = tier
         self.breaker = CircuitBreaker(tier.breaker_failures, tier.breaker_cooldown_seconds)
+        self.cool_until = 0.0  # monotonic time before which the server asked not to be called
+        self.last_failure = 0.0  # monotonic; 0: never failed
         self._env = env
         self._transport = transport
         self._client: Any = None
 
-    def configured(self) -> str | None:
-        """Why this tier cannot be used, or None when it can."""
-        if self._base_url() is None:
-            return f"remote tier {self.tier.name}: set {self.tier.base_url_env} to its base URL"
-        return None
+    def base_url(self) -> str | None:
+        if self.spec.base_url:
+            return self.spec.base_url
+        return self._env.get(self.spec.base_url_env or "") or None
 
-    def _base_url(self) -> str | None:
-        if self.tier.base_url:
-            return self.tier.base_url
-        return self._env.get(self.tier.base_url_env or "") or None
+    def label(self) -> str:
+        return self.base_url() or f"${self.spec.base_url_env}"
+
+    def available(self, now: float) -> bool:
+        return self.base_url() is not None and not self.breaker.open and now >= self.cool_until
+
+    def record(self, failure: RemoteFailure | None) -> None:
+        self.breaker.record(failure is None)
+        if failure is not None:
+            self.last_failure = time.monotonic()
+            if failure.retry_after is not None:
+                self.cool_until = self.last_failure + failure.retry_after
 
     def _api_key(self) -> str:
-        tier = self.tier
-        if tier.api_key_file:
+        spec = self.spec
+        if spec.api_key_file:
             try:
-                return Path(tier.api_key_file).expanduser().read_text().strip()
+                return Path(spec.api_key_file).expanduser().read_text().strip()
             except OSError as exc:
                 raise RemoteFailure(f"cannot read API key file: {exc.strerror}") from None
-        if tier.api_key_env:
-            return self._env.get(tier.api_key_env, "") or "none"
+        if spec.api_key_env:
+            return self._env.get(spec.api_key_env, "") or "none"
         return "none"
 
-    def _get_client(self) -> Any:
+    def client(self) -> Any:
         if self._client is None:
             import openai
 
@@ -210,7 +253,7 @@ class RemoteTier:
 
                 http_client = httpx.AsyncClient(transport=self._transport)
             self._client = openai.AsyncOpenAI(
-                base_url=self._base_url(),
+                base_url=self.base_url(),
                 api_key=self._api_key(),
                 timeout=self.tier.timeout_seconds,
                 max_retries=0,  # retries are ours: only before the first token
@@ -218,42 +261,97 @@ class RemoteTier:
             )
         return self._client
 
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+class RemoteTier:
+    def __init__(self, tier: Tier, env: Mapping[str, str], transport: Any = None) -> None:
+        """`transport`: an httpx async transport for the SDK's HTTP client (tests route the
+        remote tier to an in-process ASGI app with `httpx.ASGITransport`); None: the network."""
+        self.tier = tier
+        self.endpoints = [_Endpoint(spec, tier, env, transport) for spec in tier.pool()]
+
+    def configured(self) -> str | None:
+        """Why this tier cannot be used, or None when it can."""
+        if all(e.base_url() is None for e in self.endpoints):
+            names = [e.spec.base_url_env for e in self.endpoints]
+            return (
+                f"remote tier {self.tier.name}: set {' or '.join(map(str, names))} to its base URL"
+            )
+        return None
+
+    def unavailable(self) -> str | None:
+        """Why no request could be sent now (unconfigured, or every endpoint's breaker open)."""
+        problem = self.configured()
+        if problem is None and all(e.breaker.open for e in self.endpoints):
+            return "circuit open"
+        return problem
+
+    def _order(self) -> list[_Endpoint]:
+        if self.tier.failover == "least_recent_failure":
+            return sorted(self.endpoints, key=lambda e: e.last_failure)
+        return list(self.endpoints)
+
     async def stream(self, request: RemoteRequest) -> AsyncGenerator[str | RemoteDone, None]:
         """Text pieces, then one `RemoteDone`; raises `RemoteFailure`."""
         problem = self.configured()
         if problem:
             raise RemoteFailure(problem)
-        if self.breaker.open:
-            raise RemoteFailure(f"remote tier {self.tier.name} is failing; circuit open")
+        request_id = request.request_id or uuid.uuid4().hex
         deadline = time.monotonic() + self.tier.timeout_seconds
-        attempt = 0
-        while True:
-            sent_text = False
-            try:
-                async with contextlib.aclosing(self._one_attempt(request, deadline)) as pieces:
-                    async for item in pieces:
-                        if isinstance(item, str):
-                            sent_text = True
-                        yield item
-                self.breaker.record(True)
+        failures: list[str] = []
+        for attempt in range(self.tier.retries + 1):
+            order = self._order()
+            for position, endpoint in enumerate(order):
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if not endpoint.available(now):
+                    continue
+                left = sum(e.available(now) for e in order[position:])
+                share = self.tier.attempt_timeout_seconds or (deadline - now) / left
+                attempt_deadline = min(deadline, now + share)
+                sent_text = False
+                try:
+                    async with contextlib.aclosing(
+                        self._one_attempt(endpoint, request, attempt_deadline, request_id)
+                    ) as pieces:
+                        async for item in pieces:
+                            if isinstance(item, str):
+                                sent_text = True
+                            yield item
+                except RemoteFailure as failure:
+                    endpoint.record(failure)
+                    if sent_text:
+                        raise RemoteFailure(failure.message, after_text=True) from None
+                    failures.append(failure.message)
+                    continue
+                endpoint.record(None)
                 return
-            except RemoteFailure as failure:
-                retryable = not sent_text and attempt < self.tier.retries
-                backoff = 0.25 * (2**attempt)
-                if not retryable or time.monotonic() + backoff >= deadline:
-                    self.breaker.record(False)
-                    raise RemoteFailure(failure.message, after_text=sent_text) from None
-                attempt += 1
-                await asyncio.sleep(backoff)
+            live = [e for e in self.endpoints if e.base_url() and not e.breaker.open]
+            if attempt == self.tier.retries or not live:
+                break
+            now = time.monotonic()
+            # Back off; and when every server asked for time (Retry-After), wait for the first.
+            wait = max(0.25 * (2**attempt), min(e.cool_until for e in live) - now)
+            if now + wait >= deadline:
+                break
+            await asyncio.sleep(wait)
+        if not failures:
+            raise RemoteFailure(f"remote tier {self.tier.name} is failing; circuit open")
+        raise RemoteFailure("; ".join(dict.fromkeys(failures)))
 
     async def _one_attempt(
-        self, request: RemoteRequest, deadline: float
+        self, endpoint: _Endpoint, request: RemoteRequest, deadline: float, request_id: str
     ) -> AsyncGenerator[str | RemoteDone, None]:
         import openai
 
-        client = self._get_client()
+        client = endpoint.client()
         common: dict[str, Any] = {
             "model": self.tier.model,
+            "extra_headers": {"X-Request-ID": request_id},
             "stream": True,
             "stream_options": {"include_usage": True},
             "temperature": request.temperature,
@@ -298,13 +396,19 @@ class RemoteTier:
         except (RemoteFailure, GeneratorExit):
             raise
         except (asyncio.TimeoutError, openai.APITimeoutError):
-            raise RemoteFailure(f"remote tier {self.tier.name} timed out") from None
-        except openai.APIStatusError as exc:
             raise RemoteFailure(
-                f"remote tier {self.tier.name} answered {exc.status_code}"
+                f"remote tier {self.tier.name} timed out ({endpoint.label()})"
+            ) from None
+        except openai.APIStatusError as exc:
+            asked = retry_after_seconds(exc.response.headers.get("retry-after"))
+            raise RemoteFailure(
+                f"remote tier {self.tier.name} answered {exc.status_code} ({endpoint.label()})",
+                retry_after=asked if exc.status_code in (429, 503) else None,
             ) from None
         except openai.APIConnectionError:
-            raise RemoteFailure(f"remote tier {self.tier.name} is unreachable") from None
+            raise RemoteFailure(
+                f"remote tier {self.tier.name} is unreachable ({endpoint.label()})"
+            ) from None
         except Exception as exc:  # malformed bodies surface as many exception types
             raise RemoteFailure(
                 f"remote tier {self.tier.name} sent an unusable answer ({type(exc).__name__})"
@@ -325,5 +429,5 @@ class RemoteTier:
         )
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
+        for endpoint in self.endpoints:
+            await endpoint.aclose()

@@ -100,6 +100,21 @@ class AdapterUse(_Strict):
     scale: float = Field(1.0, ge=-4.0, le=4.0)
 
 
+class Endpoint(_Strict):
+    """One server of a remote tier's pool (vLLM, llama-server, a LiteLLM proxy, another clawd)."""
+
+    base_url: str | None = None
+    base_url_env: str | None = None
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _has_url(self) -> Endpoint:
+        if not (self.base_url or self.base_url_env):
+            raise ValueError("an endpoint needs base_url or base_url_env")
+        return self
+
+
 class Tier(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
     kind: Literal["local", "remote"]
@@ -115,21 +130,42 @@ class Tier(_Strict):
     base_url_env: str | None = None
     api_key_env: str | None = None
     api_key_file: str | None = None
+    # A pool of servers instead of the one above: tried in `failover` order, each with its own
+    # circuit breaker and Retry-After; `retries` counts rounds through the pool.
+    endpoints: tuple[Endpoint, ...] = ()
+    failover: Literal["order", "least_recent_failure"] = "order"
     timeout_seconds: float = Field(30.0, gt=0, le=600)
+    # How long one attempt may wait for its first token; unset: what is left of timeout_seconds
+    # shared evenly among the endpoints still to try (a hung server leaves time for the next).
+    attempt_timeout_seconds: float | None = Field(None, gt=0, le=600)
     retries: int = Field(2, ge=0, le=10)
     breaker_failures: int = Field(3, ge=1)
     breaker_cooldown_seconds: float = Field(30.0, ge=0)
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Tier:
+        single = self.base_url or self.base_url_env or self.api_key_env or self.api_key_file
         if self.kind == "remote":
-            if not (self.base_url or self.base_url_env):
-                raise ValueError("a remote tier needs base_url or base_url_env")
+            if self.endpoints and single:
+                raise ValueError("give either endpoints or base_url and its key, not both")
+            if not (self.endpoints or self.base_url or self.base_url_env):
+                raise ValueError("a remote tier needs base_url, base_url_env or endpoints")
             if self.adapters:
                 raise ValueError("adapters apply to local tiers only")
-        elif self.base_url or self.base_url_env or self.api_key_env or self.api_key_file:
-            raise ValueError("base_url and API keys apply to remote tiers only")
+        elif single or self.endpoints:
+            raise ValueError("base_url, endpoints and API keys apply to remote tiers only")
         return self
+
+    def pool(self) -> tuple[Endpoint, ...]:
+        """The servers of a remote tier: its endpoints, or the one its own fields name."""
+        if self.endpoints:
+            return self.endpoints
+        return (
+            Endpoint(
+                base_url=self.base_url, base_url_env=self.base_url_env,
+                api_key_env=self.api_key_env, api_key_file=self.api_key_file,
+            ),
+        )  # fmt: skip
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.price_input + completion_tokens * self.price_output) / 1e6

@@ -185,7 +185,7 @@ class GenerationRun:
         if nxt.kind != "remote":
             return None
         remote = self.services.remote(nxt)
-        return remote.configured() or ("circuit open" if remote.breaker.open else None)
+        return remote.unavailable()
 
     async def _start_tier(self, index: int, stop: bool = True) -> None:
         self._index = index
@@ -410,6 +410,7 @@ class GenerationRun:
             parallel_tool_calls=use.parallel,
             json_output=use.json_output,
             response_schema=use.response_schema,
+            request_id=self.id,
         )
 
     async def _close_job(self) -> None:
