@@ -415,10 +415,11 @@ class ClawClient:
 
     # --- ledger and distill (admin) ---
 
-    def ledger_summary(self, by: GroupBy, since: float | None = None) -> LedgerSummary:
-        return self._call(
-            "GET", "/admin/ledger/summary", LedgerSummary, params={"by": by, "since": since}
-        )
+    def ledger_summary(
+        self, by: GroupBy, since: float | None = None, fleet: bool = False
+    ) -> LedgerSummary:
+        params = {"by": by, "since": since, "fleet": fleet}
+        return self._call("GET", "/admin/ledger/summary", LedgerSummary, params=params)
 
     def ledger_export(self, fmt: ExportFormat, since: float | None = None) -> Iterator[bytes]:
         return self._download("/admin/ledger/export", {"format": fmt, "since": since})

@@ -111,6 +111,11 @@ class FleetSection(_Strict):
     assumed_bandwidth_mb_s: float = Field(50.0, gt=0)
     assumed_prefill_tokens_s: float = Field(100.0, gt=0)
     index_refresh_seconds: float = Field(5.0, ge=0)
+    # The fleet ledger: a file holding a libpq connection string (a postgresql:// URL with its
+    # password), or CLAW_FLEET_LEDGER_DSN; empty: this box's ledger stays local.
+    ledger_dsn_file: str = ""
+    ledger_batch: int = Field(500, ge=1, le=10_000)
+    ledger_interval_seconds: float = Field(10.0, gt=0)
 
     @field_validator("endpoint")
     @classmethod
@@ -171,6 +176,7 @@ class DaemonConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     fleet: FleetSection = field(default_factory=FleetSection)
     fleet_credentials: FleetCredentials | None = None
+    fleet_ledger_dsn: str | None = field(default=None, repr=False)
 
     def redacted(self) -> dict[str, str]:
         """The effective settings for the start-up log, with secrets hidden."""
@@ -186,6 +192,7 @@ class DaemonConfig:
             "config_file": str(self.config_file),
             "max_body_bytes": str(self.max_body_bytes),
             "fleet": f"{self.fleet.endpoint}/{self.fleet.bucket}" if self.fleet.endpoint else "off",
+            "fleet_ledger": "on" if self.fleet_ledger_dsn else "off",
             "log_level": self.log_level,
         }
 
@@ -290,6 +297,21 @@ def _fleet_credentials(fleet: FleetSection) -> FleetCredentials | None:
     return FleetCredentials(key, secret) if key and secret else None
 
 
+def _fleet_ledger_dsn(fleet: FleetSection) -> str | None:
+    if fleet.ledger_dsn_file:
+        path = Path(fleet.ledger_dsn_file).expanduser()
+        try:
+            dsn = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise BadInput(
+                f"cannot read the fleet ledger DSN file {path}: {exc.strerror}"
+            ) from None
+        if not dsn:
+            raise BadInput(f"{path} is empty; it should hold a postgresql:// connection string")
+        return dsn
+    return _env("CLAW_FLEET_LEDGER_DSN")
+
+
 def load_daemon_config(
     socket: Path | None = None,
     profile: str | None = None,
@@ -346,6 +368,7 @@ def load_daemon_config(
         max_body_bytes=file.daemon.max_body_bytes,
         fleet=file.fleet,
         fleet_credentials=_fleet_credentials(file.fleet) if file.fleet.endpoint else None,
+        fleet_ledger_dsn=_fleet_ledger_dsn(file.fleet),
         systemd=SystemdEnv(
             notify_socket=_env("NOTIFY_SOCKET"),
             watchdog_usec=int(watchdog) if watchdog and watchdog.isdigit() else None,

@@ -29,4 +29,5 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CLAW_LOG_LEVEL", "info", "clawd log level."),
     EnvVar("AWS_ACCESS_KEY_ID", "", "Fleet store key id, unless [fleet] credentials_file is set."),
     EnvVar("AWS_SECRET_ACCESS_KEY", "", "Fleet store secret, with AWS_ACCESS_KEY_ID."),
+    EnvVar("CLAW_FLEET_LEDGER_DSN", "", "Postgres URL the ledger ships to (or ledger_dsn_file)."),
 )

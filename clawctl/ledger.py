@@ -15,9 +15,9 @@ import io
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -99,10 +99,21 @@ def _add_cache_columns(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE requests ADD COLUMN cost_saved REAL NOT NULL DEFAULT 0")
 
 
+def _create_ship_sequence(db: sqlite3.Connection) -> None:
+    """A number per row that only grows (AUTOINCREMENT never reuses one, even after pruning):
+    the fleet shipper's position, and with the box id the fleet ledger's key."""
+    db.execute(
+        """CREATE TABLE ship_seq (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE)"""
+    )
+    db.execute("INSERT INTO ship_seq (request_id) SELECT request_id FROM requests ORDER BY ts")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("m001_requests", _create_requests),
     ("m002_escalations", _create_escalations),
     ("m003_answer_cache", _add_cache_columns),
+    ("m004_ship_sequence", _create_ship_sequence),
 ]
 COLUMNS = list(LedgerRow.model_fields)
 
@@ -122,6 +133,46 @@ def migrate(db: sqlite3.Connection) -> list[str]:
     return applied
 
 
+# What `summary` adds up per group, in SQL both SQLite and Postgres run.
+SUMMARY_COLUMNS = """COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),
+    SUM(prefill_tokens_saved), SUM(remote_cost), SUM(all_remote_cost), COUNT(cached),
+    SUM(tokens_saved), SUM(cost_saved)"""
+
+
+def summary_row(record: Sequence[Any]) -> SummaryRow:
+    """One group's key and the sums of SUMMARY_COLUMNS."""
+    return SummaryRow(
+        key=str(record[0]), requests=record[1], prompt_tokens=record[2],
+        completion_tokens=record[3], prefill_tokens_saved=record[4], remote_cost=record[5],
+        all_remote_cost=record[6], cached=record[7], tokens_saved=record[8],
+        cost_saved=record[9],
+    )  # fmt: skip
+
+
+def _row(record: tuple[object, ...]) -> LedgerRow:
+    values = dict(zip(COLUMNS, record, strict=True))
+    values["usage_by_tier"] = json.loads(str(values["usage_by_tier"]))
+    return LedgerRow.model_validate(values)
+
+
+class LedgerReader:
+    """A second, read-only connection for a thread other than clawd's event loop (the fleet
+    shipper): WAL lets it read while the ledger writes."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+
+    def after(self, seq: int, limit: int) -> list[tuple[int, LedgerRow]]:
+        """Up to `limit` rows whose sequence number is above `seq`, in order."""
+        columns = ", ".join(f"r.{c}" for c in COLUMNS)
+        query = f"""SELECT s.seq, {columns} FROM ship_seq s JOIN requests r USING (request_id)
+                    WHERE s.seq > ? ORDER BY s.seq LIMIT ?"""
+        return [(int(r[0]), _row(r[1:])) for r in self._db.execute(query, (seq, limit))]
+
+    def close(self) -> None:
+        self._db.close()
+
+
 class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -130,6 +181,7 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         migrate(self._db)
+        self.on_recorded: Callable[[], object] | None = None  # the fleet shipper's nudge
 
     def close(self) -> None:
         self._db.close()
@@ -138,10 +190,17 @@ class Ledger:
         values = row.model_dump()
         values["usage_by_tier"] = json.dumps(values["usage_by_tier"])
         placeholders = ", ".join("?" for _ in COLUMNS)
-        self._db.execute(
-            f"INSERT OR REPLACE INTO requests ({', '.join(COLUMNS)}) VALUES ({placeholders})",
-            [values[c] for c in COLUMNS],
-        )
+        with self._db:  # the row and its sequence number commit together
+            self._db.execute("BEGIN")
+            self._db.execute(
+                f"INSERT OR REPLACE INTO requests ({', '.join(COLUMNS)}) VALUES ({placeholders})",
+                [values[c] for c in COLUMNS],
+            )
+            self._db.execute(
+                "INSERT OR IGNORE INTO ship_seq (request_id) VALUES (?)", (row.request_id,)
+            )
+        if self.on_recorded is not None:
+            self.on_recorded()
 
     def record_example(self, example: DistillExample) -> None:
         self._db.execute(
@@ -180,14 +239,16 @@ class Ledger:
     def prune(self, retention_days: float) -> int:
         cutoff = time.time() - retention_days * 86400
         self._db.execute("DELETE FROM escalations WHERE ts < ?", (cutoff,))
-        return self._db.execute("DELETE FROM requests WHERE ts < ?", (cutoff,)).rowcount
+        removed = self._db.execute("DELETE FROM requests WHERE ts < ?", (cutoff,)).rowcount
+        self._db.execute(
+            "DELETE FROM ship_seq WHERE request_id NOT IN (SELECT request_id FROM requests)"
+        )
+        return int(removed)
 
     def rows(self, since: float | None = None) -> Iterator[LedgerRow]:
         query = f"SELECT {', '.join(COLUMNS)} FROM requests WHERE ts >= ? ORDER BY ts"
         for record in self._db.execute(query, (since or 0.0,)):
-            values = dict(zip(COLUMNS, record, strict=True))
-            values["usage_by_tier"] = json.loads(values["usage_by_tier"])
-            yield LedgerRow.model_validate(values)
+            yield _row(record)
 
     def summary(self, by: GroupBy, since: float | None = None) -> list[SummaryRow]:
         key = {
@@ -195,26 +256,10 @@ class Ledger:
             "tier": "tier_path",
             "model": "model",
             "day": "date(ts, 'unixepoch')",
+            "box": "'this box'",
         }[by]
-        query = f"""SELECT {key}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),
-                    SUM(prefill_tokens_saved), SUM(remote_cost), SUM(all_remote_cost),
-                    COUNT(cached), SUM(tokens_saved), SUM(cost_saved)
-                    FROM requests WHERE ts >= ? GROUP BY 1 ORDER BY 1"""
-        return [
-            SummaryRow(
-                key=str(r[0]),
-                requests=r[1],
-                prompt_tokens=r[2],
-                completion_tokens=r[3],
-                prefill_tokens_saved=r[4],
-                remote_cost=r[5],
-                all_remote_cost=r[6],
-                cached=r[7],
-                tokens_saved=r[8],
-                cost_saved=r[9],
-            )
-            for r in self._db.execute(query, (since or 0.0,))
-        ]
+        query = f"SELECT {key}, {SUMMARY_COLUMNS} FROM requests WHERE ts >= ? GROUP BY 1 ORDER BY 1"
+        return [summary_row(r) for r in self._db.execute(query, (since or 0.0,))]
 
     def export(self, fmt: Literal["csv", "json"], since: float | None = None) -> str:
         rows = [row.model_dump(mode="json") for row in self.rows(since)]

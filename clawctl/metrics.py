@@ -1,4 +1,11 @@
-"""Prometheus metrics for clawd, on a registry of its own (injected, never the global one)."""
+"""Prometheus metrics for clawd, on a registry of its own (injected, never the global one).
+
+Besides clawd's own `clawd_*` series, token usage and operation time are also exported under the
+OpenTelemetry GenAI semantic conventions (`gen_ai.client.token.usage` with `gen_ai.token.type`,
+`gen_ai.client.operation.duration`), with their buckets and attribute names in Prometheus form,
+so dashboards built for any GenAI client aggregate a fleet of boxes unchanged. Each tier a request
+ran counts as one operation of its provider ("clawd" for local tiers, "openai" for remote ones).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,10 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# The explicit bucket boundaries the GenAI semantic conventions recommend.
+GEN_AI_TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1 .. 67,108,864
+GEN_AI_DURATION_BUCKETS = tuple(0.01 * 2**i for i in range(14))  # 0.01 .. 81.92 s
+GEN_AI_LABELS = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,8 @@ class Metrics:
     cache_answers: Counter
     cache_tokens_saved: Counter
     embeddings: Counter
+    gen_ai_token_usage: Histogram
+    gen_ai_operation_duration: Histogram
 
     @classmethod
     def create(cls) -> Metrics:
@@ -101,7 +114,31 @@ class Metrics:
                 ["model"],
                 registry=registry,
             ),
+            gen_ai_token_usage=Histogram(
+                "gen_ai_client_token_usage",
+                "Number of input and output tokens used (OpenTelemetry gen_ai.client.token.usage).",
+                [*GEN_AI_LABELS, "gen_ai_token_type"],
+                buckets=GEN_AI_TOKEN_BUCKETS,
+                registry=registry,
+            ),
+            gen_ai_operation_duration=Histogram(
+                "gen_ai_client_operation_duration_seconds",
+                "GenAI operation duration (OpenTelemetry gen_ai.client.operation.duration).",
+                GEN_AI_LABELS,
+                buckets=GEN_AI_DURATION_BUCKETS,
+                registry=registry,
+            ),
         )
+
+    def gen_ai_operation(
+        self, operation: str, provider: str, model: str, input_tokens: int, output_tokens: int,
+        seconds: float,
+    ) -> None:  # fmt: skip
+        """One GenAI operation in OpenTelemetry's terms (`operation`: chat, text_completion)."""
+        labels = (operation, provider, model)
+        self.gen_ai_token_usage.labels(*labels, "input").observe(input_tokens)
+        self.gen_ai_token_usage.labels(*labels, "output").observe(output_tokens)
+        self.gen_ai_operation_duration.labels(*labels).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,6 +14,7 @@ from clawctl.engines.base import AdapterSpec, LoadEngine
 from clawctl.engines.registry import LazyLoader
 from clawctl.errors import BadInput, ClawError
 from clawctl.fleet.bucket import Bucket
+from clawctl.fleet.ledger_shipper import LedgerShipper
 from clawctl.fleet.store import FleetStore
 from clawctl.fleet.uploader import FleetUploader
 from clawctl.ledger import Ledger
@@ -33,6 +34,12 @@ from clawctl.store.models import ModelStore
 from clawctl.store.snapshots import SnapshotStore
 
 
+def box_name(config: DaemonConfig) -> str:
+    """This box's name in the fleet (store pointers, ledger rows): `[fleet] box_id`, else the
+    host name."""
+    return config.fleet.box_id or socket.gethostname()
+
+
 @dataclass
 class Services:
     config: DaemonConfig
@@ -50,6 +57,7 @@ class Services:
     started_at: float = field(default_factory=time.time)
     fleet: FleetStore | None = None
     uploader: FleetUploader | None = None
+    shipper: LedgerShipper | None = None
     _remotes: dict[str, RemoteTier] = field(default_factory=dict)
     # An httpx async transport for remote tiers (tests: an in-process ASGI app); None: network.
     remote_transport: Any = None
@@ -80,6 +88,14 @@ class Services:
         adapters = AdapterStore(store)
         ledger = Ledger(config.paths.ledger_file)
         ledger.prune(config.ledger.retention_days)
+        shipper = None
+        if config.fleet_ledger_dsn is not None:
+            section = config.fleet
+            shipper = LedgerShipper(
+                config.paths.ledger_file, config.fleet_ledger_dsn, box_name(config),
+                section.ledger_batch, section.ledger_interval_seconds,
+            )  # fmt: skip
+            ledger.on_recorded = shipper.nudge
         cache = config.cache
         return cls(
             config,
@@ -96,6 +112,7 @@ class Services:
             EmbeddingService(store, threads=profile.effective_threads()),
             fleet=fleet,
             uploader=uploader,
+            shipper=shipper,
         )
 
     @staticmethod
@@ -108,7 +125,7 @@ class Services:
         if not section.endpoint:
             return None, None
         bucket = Bucket(section.endpoint, section.bucket, section.region, config.fleet_credentials)
-        fleet = FleetStore(bucket, section, section.box_id or socket.gethostname(), snapshots)
+        fleet = FleetStore(bucket, section, box_name(config), snapshots)
         if not section.upload:
             return fleet, None
         outbox = config.paths.data_dir / "fleet" / "outbox"
@@ -128,6 +145,8 @@ class Services:
         self.writer.stop()
         if self.uploader is not None:
             self.uploader.stop()  # what it has not sent stays in its outbox for the next start
+        if self.shipper is not None:
+            self.shipper.stop()  # Postgres knows where it got to: the next start resumes there
         self.embeddings.close()
         self.ledger.close()
         for remote in self._remotes.values():

@@ -128,6 +128,13 @@ def test_health_metrics_and_caller_logged(daemon: Daemon, oai: openai.OpenAI) ->
         metrics = client.get("/metrics").text
     assert 'clawd_requests_total{endpoint="chat",status="200"}' in metrics
     assert "clawd_completion_tokens_total" in metrics
+    # The same usage under OpenTelemetry's GenAI names, for dashboards across a fleet.
+    labels = (
+        f'gen_ai_operation_name="chat",gen_ai_provider_name="clawd",gen_ai_request_model="{MODEL}"'
+    )
+    for kind in ("input", "output"):
+        assert f'gen_ai_client_token_usage_count{{{labels},gen_ai_token_type="{kind}"}}' in metrics
+    assert f"gen_ai_client_operation_duration_seconds_count{{{labels}}}" in metrics
     log = daemon.log_text()
     assert f"uid={os.getuid()} pid={os.getpid()} app=pytest-app" in log
 

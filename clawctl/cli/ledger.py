@@ -28,15 +28,22 @@ def _since(span: str | None) -> float | None:
 @app.command()
 def summary(
     since: Since = None,
-    by: Annotated[Literal["app", "tier", "model", "day"], typer.Option(help="Group by.")] = "app",
+    by: Annotated[
+        Literal["app", "tier", "model", "day", "box"],
+        typer.Option(help="Group by (box: with --fleet)."),
+    ] = "app",
+    fleet: Annotated[
+        bool, typer.Option("--fleet", help="Every box's rows, from the fleet ledger.")
+    ] = False,
     json_: JsonOption = False,
 ) -> None:
-    """Totals per app (or tier, model, day), with a chart of tokens and savings per day.
+    """Totals per app (or tier, model, day, box), with a chart of tokens and savings per day.
 
     Example: clawctl ledger summary --since 7d --by app
+    Example: clawctl ledger summary --fleet --by box
     """
     with daemon_client() as client:
-        report = client.ledger_summary(by, _since(since))
+        report = client.ledger_summary(by, _since(since), fleet)
     rows = report.rows
     if json_:
         emit_json(rows)

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-GroupBy = Literal["app", "tier", "model", "day"]
+GroupBy = Literal["app", "tier", "model", "day", "box"]  # "box": the fleet ledger only
 ExportFormat = Literal["csv", "json"]
 
 
@@ -41,3 +41,4 @@ class LedgerSummary(BaseModel):
     since: float | None
     rows: list[SummaryRow]
     days: list[SummaryRow]
+    fleet: bool = False  # every box's rows (the fleet ledger), not this box's

@@ -456,11 +456,18 @@ class GenerationRun:
         usage = self.usage()
         elapsed = time.perf_counter() - self.started_at
         metrics.requests.labels(self.endpoint, "200").inc()
-        for run in self.path.runs:
+        operation = "chat" if self.endpoint.endswith("chat") else "text_completion"
+        ends = [run.started for run in self.path.runs[1:]] + [time.perf_counter()]
+        for run, ended in zip(self.path.runs, ends, strict=True):
             metrics.prompt_tokens.labels(run.model).inc(run.prompt_tokens)
             metrics.completion_tokens.labels(run.model).inc(run.completion_tokens)
             if self.policy is not None:
                 metrics.tier_requests.labels(self.policy.name, run.tier.name).inc()
+            provider = "openai" if run.tier.kind == "remote" else "clawd"
+            metrics.gen_ai_operation(
+                operation, provider, run.model, run.prompt_tokens, run.completion_tokens,
+                ended - run.started,
+            )  # fmt: skip
         metrics.request_seconds.labels(answered.model).observe(elapsed)
         if self.first_token_at is not None:
             ttft = self.first_token_at - self.started_at

@@ -6,6 +6,7 @@ the metrics all read these totals, so they always agree with each other.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from clawctl.schemas.openai import Usage
@@ -24,6 +25,7 @@ class TierRun:
     signals: Signals | None = None
     escalated: str | None = None  # why it handed over (or, with "kept", why it could not)
     failed: str | None = None  # a remote tier's failure
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def cost(self) -> float:

@@ -8,8 +8,12 @@ need a second connection. Exports are sent as whole bodies in the requested form
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 
+from clawctl.errors import BadInput
+from clawctl.fleet.ledger_shipper import fleet_summary
 from clawctl.schemas.ledger import ExportFormat, GroupBy, LedgerSummary
 from clawctl.services import Services
 
@@ -23,10 +27,27 @@ def _services(request: Request) -> Services:
 
 @router.get("/ledger/summary")
 async def ledger_summary(
-    request: Request, by: GroupBy = "app", since: float | None = None
+    request: Request, by: GroupBy = "app", since: float | None = None, fleet: bool = False
 ) -> LedgerSummary:
-    """Totals per `by` and per day for rows at or after `since` (a Unix time)."""
-    ledger = _services(request).ledger
+    """Totals per `by` and per day for rows at or after `since` (a Unix time); with `fleet`,
+    every box's rows from the fleet ledger (Postgres, queried in a worker thread)."""
+    services = _services(request)
+    if fleet:
+        dsn = services.config.fleet_ledger_dsn
+        if dsn is None:
+            raise BadInput(
+                "there is no fleet ledger: set [fleet] ledger_dsn_file in clawd.toml "
+                "(docs/fleet.md)",
+                param="fleet",
+            )
+        rows, days = await asyncio.gather(
+            asyncio.to_thread(fleet_summary, dsn, by, since),
+            asyncio.to_thread(fleet_summary, dsn, "day", since),
+        )
+        return LedgerSummary(by=by, since=since, rows=rows, days=days, fleet=True)
+    if by == "box":
+        raise BadInput("group by box with --fleet: this box's ledger holds one box", param="by")
+    ledger = services.ledger
     return LedgerSummary(
         by=by, since=since, rows=ledger.summary(by, since), days=ledger.summary("day", since)
     )
