@@ -105,6 +105,9 @@ class FleetSection(_Strict):
     box_id: str = ""  # this box's name in the fleet; empty: the host name
     upload: bool = True  # push new pool blocks and named snapshots in the background
     fetch: bool = True  # on a local pool miss, hydrate a longer prefix another box computed
+    # Share `claw.session` states too, so a session moves between boxes: each call's state is
+    # uploaded (an agent's is ~150 MB at 12k tokens), and a box takes the fleet's when newer.
+    sessions: bool = False
     upload_queue: int = Field(256, ge=1)
     # What a fetch is weighed against before anything is measured on this box: fetch a prefix
     # when size / bandwidth < its tokens / prefill rate.

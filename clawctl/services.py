@@ -74,7 +74,10 @@ class Services:
         writer = SnapshotWriter(snapshots, "shuffle2" if profile.kv_cache_type == "f16" else "none")
         fleet, uploader = cls._fleet(config, snapshots)
         if uploader is not None:
-            writer.on_written = uploader.submit
+            sessions, submit = config.fleet.sessions, uploader.submit
+            writer.on_written = lambda kind, path: (
+                submit(kind, path) if kind != "session" or sessions else None
+            )
         keeper = StateKeeper(snapshots, writer, snap.pool, snap.pool_min_tokens, fleet)
         manager = ModelManager(
             store,

@@ -145,12 +145,12 @@ def test_a_full_upload_queue_leaves_snapshots_local(tmp_path: Path, s3: SeaweedS
         s3.start()
 
 
-def _box(home: Path, directory: Path, s3: SeaweedS3, prefix: str) -> Path:
+def _box(home: Path, directory: Path, s3: SeaweedS3, prefix: str, **fleet: object) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "clawd.toml"
     config.write_text(
         "[snapshots]\npool = true\npool_min_tokens = 256\nblock_tokens = 128\n\n"
-        + s3.config_section(directory, prefix)
+        + s3.config_section(directory, prefix, **fleet)
     )
     return config
 
@@ -242,3 +242,27 @@ def test_a_prefix_is_fetched_only_when_that_beats_computing_it(
     assert measured is not None
     assert measured > 0.1  # loopback
     assert fleet.worth_fetching(1 << 20, 200)
+
+
+def test_a_session_frozen_on_one_box_continues_on_another(
+    fresh_home: Path, short_dir: Path, tmp_path: Path, s3: SeaweedS3
+) -> None:
+    home_b = copy_home(fresh_home, tmp_path / "home-b")
+    config_a = _box(fresh_home, tmp_path / "a", s3, "sessions", sessions=True)
+    config_b = _box(home_b, tmp_path / "b", s3, "sessions", sessions=True)
+    turn = [{"role": "system", "content": DOC}, {"role": "user", "content": "What is clawd?"}]
+    with run_daemon(fresh_home, short_dir / "a.sock", tmp_path, CLAW_CONFIG=str(config_a)) as a:
+        first = chat(a, turn, session="agent-7")
+        wait_for(
+            "the session's upload", lambda: (s := _status(a))["uploaded"] >= 2 and not s["queued"]
+        )
+    turn2 = [
+        *turn,
+        {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "And clawctl?"},
+    ]
+    with run_daemon(home_b, short_dir / "b.sock", tmp_path, CLAW_CONFIG=str(config_b)) as b:
+        second = chat(b, turn2, session="agent-7")
+        assert second["claw"]["prefix_source"] == "session"
+        assert second["claw"]["prefill_tokens_saved"] > 700
+        assert _status(b)["fetched"] == 1

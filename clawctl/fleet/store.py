@@ -3,6 +3,7 @@
     <prefix>/objects/<sha256>                      snapshot files, content-addressed
     <prefix>/pool/<identity key>/<chain>.json      a pool entry's pointer (`PoolPointer`)
     <prefix>/named/<name>.json                     a named snapshot's pointer (`NamedPointer`)
+    <prefix>/sessions/<id>.json                    a session's newest state (`NamedPointer`)
 
 Objects are the very `.snap` files the local store keeps, named by the sha256 of their bytes and
 written with a conditional put, so two boxes uploading one prefix write it once and nothing is
@@ -27,20 +28,24 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
 from pydantic import ValidationError
 
 from clawctl.config import FleetSection
-from clawctl.errors import BadInput, ClawError, IntegrityError, NotFound
+from clawctl.errors import ClawError, IntegrityError, NotFound
 from clawctl.fleet.bucket import Bucket, FleetUnavailable
 from clawctl.fsutil import fsync_dir
 from clawctl.schemas.fleet import FleetStatus, NamedPointer, PoolPointer
 from clawctl.schemas.snapshots import Kind, SnapshotInfo
 from clawctl.schemas.state import StateIdentity
-from clawctl.store.snapshot_format import SnapshotHeader, SnapshotMismatch, read_header
+from clawctl.store.snapshot_format import (
+    SnapshotHeader,
+    SnapshotMismatch,
+    read_header,
+    read_open_header,
+)
 from clawctl.store.snapshots import SnapshotStore, block_hashes, validate_snapshot_name
 
 log = logging.getLogger("clawd.fleet")
@@ -52,10 +57,14 @@ LOOKUP_BACKOFF_SECONDS = 30.0
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
+        return _sha256(handle)
+
+
+def _sha256(handle: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    while chunk := handle.read(HASH_CHUNK):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -110,44 +119,47 @@ class FleetStore:
     def named_key(self, name: str) -> str:
         return self._key("named", f"{name}.json")
 
+    def session_key(self, name: str) -> str:
+        return self._key("sessions", f"{name}.json")
+
     # --- pushing -----------------------------------------------------------------------------
 
     def push(self, kind: Kind, path: Path) -> bool:
         """Upload one local snapshot and its pointer; False if the object was already there.
-        Raises FileNotFoundError if the file is gone (evicted before its turn came)."""
-        if kind == "session":
-            raise BadInput("sessions are not shared through the fleet", param="kind")
-        header = read_header(path)
-        sha256 = file_sha256(path)
-        size = path.stat().st_size
-        identity = header.identity
-        metadata = {
-            "kind": kind,
-            "identity": identity.key(),
-            "model-sha256": identity.model_sha256,
-            "state-format": identity.state_format,
-            "n-ctx": str(identity.n_ctx),
-            "kv-type": f"{identity.type_k}/{identity.type_v}",
-            "tokens": str(len(header.tokens)),
-            "box": self.box,
-        }
-        with path.open("rb") as body:
+        Raises FileNotFoundError if the file is gone (evicted before its turn came). A session's
+        pointer moves to its newest state; pool and named pointers name one object for good."""
+        with path.open("rb") as body:  # one handle: a session rewritten meanwhile is not mixed in
+            header = read_open_header(body, path.name)
+            body.seek(0)
+            sha256 = _sha256(body)
+            size = body.tell()
+            body.seek(0)
+            identity = header.identity
+            metadata = {
+                "kind": kind,
+                "identity": identity.key(),
+                "model-sha256": identity.model_sha256,
+                "state-format": identity.state_format,
+                "n-ctx": str(identity.n_ctx),
+                "kv-type": f"{identity.type_k}/{identity.type_v}",
+                "tokens": str(len(header.tokens)),
+                "box": self.box,
+            }
             created = self.bucket.put_if_absent(self.object_key(sha256), body, size, metadata)
-        now = datetime.now(timezone.utc)
+        record: PoolPointer | NamedPointer
         if kind == "pool":
-            pointer = PoolPointer(
+            record = PoolPointer(
                 chain=path.stem, sha256=sha256, size=size, tokens=len(header.tokens),
                 chains=block_hashes(identity, header.tokens, self.snapshots.block_tokens),
-                box=self.box, created_at=now,
+                box=self.box, created_at=header.created_at,
             )  # fmt: skip
             key = self.pool_key(identity.key(), path.stem)
         else:
-            named = NamedPointer(
+            record = NamedPointer(
                 name=path.stem, sha256=sha256, size=size, tokens=len(header.tokens),
-                identity=identity, box=self.box, created_at=now,
+                identity=identity, box=self.box, created_at=header.created_at,
             )  # fmt: skip
-            key = self.named_key(path.stem)
-        record = pointer if kind == "pool" else named
+            key = (self.session_key if kind == "session" else self.named_key)(path.stem)
         self.bucket.put_bytes(key, record.model_dump_json().encode())
         with self._lock:
             if created:
@@ -231,6 +243,15 @@ class FleetStore:
         """Download a fleet pool entry into the local pool, checked: its bytes against the
         pointer's sha256 and its header against this context's identity."""
         target = self.snapshots.pool_path(identity, validate_snapshot_name(pointer.chain))
+        header = self._fetch_into(pointer.sha256, target, identity, "pool")
+        self.snapshots.pool_added(identity, target, header.tokens)
+        return target
+
+    def _fetch_into(
+        self, sha256: str, target: Path, identity: StateIdentity, kind: Kind
+    ) -> SnapshotHeader:
+        """Download an object to a temp file beside `target`, check it, and move it into
+        place (replacing an older file); nothing is left behind when a check fails."""
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(
             dir=target.parent, prefix=".fleet-", suffix=".tmp", delete=False
@@ -238,15 +259,35 @@ class FleetStore:
             tmp = Path(handle.name)
         try:
             with tmp.open("r+b") as out:
-                self._download(pointer.sha256, out)
-            header = self._checked_header(tmp, identity, "pool")
+                self._download(sha256, out)
+            header = self._checked_header(tmp, identity, kind)
             os.chmod(tmp, 0o600)
             os.replace(tmp, target)
             fsync_dir(target.parent)
         finally:
             tmp.unlink(missing_ok=True)
-        self.snapshots.pool_added(identity, target, header.tokens)
-        return target
+        return header
+
+    def session_pointer(self, name: str) -> NamedPointer | None:
+        """The newest state of session `name` another box froze; None if none (or the fleet is
+        unreachable: the session is then computed here)."""
+        try:
+            data = self.bucket.get_bytes(self.session_key(validate_snapshot_name(name, "session")))
+        except FleetUnavailable as exc:
+            log.warning("fleet session %s not looked up: %s", name, exc.message)
+            return None
+        if data is None:
+            return None
+        try:
+            return NamedPointer.model_validate_json(data)
+        except ValidationError:
+            log.warning("fleet session pointer %s is not valid; ignored", name)
+            return None
+
+    def fetch_session(self, pointer: NamedPointer, identity: StateIdentity) -> SnapshotHeader:
+        """A session's state from the fleet into the local session file, checked."""
+        target = self.snapshots.path_for("session", pointer.name)
+        return self._fetch_into(pointer.sha256, target, identity, "session")
 
     def _checked_header(self, path: Path, identity: StateIdentity, kind: Kind) -> SnapshotHeader:
         try:

@@ -78,7 +78,7 @@ class SnapshotWriter:
         self._jobs: queue.Queue[WriteJob | None] = queue.Queue()
         self._pending: dict[Path, WriteJob] = {}  # submitted, not yet on disk
         self._lock = threading.Lock()
-        # Told of each pool entry and named snapshot once it is on disk (the fleet uploader).
+        # Told of each snapshot once it is on disk (the fleet uploader).
         self.on_written: Callable[[Kind, Path], object] | None = None
         self._thread = threading.Thread(target=self._run, name="snapshot-writer", daemon=True)
         self._thread.start()
@@ -91,7 +91,7 @@ class SnapshotWriter:
         write_snapshot(job.path, header, chunks)
         if job.kind == "pool":
             self.store.pool_added(job.identity, job.path, job.tokens)
-        if self.on_written is not None and job.kind != "session":
+        if self.on_written is not None:
             self.on_written(job.kind, job.path)
         if job.kind != "named":
             self.store.enforce_budget()
@@ -153,19 +153,27 @@ class StateKeeper:
         engine.restore_state(raw, header.tokens)
         return engine.held_prefix(tokens)
 
-    def _session(self, name: str) -> WriteJob | SnapshotHeader | None:
-        """The session's newest state: still waiting for the writer, or its file's header."""
+    def _session(self, name: str, identity: StateIdentity) -> WriteJob | SnapshotHeader | None:
+        """The session's newest state: still waiting for the writer, its file's header, or
+        (with `[fleet] sessions`) a newer state another box froze, fetched into that file."""
         path = self.store.path_for("session", name)
         pending = self.writer.pending(path)
         if pending is not None:
             return pending
-        if not path.is_file():
-            return None
-        try:
-            return read_header(path)
-        except ClawError as exc:
-            log.warning("session %s not restored: %s", name, exc.message)
-            return None
+        local: SnapshotHeader | None = None
+        if path.is_file():
+            try:
+                local = read_header(path)
+            except ClawError as exc:
+                log.warning("session %s not restored: %s", name, exc.message)
+        if self.fleet is not None and self.fleet.section.sessions:
+            remote = self.fleet.session_pointer(name)
+            if remote is not None and (local is None or remote.created_at > local.created_at):
+                try:
+                    return self.fleet.fetch_session(remote, identity)
+                except ClawError as exc:
+                    log.warning("fleet session %s not used: %s", name, exc.message)
+        return local
 
     def _restore_session(
         self,
@@ -189,7 +197,7 @@ class StateKeeper:
             _, path = self.store.find(request.load, "named")
             held = self._restore(engine, path, identity, tokens)
             source = "snapshot"
-        elif request.session and (frozen := self._session(request.session)) is not None:
+        elif request.session and (frozen := self._session(request.session, identity)) is not None:
             try:
                 if frozen.identity == identity and common_prefix(frozen.tokens, tokens) > held:
                     held = self._restore_session(engine, request.session, frozen, tokens)

@@ -180,7 +180,13 @@ def _read_header(handle: BinaryIO, where: str) -> tuple[SnapshotHeader, int]:
 
 def read_header(path: Path) -> SnapshotHeader:
     with path.open("rb") as handle:
-        header, _ = _read_header(handle, path.name)
+        return read_open_header(handle, path.name)
+
+
+def read_open_header(handle: BinaryIO, where: str) -> SnapshotHeader:
+    """The header of a snapshot already open (from its start), leaving the handle after it: a
+    caller that goes on to read the file reads the very file whose header it checked."""
+    header, _ = _read_header(handle, where)
     return header
 
 
