@@ -27,7 +27,15 @@ from clawctl.schemas.adapters import (
     AdapterVerifyReport,
 )
 from clawctl.schemas.admin import Health
-from clawctl.schemas.fleet import FleetPullRequest, FleetPushRequest, FleetPushResult, FleetStatus
+from clawctl.schemas.fleet import (
+    FleetGcRequest,
+    FleetGcResult,
+    FleetPullRequest,
+    FleetPushRequest,
+    FleetPushResult,
+    FleetStatus,
+    FleetSyncResult,
+)
 from clawctl.schemas.jobs import JOB_LINE
 from clawctl.schemas.ledger import ExportFormat, GroupBy, LedgerSummary
 from clawctl.schemas.models import (
@@ -371,6 +379,12 @@ class ClawClient:
 
     def fleet_pull(self, request: FleetPullRequest) -> SnapshotInfo:
         return self._call("POST", "/admin/fleet/pull", SnapshotInfo, body=request)
+
+    def fleet_sync(self) -> FleetSyncResult:
+        return self._call("POST", "/admin/fleet/sync", FleetSyncResult)
+
+    def fleet_gc(self, request: FleetGcRequest) -> FleetGcResult:
+        return self._call("POST", "/admin/fleet/gc", FleetGcResult, body=request)
 
     # --- snapshots (admin) ---
 

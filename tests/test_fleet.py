@@ -4,6 +4,7 @@ uploader, and two real clawd boxes: a prefix computed on one is hydrated on the 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -192,8 +193,9 @@ def test_a_prefix_computed_on_one_box_is_hydrated_on_another(
         again = chat(b, [*system, {"role": "user", "content": "And clawctl?"}])
         assert again["claw"]["prefix_source"] == "pool"
         env = _cli_env(b)
-        pulled = run_cli("fleet", "pull", "readme", "--json", env=env)
-        assert pulled.returncode == 0, pulled.stderr
+        synced = run_cli("fleet", "sync", "--json", env=env)
+        assert synced.returncode == 0, synced.stderr
+        assert json.loads(synced.stdout)["pulled"] == ["readme"]
         listed = run_cli("snapshot", "list", "--json", env=env)
         assert '"readme"' in listed.stdout
         missing = run_cli("fleet", "pull", "nosuch", env=env)
@@ -266,3 +268,39 @@ def test_a_session_frozen_on_one_box_continues_on_another(
         assert second["claw"]["prefix_source"] == "session"
         assert second["claw"]["prefill_tokens_saved"] > 700
         assert _status(b)["fetched"] == 1
+
+
+def _named_file(store: SnapshotStore, name: str) -> Path:
+    path = store.path_for("named", name)
+    header, chunks = encode(
+        os.urandom(50_000), kind="named", name=name, identity=IDENTITY, tokens=list(range(20))
+    )
+    write_snapshot(path, header, chunks)
+    return path
+
+
+def test_gc_removes_what_no_box_used_lately_and_keeps_named_snapshots(
+    s3: SeaweedS3, tmp_path: Path
+) -> None:
+    fleet = _fleet(s3, tmp_path / "a", "gc-test", "box-a")
+    old = _pool_file(fleet.snapshots, list(range(500, 564)), seed=5)
+    fleet.push("pool", old)
+    fleet.push("named", _named_file(fleet.snapshots, "manual"))
+    objects = fleet._key("objects") + "/"
+    assert len(s3.keys(objects)) == 2
+    recent = fleet.gc(older_than=3600)
+    assert (recent.objects, recent.kept) == (0, 2)  # both used a moment ago
+    dry = fleet.gc(older_than=0, dry_run=True)
+    assert (dry.objects, dry.pointers, dry.kept, dry.dry_run) == (1, 1, 1, True)
+    assert len(s3.keys(objects)) == 2  # a dry run removes nothing
+    done = fleet.gc(older_than=0)
+    assert (done.objects, done.pointers, done.kept) == (1, 1, 1)
+    assert done.bytes == old.stat().st_size
+    assert s3.keys(objects) == [
+        fleet.object_key(file_sha256(fleet.snapshots.path_for("named", "manual")))
+    ]
+    assert not s3.keys(fleet._key("pool") + "/")
+    assert fleet.named() == ["manual"]
+    # What gc removed is simply not found any more: the prefix is computed again.
+    hashes = block_hashes(IDENTITY, list(range(500, 564)), BLOCK)
+    assert fleet.pool_lookup(IDENTITY, hashes) is None

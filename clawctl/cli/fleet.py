@@ -11,11 +11,11 @@ import typer
 
 from clawctl.cli._client import daemon_client
 from clawctl.cli._console import emit_json, err, human_bytes, out, table
-from clawctl.cli._options import JsonOption
-from clawctl.schemas.fleet import FleetPullRequest, FleetPushRequest
+from clawctl.cli._options import JsonOption, parse_duration
+from clawctl.schemas.fleet import FleetGcRequest, FleetPullRequest, FleetPushRequest
 
 app = typer.Typer(
-    help="Share frozen state with other boxes through S3 storage: status, push, pull.",
+    help="Share frozen state with other boxes through S3 storage: status, push, pull, sync, gc.",
     no_args_is_help=True,
 )
 
@@ -87,3 +87,44 @@ def pull(
         emit_json(info)
         return
     err.print(f"pulled {info.name}: {info.tokens} tokens, {human_bytes(info.stored_size)}")
+
+
+@app.command()
+def sync(json_: JsonOption = False) -> None:
+    """Both ways: queue this box's snapshots for upload and pull the named ones it lacks.
+
+    Example: clawctl fleet sync
+    """
+    with daemon_client() as client:
+        result = client.fleet_sync()
+    if json_:
+        emit_json(result)
+        return
+    pulled = ", ".join(result.pulled) or "none"
+    err.print(f"queued {result.queued} snapshot(s) for upload; pulled {pulled}")
+
+
+@app.command()
+def gc(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Unused for this long (e.g. 30d, 12h).")
+    ] = "30d",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would go.")] = False,
+    json_: JsonOption = False,
+) -> None:
+    """Remove fleet objects no box has uploaded or fetched within a retention window (named
+    snapshots are kept), with the pointers that name them.
+
+    Example: clawctl fleet gc --older-than 30d --dry-run
+    """
+    request = FleetGcRequest(older_than_seconds=parse_duration(older_than), dry_run=dry_run)
+    with daemon_client() as client:
+        result = client.fleet_gc(request)
+    if json_:
+        emit_json(result)
+        return
+    verb = "would remove" if result.dry_run else "removed"
+    err.print(
+        f"{verb} {result.objects} object(s), {human_bytes(result.bytes)}, and "
+        f"{result.pointers} pointer(s); kept {result.kept}"
+    )

@@ -38,6 +38,13 @@ class ObjectHead:
     metadata: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Listed:
+    key: str
+    size: int
+    modified: float  # Unix time the server last wrote it
+
+
 class Bucket:
     """One bucket of an S3-compatible server."""
 
@@ -161,6 +168,19 @@ class Bucket:
 
     def keys(self, prefix: str) -> Iterator[str]:
         """Every key under `prefix`, page by page."""
+        return (entry.key for entry in self.listing(prefix))
+
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._call(f"removing {key}", "delete_object", Key=key)
+        except ClientError as exc:
+            if self._status(exc) != 404:
+                raise self._unavailable(f"removing {key}", exc) from None
+
+    def listing(self, prefix: str) -> Iterator[Listed]:
+        """Every object under `prefix` with its size and time, page by page."""
         from botocore.exceptions import ClientError
 
         token: str | None = None
@@ -171,7 +191,8 @@ class Bucket:
             except ClientError as exc:
                 raise self._unavailable(f"listing {prefix}", exc) from None
             for entry in page.get("Contents", []):
-                yield str(entry["Key"])
+                modified = entry["LastModified"].timestamp()
+                yield Listed(str(entry["Key"]), int(entry["Size"]), modified)
             if not page.get("IsTruncated"):
                 return
             token = page.get("NextContinuationToken")

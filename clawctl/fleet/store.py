@@ -4,6 +4,11 @@
     <prefix>/pool/<identity key>/<chain>.json      a pool entry's pointer (`PoolPointer`)
     <prefix>/named/<name>.json                     a named snapshot's pointer (`NamedPointer`)
     <prefix>/sessions/<id>.json                    a session's newest state (`NamedPointer`)
+    <prefix>/refs/<sha256>/<box>                   empty: <box> used that object (its time)
+
+`gc` removes what no box has used for a while: a box touches its ref of an object whenever it
+uploads or fetches it, so an object whose refs (and its own upload) are all older than the
+retention window is one nobody asked for lately. Named snapshots are kept until removed.
 
 Objects are the very `.snap` files the local store keeps, named by the sha256 of their bytes and
 written with a conditional put, so two boxes uploading one prefix write it once and nothing is
@@ -37,7 +42,7 @@ from clawctl.config import FleetSection
 from clawctl.errors import ClawError, IntegrityError, NotFound
 from clawctl.fleet.bucket import Bucket, FleetUnavailable
 from clawctl.fsutil import fsync_dir
-from clawctl.schemas.fleet import FleetStatus, NamedPointer, PoolPointer
+from clawctl.schemas.fleet import FleetGcResult, FleetStatus, NamedPointer, PoolPointer
 from clawctl.schemas.snapshots import Kind, SnapshotInfo
 from clawctl.schemas.state import StateIdentity
 from clawctl.store.snapshot_format import (
@@ -122,6 +127,16 @@ class FleetStore:
     def session_key(self, name: str) -> str:
         return self._key("sessions", f"{name}.json")
 
+    def ref_key(self, sha256: str, box: str | None = None) -> str:
+        return self._key("refs", sha256, box or self.box)
+
+    def _touch(self, sha256: str) -> None:
+        """Mark an object as used by this box now (what `gc` keeps)."""
+        try:
+            self.bucket.put_bytes(self.ref_key(sha256), b"")
+        except FleetUnavailable as exc:  # only gc reads it: not worth failing a fetch for
+            log.warning("fleet ref of %s not written: %s", sha256[:12], exc.message)
+
     # --- pushing -----------------------------------------------------------------------------
 
     def push(self, kind: Kind, path: Path) -> bool:
@@ -161,6 +176,7 @@ class FleetStore:
             )  # fmt: skip
             key = (self.session_key if kind == "session" else self.named_key)(path.stem)
         self.bucket.put_bytes(key, record.model_dump_json().encode())
+        self._touch(sha256)
         with self._lock:
             if created:
                 self.counters.uploaded += 1
@@ -227,6 +243,7 @@ class FleetStore:
             )
         handle.flush()
         os.fsync(handle.fileno())
+        self._touch(sha256)
         size = handle.tell()
         seconds = max(time.perf_counter() - started, 1e-6)
         with self._lock:
@@ -324,6 +341,62 @@ class FleetStore:
         with self.snapshots.incoming() as (tmp, handle):
             self._download(pointer.sha256, handle)
             return self.snapshots.adopt(tmp, handle, as_name or name)
+
+    # --- garbage collection ------------------------------------------------------------------
+
+    def _pointers(
+        self, folder: str, model: type[PoolPointer] | type[NamedPointer]
+    ) -> dict[str, str]:
+        """pointer key -> the sha256 of the object it names, for every pointer under `folder`."""
+        named: dict[str, str] = {}
+        for key in self.bucket.keys(self._key(folder) + "/"):
+            data = self.bucket.get_bytes(key)
+            if data is None:
+                continue
+            try:
+                named[key] = model.model_validate_json(data).sha256
+            except ValidationError:
+                log.warning("fleet pointer %s is not valid; left alone", key)
+        return named
+
+    def gc(self, older_than: float, dry_run: bool = False) -> FleetGcResult:
+        """Remove objects (and the pool and session pointers naming them) that no box has
+        uploaded or fetched for `older_than` seconds; named snapshots are kept."""
+        cutoff = time.time() - older_than
+        used: dict[str, float] = {}
+        refs: dict[str, list[str]] = {}
+        for entry in self.bucket.listing(self._key("refs") + "/"):
+            sha256 = entry.key.rsplit("/", 2)[-2]
+            used[sha256] = max(used.get(sha256, 0.0), entry.modified)
+            refs.setdefault(sha256, []).append(entry.key)
+        keep = set(self._pointers("named", NamedPointer).values())
+        doomed: dict[str, int] = {}
+        kept = 0
+        for entry in self.bucket.listing(self._key("objects") + "/"):
+            sha256 = entry.key.rsplit("/", 1)[-1]
+            if sha256 in keep or max(used.get(sha256, 0.0), entry.modified) >= cutoff:
+                kept += 1
+            else:
+                doomed[sha256] = entry.size
+        pointers = [
+            key
+            for folder, model in (("pool", PoolPointer), ("sessions", NamedPointer))
+            for key, sha256 in self._pointers(folder, model).items()
+            if sha256 in doomed
+        ]
+        if not dry_run:  # pointers first: no box is sent to an object that is gone
+            for key in pointers:
+                self.bucket.delete(key)
+            for sha256 in doomed:
+                self.bucket.delete(self.object_key(sha256))
+                for key in refs.get(sha256, []):
+                    self.bucket.delete(key)
+            with self._lock:
+                self._pools.clear()  # re-read the index without the removed entries
+        return FleetGcResult(
+            objects=len(doomed), bytes=sum(doomed.values()), pointers=len(pointers),
+            kept=kept, dry_run=dry_run,
+        )  # fmt: skip
 
     # --- status ------------------------------------------------------------------------------
 

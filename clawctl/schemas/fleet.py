@@ -78,3 +78,23 @@ class FleetPushResult(_Frozen):
 class FleetPullRequest(_Frozen):
     name: str
     as_name: str | None = None  # store it locally under another name
+
+
+class FleetGcRequest(_Frozen):
+    """Remove objects no box has used for `older_than_seconds` (named snapshots are kept)."""
+
+    older_than_seconds: float = Field(ge=0)
+    dry_run: bool = False
+
+
+class FleetGcResult(_Frozen):
+    objects: int  # removed (or, on a dry run, that would be)
+    bytes: int
+    pointers: int
+    kept: int
+    dry_run: bool
+
+
+class FleetSyncResult(_Frozen):
+    queued: int  # local snapshots queued for upload
+    pulled: list[str]  # named snapshots fetched from the fleet

@@ -14,10 +14,18 @@ from fastapi import APIRouter, Request
 from clawctl.errors import BadInput
 from clawctl.fleet.store import FleetStore
 from clawctl.fleet.uploader import FleetUploader
-from clawctl.schemas.fleet import FleetPullRequest, FleetPushRequest, FleetPushResult, FleetStatus
+from clawctl.schemas.fleet import (
+    FleetGcRequest,
+    FleetGcResult,
+    FleetPullRequest,
+    FleetPushRequest,
+    FleetPushResult,
+    FleetStatus,
+    FleetSyncResult,
+)
 from clawctl.schemas.snapshots import Kind, SnapshotInfo
 from clawctl.services import Services
-from clawctl.store.snapshots import validate_snapshot_name
+from clawctl.store.snapshots import SnapshotStore, validate_snapshot_name
 
 router = APIRouter(prefix="/admin")
 OFF = "the fleet is off: set [fleet] endpoint (and bucket) in clawd.toml; see docs/fleet.md"
@@ -69,13 +77,40 @@ async def fleet_push(body: FleetPushRequest, request: Request) -> FleetPushResul
     if body.name is not None:
         _, path = store.find(validate_snapshot_name(body.name), "named")
         return FleetPushResult(queued=int(uploader.submit("named", path)))
+    return FleetPushResult(queued=_push_all(uploader, store))
+
+
+def _push_all(uploader: FleetUploader, store: SnapshotStore) -> int:
+    """Queue every named snapshot and pool entry (one the fleet holds already costs a
+    conditional put that the store refuses, nothing more)."""
     queued = 0
     kinds: tuple[Kind, ...] = ("named", "pool")
     for kind in kinds:
         for entry in store.entries(kind):
             _, path = store.find(entry.name, kind)
             queued += uploader.submit(kind, path)
-    return FleetPushResult(queued=queued)
+    return queued
+
+
+@router.post("/fleet/sync")
+async def fleet_sync(request: Request) -> FleetSyncResult:
+    """Both ways: queue this box's snapshots for upload, and pull the fleet's named snapshots
+    this box lacks."""
+    fleet, uploader = _fleet(request), _uploader(request)
+    store = _services(request).snapshots
+    queued = _push_all(uploader, store)
+    local = {entry.name for entry in store.entries("named")}
+    pulled = []
+    for name in await asyncio.to_thread(fleet.named):
+        if name not in local:
+            await asyncio.to_thread(fleet.pull_named, name)
+            pulled.append(name)
+    return FleetSyncResult(queued=queued, pulled=pulled)
+
+
+@router.post("/fleet/gc")
+async def fleet_gc(body: FleetGcRequest, request: Request) -> FleetGcResult:
+    return await asyncio.to_thread(_fleet(request).gc, body.older_than_seconds, body.dry_run)
 
 
 @router.post("/fleet/pull")
