@@ -95,6 +95,7 @@ bench: model $(CONVERT_STAMP)
 	$(PY) bench/onnx_dedup.py
 	$(PY) bench/agents.py
 	$(PY) bench/tool_accuracy.py
+	$(PY) bench/fleet.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build

@@ -304,3 +304,88 @@ def test_gc_removes_what_no_box_used_lately_and_keeps_named_snapshots(
     # What gc removed is simply not found any more: the prefix is computed again.
     hashes = block_hashes(IDENTITY, list(range(500, 564)), BLOCK)
     assert fleet.pool_lookup(IDENTITY, hashes) is None
+
+
+def _pull(daemon: Daemon, name: str) -> dict:  # type: ignore[type-arg]
+    """`POST /admin/models/pull` to its end: the NDJSON result line's PullResult."""
+    with daemon.client() as client:
+        response = client.post("/admin/models/pull", json={"ref": name})
+    assert response.status_code == 200, response.text
+    last = json.loads(response.text.strip().splitlines()[-1])
+    assert last["type"] == "result", last
+    return dict(last["result"])
+
+
+def test_a_model_one_box_pulled_comes_from_the_fleet_on_the_next(
+    short_dir: Path, tmp_path: Path, s3: SeaweedS3
+) -> None:
+    home_a, home_b = tmp_path / "home-a", tmp_path / "home-b"
+    config_a = _box(home_a, tmp_path / "a", s3, "models")
+    config_b = _box(home_b, tmp_path / "b", s3, "models")
+    with run_daemon(home_a, short_dir / "a.sock", tmp_path, CLAW_CONFIG=str(config_a)) as a:
+        first = _pull(a, "smollm2-135m")
+        assert first["fetched"] is True
+        assert first["from_fleet"] is False  # the fleet had no copy yet: from its source
+        wait_for(
+            "the model's upload", lambda: (s := _status(a))["uploaded"] >= 1 and not s["queued"]
+        )
+    digest = first["manifest"]["digest"]
+    assert s3.keys(f"models/objects/{digest}") == [f"models/objects/{digest}"]
+    empty_cache = tmp_path / "no-downloads"  # B has nothing cached: only the fleet is near
+    with run_daemon(
+        home_b, short_dir / "b.sock", tmp_path, CLAW_CONFIG=str(config_b),
+        CLAW_DOWNLOAD_CACHE=str(empty_cache),
+    ) as b:  # fmt: skip
+        second = _pull(b, "smollm2-135m")
+        assert second["fetched"] is True
+        assert second["from_fleet"] is True
+        assert second["manifest"]["digest"] == digest
+        chat_body = {"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 2}
+        with b.client() as client:
+            assert client.post("/v1/completions", json=chat_body).status_code == 200
+    assert not list(empty_cache.rglob("*.whl"))
+
+
+def _install(daemon: Daemon, url: str, sha256: str) -> list[dict]:  # type: ignore[type-arg]
+    body = {"url": url, "base": "smollm2-135m", "name": "shared", "sha256": sha256}
+    with daemon.client() as client:
+        response = client.post("/admin/adapters/install", json=body)
+    assert response.status_code == 200, response.text
+    return [json.loads(line) for line in response.text.strip().splitlines()]
+
+
+def test_an_adapter_one_box_installed_comes_from_the_fleet_when_its_url_is_gone(
+    fresh_home: Path, short_dir: Path, tmp_path: Path, s3: SeaweedS3, smollm2_gguf: Path
+) -> None:
+    import functools
+    import http.server
+    import threading
+
+    from tests.test_adapters import make_lora
+
+    served = tmp_path / "served"
+    served.mkdir()
+    lora = make_lora(smollm2_gguf, served / "shared.gguf", b_scale=0.5, seed=3)
+    digest = file_sha256(lora)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/shared.gguf"
+    home_b = copy_home(fresh_home, tmp_path / "home-b")
+    config_a = _box(fresh_home, tmp_path / "a", s3, "adapters")
+    config_b = _box(home_b, tmp_path / "b", s3, "adapters")
+    try:
+        with run_daemon(fresh_home, short_dir / "a.sock", tmp_path, CLAW_CONFIG=str(config_a)) as a:
+            assert _install(a, url, digest)[-1]["type"] == "result"
+            wait_for(
+                "the adapter's upload",
+                lambda: (s := _status(a))["uploaded"] >= 1 and not s["queued"],
+            )
+    finally:
+        server.shutdown()
+        server.server_close()  # the URL is gone now
+    with run_daemon(home_b, short_dir / "b.sock", tmp_path, CLAW_CONFIG=str(config_b)) as b:
+        lines = _install(b, url, digest)
+        assert lines[-1]["type"] == "result", lines[-1]
+        assert lines[-1]["result"]["digest"] == digest
+        assert lines[-1]["result"]["source"] == url  # recorded as installed from its URL

@@ -14,7 +14,7 @@ from pathlib import Path
 from clawctl.build.jobstream import LineProgress, LineWriter
 from clawctl.build.ops import op
 from clawctl.config import load_paths
-from clawctl.errors import BadInput
+from clawctl.errors import BadInput, ClawError
 from clawctl.schemas.models import (
     AddRequest,
     ConvertRequest,
@@ -39,7 +39,14 @@ def pull(request: PullRequest, progress: LineProgress, writer: LineWriter) -> Pu
     the same bytes are already installed."""
     from clawctl.build.convert.recipes import pull_model
 
-    manifest, fetched = pull_model(_store(), request.ref, sha256=request.sha256, progress=progress)
+    store = _store()
+    if request.mirror is not None:
+        try:
+            manifest, fetched = store.pull(request.ref, progress=progress, mirror=request.mirror)
+            return PullResult(manifest=manifest, fetched=fetched, from_fleet=fetched)
+        except ClawError as exc:  # unreachable, or other bytes: the catalog's source then
+            writer.message(f"the fleet's copy was not used ({exc.message})", "warning")
+    manifest, fetched = pull_model(store, request.ref, sha256=request.sha256, progress=progress)
     return PullResult(manifest=manifest, fetched=fetched)
 
 

@@ -31,24 +31,32 @@ def status(json_: JsonOption = False) -> None:
     if json_:
         emit_json(result)
         return
-    if not result.enabled:
+    rows: list[tuple[str, str]] = []
+    if result.enabled:
+        reach = "yes" if result.reachable else f"no: {result.problem}"
+        measured = f"{result.bandwidth_mb_s} MB/s" if result.bandwidth_mb_s else "not measured yet"
+        rows += [
+            ("store", f"{result.endpoint} bucket {result.bucket}, prefix {result.prefix}/"),
+            ("this box", result.box),
+            ("reachable", reach),
+            ("uploads waiting", str(result.queued)),
+            ("uploaded", f"{result.uploaded} (+{result.already_there} another box had sent)"),
+            ("upload errors", f"{result.upload_errors} {result.last_upload_error or ''}".strip()),
+            ("fetched", f"{result.fetched} ({human_bytes(result.fetched_bytes)})"),
+            ("refused on fetch", str(result.fetch_refused)),
+            ("fetch bandwidth", measured),
+            ("named snapshots", ", ".join(result.named) or "-"),
+        ]
+    if result.ledger:
+        held = "nothing yet" if result.ledger_position is None else f"row {result.ledger_position}"
+        rows += [
+            ("ledger rows shipped", f"{result.ledger_shipped} (Postgres holds up to {held})"),
+            ("ledger error", result.ledger_error or "-"),
+        ]
+    if not rows:
         out.print("the fleet is off (set [fleet] endpoint in clawd.toml; see docs/fleet.md)")
         return
     grid = table("SETTING", "VALUE")
-    reach = "yes" if result.reachable else f"no: {result.problem}"
-    bandwidth = f"{result.bandwidth_mb_s} MB/s" if result.bandwidth_mb_s else "not measured yet"
-    rows = [
-        ("store", f"{result.endpoint} bucket {result.bucket}, prefix {result.prefix}/"),
-        ("this box", result.box),
-        ("reachable", reach),
-        ("uploads waiting", str(result.queued)),
-        ("uploaded", f"{result.uploaded} (+{result.already_there} another box had sent)"),
-        ("upload errors", f"{result.upload_errors} {result.last_upload_error or ''}".strip()),
-        ("fetched", f"{result.fetched} ({human_bytes(result.fetched_bytes)})"),
-        ("refused on fetch", str(result.fetch_refused)),
-        ("fetch bandwidth", bandwidth),
-        ("named snapshots", ", ".join(result.named) or "-"),
-    ]
     for name, value in rows:
         grid.add_row(name, value)
     out.print(grid)

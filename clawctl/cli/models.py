@@ -108,7 +108,11 @@ def pull(
     if json_:
         emit_json(manifest)
         return
-    verb = "pulled" if fetched else "already present:"
+    verb = (
+        ("pulled from the fleet" if pulled.from_fleet else "pulled")
+        if fetched
+        else ("already present:")
+    )
     err.print(
         f"{verb} {manifest.name} ({human_bytes(manifest.size)}, sha256:{manifest.digest[:12]})"
     )

@@ -170,6 +170,13 @@ class Bucket:
         """Every key under `prefix`, page by page."""
         return (entry.key for entry in self.listing(prefix))
 
+    def presigned_get(self, key: str, seconds: int = 3600) -> str:
+        """A URL anyone holding it may GET `key` from for `seconds` (signed locally: no call)."""
+        url: str = self._s3().generate_presigned_url(
+            "get_object", Params={"Bucket": self.name, "Key": key}, ExpiresIn=seconds
+        )
+        return url
+
     def delete(self, key: str) -> None:
         from botocore.exceptions import ClientError
 

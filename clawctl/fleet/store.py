@@ -6,6 +6,10 @@
     <prefix>/sessions/<id>.json                    a session's newest state (`NamedPointer`)
     <prefix>/refs/<sha256>/<box>                   empty: <box> used that object (its time)
 
+Model blobs are objects too, under the sha256 the catalog pins them by, so a box pulling a
+catalog model tries the fleet's copy first (a presigned URL the build subprocess downloads)
+and every byte is still checked against the catalog.
+
 `gc` removes what no box has used for a while: a box touches its ref of an object whenever it
 uploads or fetches it, so an object whose refs (and its own upload) are all older than the
 retention window is one nobody asked for lately. Named snapshots are kept until removed.
@@ -42,7 +46,13 @@ from clawctl.config import FleetSection
 from clawctl.errors import ClawError, IntegrityError, NotFound
 from clawctl.fleet.bucket import Bucket, FleetUnavailable
 from clawctl.fsutil import fsync_dir
-from clawctl.schemas.fleet import FleetGcResult, FleetStatus, NamedPointer, PoolPointer
+from clawctl.schemas.fleet import (
+    FleetGcResult,
+    FleetKind,
+    FleetStatus,
+    NamedPointer,
+    PoolPointer,
+)
 from clawctl.schemas.snapshots import Kind, SnapshotInfo
 from clawctl.schemas.state import StateIdentity
 from clawctl.store.snapshot_format import (
@@ -139,7 +149,49 @@ class FleetStore:
 
     # --- pushing -----------------------------------------------------------------------------
 
-    def push(self, kind: Kind, path: Path) -> bool:
+    def push(self, kind: FleetKind, path: Path) -> bool:
+        """Upload one local file the fleet shares: a snapshot, or a model or adapter blob;
+        False if the fleet had its bytes already."""
+        if kind == "model" or kind == "adapter":
+            return self._push_blob(kind, path)
+        return self._push_snapshot(kind, path)
+
+    def _sent(self, sha256: str, created: bool) -> bool:
+        self._touch(sha256)
+        with self._lock:
+            if created:
+                self.counters.uploaded += 1
+            else:
+                self.counters.already_there += 1
+        return created
+
+    def _push_blob(self, kind: FleetKind, path: Path) -> bool:
+        """A model or adapter blob, unless the fleet has it: a HEAD spares sending hundreds of
+        megabytes for the conditional put to refuse. Hashed here (not trusted from its name)."""
+        with path.open("rb") as body:
+            sha256 = _sha256(body)
+            size = body.tell()
+            body.seek(0)
+            key = self.object_key(sha256)
+            created = False
+            if self.bucket.head(key) is None:
+                created = self.bucket.put_if_absent(key, body, size, {"kind": kind})
+        return self._sent(sha256, created)
+
+    def blob_url(self, sha256: str) -> str | None:
+        """A time-limited URL of the fleet's copy of a blob; None if it has none (or is not
+        reachable: the model then comes from its source)."""
+        key = self.object_key(sha256)
+        try:
+            if self.bucket.head(key) is None:
+                return None
+        except FleetUnavailable as exc:
+            log.warning("fleet not asked for %s: %s", sha256[:12], exc.message)
+            return None
+        self._touch(sha256)
+        return self.bucket.presigned_get(key)
+
+    def _push_snapshot(self, kind: Kind, path: Path) -> bool:
         """Upload one local snapshot and its pointer; False if the object was already there.
         Raises FileNotFoundError if the file is gone (evicted before its turn came). A session's
         pointer moves to its newest state; pool and named pointers name one object for good."""
@@ -176,13 +228,7 @@ class FleetStore:
             )  # fmt: skip
             key = (self.session_key if kind == "session" else self.named_key)(path.stem)
         self.bucket.put_bytes(key, record.model_dump_json().encode())
-        self._touch(sha256)
-        with self._lock:
-            if created:
-                self.counters.uploaded += 1
-            else:
-                self.counters.already_there += 1
-        return created
+        return self._sent(sha256, created)
 
     # --- the pool ----------------------------------------------------------------------------
 

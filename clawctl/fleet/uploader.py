@@ -25,7 +25,7 @@ from clawctl.errors import ClawError
 from clawctl.fleet.bucket import FleetUnavailable
 from clawctl.fleet.store import FleetStore
 from clawctl.fsutil import atomic_write
-from clawctl.schemas.snapshots import Kind
+from clawctl.schemas.fleet import FleetKind
 
 log = logging.getLogger("clawd.fleet")
 FIRST_BACKOFF = 0.5
@@ -37,7 +37,7 @@ class OutboxEntry(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    kind: Kind
+    kind: FleetKind
     path: str
 
 
@@ -63,7 +63,7 @@ class FleetUploader:
         self._thread = threading.Thread(target=self._run, name="fleet-uploader", daemon=True)
         self._thread.start()
 
-    def submit(self, kind: Kind, path: Path) -> bool:
+    def submit(self, kind: FleetKind, path: Path) -> bool:
         """Owe the fleet this file; False if the queue is full (the file stays local only)."""
         entry = OutboxEntry(kind=kind, path=str(path))
         name = hashlib.sha256(str(path).encode()).hexdigest()[:24] + ".json"

@@ -8,10 +8,14 @@ and a few small reads, without downloading a snapshot to learn what is in it.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from clawctl.schemas.state import StateIdentity
+
+# What the fleet stores: snapshots of the three kinds, and model and adapter blobs (by sha256).
+FleetKind = Literal["named", "session", "pool", "model", "adapter"]
 
 
 class _Frozen(BaseModel):
@@ -63,6 +67,10 @@ class FleetStatus(_Frozen):
     bandwidth_mb_s: float | None = None  # measured on fetches
     pool_entries: int = 0  # fleet pool entries known for the identities asked about
     named: list[str] = []
+    ledger: bool = False  # rows ship to the fleet ledger (Postgres)
+    ledger_shipped: int = 0  # rows this run of clawd sent
+    ledger_position: int | None = None  # the last row Postgres holds for this box
+    ledger_error: str | None = None
 
 
 class FleetPushRequest(_Frozen):

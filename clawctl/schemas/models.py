@@ -150,11 +150,15 @@ class PullRequest(_Request):
 
     ref: str = Field(min_length=1)
     sha256: str | None = None  # expected sha256 of a URL's file
+    # Set by clawd, not the client: the fleet store's copy of a catalog model's bytes, tried
+    # before the catalog's own source (docs/fleet.md).
+    mirror: str | None = None
 
 
 class PullResult(BaseModel):
     manifest: ModelManifest
     fetched: bool  # False: it was already installed, nothing was downloaded
+    from_fleet: bool = False  # fetched from the fleet store rather than the model's source
 
 
 class AddRequest(_Request):

@@ -253,9 +253,12 @@ class ModelStore:
         return self._write_manifest(name, digest, blob, source)
 
     def pull(
-        self, ref: str, *, sha256: str | None = None, progress: ProgressSink | None = None
-    ) -> tuple[ModelManifest, bool]:
-        """Install a catalog model or a URL; returns (manifest, fetched?)."""
+        self, ref: str, *, sha256: str | None = None, progress: ProgressSink | None = None,
+        mirror: str | None = None,
+    ) -> tuple[ModelManifest, bool]:  # fmt: skip
+        """Install a catalog model or a URL; returns (manifest, fetched?). `mirror`: a URL of a
+        catalog model's same bytes (the fleet's copy) to fetch instead of its source; they must
+        still hash to the catalog's sha256."""
         progress = progress or NullProgress()
         if ref.startswith(("http://", "https://")):
             name = name_from_filename(ref.split("?")[0])
@@ -265,6 +268,8 @@ class ModelStore:
             entry: CatalogEntry = self.catalog.get(validate_model_name(ref))
             name, parts, source = entry.name, list(entry.parts), entry.source_label()
             entry_sha, total = entry.sha256, entry.size
+            if mirror is not None:
+                parts = [UrlPart(kind="url", url=mirror)]
         with contextlib.suppress(ModelNotFound, IntegrityError):
             existing = self.get(name)
             if self.blob_path(existing.digest).is_file() and (

@@ -25,7 +25,7 @@ from clawctl.schemas.adapters import (
     AdapterManifest,
     AdapterVerifyReport,
 )
-from clawctl.schemas.jobs import JobLine
+from clawctl.schemas.jobs import ErrorLine, JobLine, MessageLine, ResultLine
 from clawctl.services import Services
 from clawctl.serving.build_runner import run_build
 from clawctl.store.names import name_from_filename, validate_model_name
@@ -64,10 +64,34 @@ async def list_adapters(request: Request, base: str | None = None) -> AdapterLis
 async def install_adapter(body: AdapterInstallRequest, request: Request) -> StreamingResponse:
     """Fetch, verify and install an adapter from an http(s) URL (NDJSON progress)."""
     file_name = body.url.split("?")[0].rsplit("/", 1)[-1]
-    job = _install_job(
-        _services(request), body.base, body.name, file_name, body.url, body.url, body.sha256
-    )
-    return ndjson(run_build(INSTALL_OP, job.model_dump(mode="json")))
+    services = _services(request)
+    job = _install_job(services, body.base, body.name, file_name, body.url, body.url, body.sha256)
+    mirror = None
+    if services.fleet is not None and body.sha256 is not None:
+        mirror = await asyncio.to_thread(services.fleet.blob_url, body.sha256)
+    return ndjson(_install_via_fleet(services, job, mirror))
+
+
+async def _install_via_fleet(
+    services: Services, job: AdapterInstallJob, mirror: str | None
+) -> AsyncIterator[JobLine]:
+    """Install from the fleet's copy when it has one (same pinned sha256), else from the URL,
+    or from the URL after the fleet's copy failed; one fetched from its URL is shared."""
+    if mirror is not None:
+        via_fleet = job.model_copy(update={"source": mirror}).model_dump(mode="json")
+        async for line in run_build(INSTALL_OP, via_fleet):
+            if isinstance(line, ErrorLine):  # progress so far stays shown; the URL is next
+                text = f"the fleet's copy was not used ({line.message})"
+                yield MessageLine(text=text, level="warning")
+                break
+            yield line
+        else:
+            return
+    async for line in run_build(INSTALL_OP, job.model_dump(mode="json")):
+        if isinstance(line, ResultLine) and services.uploader is not None:
+            manifest = AdapterManifest.model_validate(line.result)
+            services.uploader.submit("adapter", services.store.blob_path(manifest.digest))
+        yield line
 
 
 async def _install_upload(job: AdapterInstallJob, upload: Path) -> AsyncIterator[JobLine]:

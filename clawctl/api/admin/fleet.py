@@ -46,19 +46,25 @@ def _fleet(request: Request) -> FleetStore:
 @router.get("/fleet")
 async def fleet_status(request: Request) -> FleetStatus:
     services = _services(request)
-    if services.fleet is None:
-        return FleetStatus(enabled=False)
-    status = await asyncio.to_thread(services.fleet.status)
-    uploader = services.uploader
-    if uploader is None:
-        return status
-    return status.model_copy(
-        update={
-            "queued": uploader.queued,
-            "upload_errors": uploader.errors,
-            "last_upload_error": uploader.last_error,
-        }
-    )
+    fleet, uploader, shipper = services.fleet, services.uploader, services.shipper
+    status = FleetStatus(enabled=False)
+    if fleet is not None:
+        status = await asyncio.to_thread(fleet.status)
+    update: dict[str, object] = {}
+    if uploader is not None:
+        update.update(
+            queued=uploader.queued,
+            upload_errors=uploader.errors,
+            last_upload_error=uploader.last_error,
+        )
+    if shipper is not None:
+        update.update(
+            ledger=True,
+            ledger_shipped=shipper.shipped,
+            ledger_position=shipper.position,
+            ledger_error=shipper.last_error,
+        )
+    return status.model_copy(update=update)
 
 
 def _uploader(request: Request) -> FleetUploader:

@@ -23,13 +23,14 @@ from starlette.background import BackgroundTask
 
 from clawctl.api.admin.streaming import ndjson
 from clawctl.errors import BadInput
-from clawctl.schemas.jobs import JobLine
+from clawctl.schemas.jobs import JobLine, ResultLine
 from clawctl.schemas.models import (
     AddRequest,
     ConvertRequest,
     ModelListing,
     ModelManifest,
     PullRequest,
+    PullResult,
     QuantizeRequest,
     VerifyReport,
     VerifyRequest,
@@ -73,11 +74,31 @@ async def verify_models(request: Request, body: VerifyRequest) -> VerifyReport:
 
 
 @router.post("/models/pull")
-async def pull_model(body: PullRequest) -> StreamingResponse:
-    """NDJSON: progress, then a `PullResult`."""
+async def pull_model(request: Request, body: PullRequest) -> StreamingResponse:
+    """NDJSON: progress, then a `PullResult`. With a fleet, a catalog model comes from the
+    fleet's copy when it has one, and one fetched from its source is shared afterwards."""
+    services = _services(request)
+    mirror = None
     if not body.ref.startswith(("http://", "https://")):
         validate_model_name(body.ref)
-    return ndjson(run_build("pull", body.model_dump(mode="json")))
+        entry = services.store.catalog.models.get(body.ref)
+        if services.fleet is not None and entry is not None and entry.convert is None:
+            mirror = await asyncio.to_thread(services.fleet.blob_url, entry.sha256)
+    lines = run_build("pull", body.model_copy(update={"mirror": mirror}).model_dump(mode="json"))
+    return ndjson(_share_pulled(services, lines))
+
+
+async def _share_pulled(
+    services: Services, lines: AsyncIterator[JobLine]
+) -> AsyncIterator[JobLine]:
+    """Relay the pull's lines; a model it fetched from its source goes to the fleet."""
+    async for line in lines:
+        if isinstance(line, ResultLine) and services.uploader is not None:
+            result = PullResult.model_validate(line.result)
+            if result.fetched and not result.from_fleet:
+                for digest in result.manifest.blob_digests():
+                    services.uploader.submit("model", services.store.blob_path(digest))
+        yield line
 
 
 @router.post("/models/add")
