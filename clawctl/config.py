@@ -109,7 +109,7 @@ class FleetSection(_Strict):
     # uploaded (an agent's is ~150 MB at 12k tokens), and a box takes the fleet's when newer.
     sessions: bool = False
     upload_queue: int = Field(256, ge=1)
-    # What a fetch is weighed against before anything is measured on this box: fetch a prefix
+    # What a fetch is weighed against until both are measured on this box: fetch a prefix
     # when size / bandwidth < its tokens / prefill rate.
     assumed_bandwidth_mb_s: float = Field(50.0, gt=0)
     assumed_prefill_tokens_s: float = Field(100.0, gt=0)

@@ -233,6 +233,7 @@ def test_a_prefix_is_fetched_only_when_that_beats_computing_it(
     fleet.section = FleetSection(assumed_bandwidth_mb_s=1.0, assumed_prefill_tokens_s=100.0)
     assert fleet.worth_fetching(1 << 20, 200)  # 1 s to fetch, 2 s to compute
     assert not fleet.worth_fetching(1 << 20, 50)  # 1 s to fetch, 0.5 s to compute
+    assert not fleet.worth_fetching(1 << 20, 200, prefill_rate=1000.0)  # measured: 0.2 s here
     fleet.section = FleetSection(assumed_bandwidth_mb_s=0.001, assumed_prefill_tokens_s=100.0)
     assert not fleet.worth_fetching(1 << 20, 200)  # ~17 min to fetch at the assumed 1 kB/s
     source = _pool_file(fleet.snapshots, list(range(200, 300)), seed=3)

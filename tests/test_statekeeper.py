@@ -134,3 +134,22 @@ def test_a_session_still_waiting_for_the_writer_is_restored_from_memory(
     finally:
         release.set()
         writer.stop()
+
+
+def test_prefill_speed_is_measured_from_long_prompts_only(
+    engine: LlamaEngine, tmp_path: Path
+) -> None:
+    store = SnapshotStore(Paths.build(tmp_path), 1 << 30, BLOCK)
+    writer = SnapshotWriter(store, "shuffle2")
+    try:
+        keeper = StateKeeper(store, writer)
+        model = engine.identity().model_sha256
+        assert keeper.prefill_rate(model) is None
+        keeper.note_prefill(engine, 20, 0.01)  # a short prompt says little about prefill speed
+        assert keeper.prefill_rate(model) is None
+        keeper.note_prefill(engine, 1000, 2.0)
+        assert keeper.prefill_rate(model) == 500.0
+        keeper.note_prefill(engine, 900, 3.0)  # a slower one: the estimate follows, halfway
+        assert keeper.prefill_rate(model) == 400.0
+    finally:
+        writer.stop()

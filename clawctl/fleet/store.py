@@ -273,10 +273,12 @@ class FleetStore:
                     return FleetHit(pointer, (i + 1) * self.snapshots.block_tokens)
         return None
 
-    def worth_fetching(self, size: int, tokens: int) -> bool:
-        """Whether downloading `size` bytes is expected to beat computing `tokens` here."""
+    def worth_fetching(self, size: int, tokens: int, prefill_rate: float | None = None) -> bool:
+        """Whether downloading `size` bytes is expected to beat computing `tokens` here at
+        `prefill_rate` tokens/s (measured by the caller; else the configured assumption)."""
         bandwidth = self._bandwidth or self.section.assumed_bandwidth_mb_s * (1 << 20)
-        return size / bandwidth < tokens / self.section.assumed_prefill_tokens_s
+        rate = prefill_rate or self.section.assumed_prefill_tokens_s
+        return size / bandwidth < tokens / rate
 
     def _download(self, sha256: str, handle: IO[bytes]) -> None:
         started = time.perf_counter()

@@ -34,6 +34,7 @@ from clawctl.store.snapshot_format import SnapshotHeader, encode, read_header, w
 from clawctl.store.snapshots import PoolHit, SnapshotStore, block_hashes
 
 log = logging.getLogger("clawd.snapshots")
+PREFILL_SAMPLE_TOKENS = 128  # fewer computed prompt tokens do not measure prefill speed
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,22 @@ class StateKeeper:
         self.pool = pool
         self.pool_min_tokens = pool_min_tokens
         self.fleet = fleet if fleet is not None and fleet.section.fetch else None
+        self._prefill_rate: dict[str, float] = {}  # model sha256 -> prompt tokens/s measured
+
+    def note_prefill(self, engine: Engine, tokens: int, seconds: float) -> None:
+        """A generation computed `tokens` prompt tokens in `seconds` (to its first token): the
+        prefill speed a fleet fetch is weighed against. Short prompts say little, and batched
+        ones share the time, which only makes fetching look better than it is, never worse."""
+        if tokens < PREFILL_SAMPLE_TOKENS or seconds <= 0:
+            return
+        key = engine.identity().model_sha256
+        measured = tokens / seconds
+        known = self._prefill_rate.get(key)
+        self._prefill_rate[key] = measured if known is None else (known + measured) / 2
+
+    def prefill_rate(self, model_sha256: str) -> float | None:
+        """Prompt tokens/s measured for this model on this box (None before a long prompt)."""
+        return self._prefill_rate.get(model_sha256)
 
     def _restore(
         self, engine: Engine, path: Path, identity: StateIdentity, tokens: list[int]
@@ -239,7 +256,8 @@ class StateKeeper:
         found = self.fleet.pool_lookup(identity, hashes)
         if found is None or found.tokens <= best:
             return None
-        if not self.fleet.worth_fetching(found.pointer.size, found.tokens - best):
+        rate = self.prefill_rate(identity.model_sha256)
+        if not self.fleet.worth_fetching(found.pointer.size, found.tokens - best, rate):
             log.info("fleet prefix of %d tokens (%d bytes) not fetched: computing it is faster",
                      found.tokens, found.pointer.size)  # fmt: skip
             return None

@@ -231,19 +231,23 @@ class ModelWorker:
             self._exclusive = False
             return
         deliveries: list[tuple[Job, JobEvent]] = []
-        finished: list[Job] = []
+        finished: list[tuple[Job, Finished]] = []
         for slot, event in events:
             job = self._running[slot]
             if isinstance(event, Finished):
                 del self._running[slot]  # before the caller hears of it: it may ask at once
-                finished.append(job)
+                finished.append((job, event))
             deliveries.append((job, event))
         emit_all(deliveries)
-        for job in finished:
-            self._finished(engine, job)
+        for job, done in finished:
+            self._finished(engine, job, done)
 
-    def _finished(self, engine: Engine, job: Job) -> None:
+    def _finished(self, engine: Engine, job: Job, done: Finished) -> None:
         kept = job.kept
+        if self.keeper is not None and kept is not None:
+            self.keeper.note_prefill(
+                engine, done.prompt_tokens - kept.reused_tokens, done.prompt_seconds
+            )
         if self.keeper is not None and kept is not None and (job.state.session or kept.pool_after):
             try:  # after the response: freezing the session or pool entry never delays it
                 self.keeper.after(engine, job.state, kept)
