@@ -11,8 +11,10 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,3 +128,63 @@ def seaweed(directory: Path) -> Iterator[SeaweedS3]:
     finally:
         server.stop()
         shutil.rmtree(directory / "weed", ignore_errors=True)
+
+
+class StallingProxy:
+    """A TCP forwarder in front of the S3 server that, once armed, holds a request after
+    `after` bytes of it have gone through: the test can kill the server mid-upload, then let the
+    proxy go on (into the dead server) and watch the client's upload fail."""
+
+    def __init__(self, target_port: int, after: int = 1 << 20) -> None:
+        self.target_port = target_port
+        self.after = after
+        self.armed = threading.Event()
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._server.getsockname()[1])
+        self._stopping = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._stopping:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+        except OSError:
+            client.close()
+            return
+        threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+        self._pipe(client, upstream, True)
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, request: bool) -> None:
+        sent = 0
+        try:
+            while chunk := source.recv(1 << 16):
+                sink.sendall(chunk)
+                sent += len(chunk)
+                if request and self.armed.is_set() and sent >= self.after:
+                    self.holding.set()
+                    self.release.wait(60)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+                end.close()
+
+    def close(self) -> None:
+        self._stopping = True
+        self.release.set()
+        self._server.close()

@@ -4,6 +4,7 @@ uploader, and two real clawd boxes: a prefix computed on one is hydrated on the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -22,7 +23,7 @@ from clawctl.schemas.state import StateIdentity
 from clawctl.store.snapshot_format import SnapshotMismatch, encode, write_snapshot
 from clawctl.store.snapshots import SnapshotStore, block_hashes
 from tests.conftest import Daemon, copy_home, run_cli, run_daemon
-from tests.seaweed import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedS3, seaweed
+from tests.seaweed import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedS3, StallingProxy, seaweed
 from tests.test_snapshots_api import DOC, chat
 
 BLOCK = 16
@@ -46,19 +47,22 @@ def wait_for(what: str, condition: Callable[[], bool], timeout: float = 120.0) -
         time.sleep(0.1)
 
 
-def _fleet(s3: SeaweedS3, home: Path, prefix: str, box: str) -> FleetStore:
-    section = FleetSection(endpoint=s3.endpoint, bucket=BUCKET, prefix=prefix,
+def _fleet(
+    s3: SeaweedS3, home: Path, prefix: str, box: str, endpoint: str | None = None
+) -> FleetStore:
+    endpoint = endpoint or s3.endpoint
+    section = FleetSection(endpoint=endpoint, bucket=BUCKET, prefix=prefix,
                            index_refresh_seconds=0)  # fmt: skip
-    bucket = Bucket(s3.endpoint, BUCKET, "us-east-1", FleetCredentials(ACCESS_KEY, SECRET_KEY))
+    bucket = Bucket(endpoint, BUCKET, "us-east-1", FleetCredentials(ACCESS_KEY, SECRET_KEY))
     return FleetStore(bucket, section, box, SnapshotStore(Paths.build(home), 1 << 30, BLOCK))
 
 
-def _pool_file(store: SnapshotStore, tokens: list[int], seed: int = 0) -> Path:
+def _pool_file(store: SnapshotStore, tokens: list[int], seed: int = 0, size: int = 200_000) -> Path:
     """A pool entry as the snapshot writer leaves one (random bytes stand in for the state)."""
     chains = block_hashes(IDENTITY, tokens, BLOCK)
     path = store.pool_path(IDENTITY, chains[-1])
     header, chunks = encode(
-        os.urandom(200_000 + seed), kind="pool", name=chains[-1], identity=IDENTITY, tokens=tokens
+        os.urandom(size + seed), kind="pool", name=chains[-1], identity=IDENTITY, tokens=tokens
     )
     write_snapshot(path, header, chunks)
     store.pool_added(IDENTITY, path, tokens)
@@ -390,3 +394,31 @@ def test_an_adapter_one_box_installed_comes_from_the_fleet_when_its_url_is_gone(
         assert lines[-1]["type"] == "result", lines[-1]
         assert lines[-1]["result"]["digest"] == digest
         assert lines[-1]["result"]["source"] == url  # recorded as installed from its URL
+
+
+def test_a_store_killed_mid_upload_and_restarted_loses_nothing(
+    tmp_path: Path, s3: SeaweedS3
+) -> None:
+    proxy = StallingProxy(s3.port, after=1 << 20)
+    try:
+        fleet = _fleet(s3, tmp_path / "a", "mid-upload", "box-a", endpoint=proxy.endpoint)
+        path = _pool_file(fleet.snapshots, list(range(700, 764)), size=8 << 20)
+        uploader = FleetUploader(fleet, tmp_path / "outbox", capacity=4)
+        try:
+            proxy.armed.set()
+            assert uploader.submit("pool", path)
+            wait_for("a megabyte of the upload on its way", proxy.holding.is_set)
+            s3.kill()  # SIGKILL with the object half sent
+            proxy.armed.clear()  # later attempts go straight through
+            proxy.release.set()
+            wait_for("the cut-off attempt to fail", lambda: uploader.errors >= 1)
+            s3.start()  # same data dir, same ports
+            wait_for("the upload after the restart", lambda: uploader.queued == 0)
+        finally:
+            uploader.stop()
+    finally:
+        proxy.close()
+    key = fleet.object_key(file_sha256(path))
+    body = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == file_sha256(path)  # whole, not a torn half
+    assert uploader.errors >= 1
