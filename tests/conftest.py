@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,15 @@ def wait_healthy(daemon: Daemon, timeout: float = 60.0) -> None:
                     return
         time.sleep(0.1)
     raise RuntimeError(f"clawd did not become healthy:\n{daemon.log_text()}")
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 120.0) -> None:
+    """Poll `condition` until it holds (a deadline, never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
 
 
 def free_port() -> int:

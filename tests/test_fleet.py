@@ -7,8 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from clawctl.paths import Paths
 from clawctl.schemas.state import StateIdentity
 from clawctl.store.snapshot_format import SnapshotMismatch, encode, write_snapshot
 from clawctl.store.snapshots import SnapshotStore, block_hashes
-from tests.conftest import Daemon, copy_home, run_cli, run_daemon
+from tests.conftest import Daemon, copy_home, run_cli, run_daemon, wait_for
 from tests.seaweed import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedS3, StallingProxy, seaweed
 from tests.test_snapshots_api import DOC, chat
 
@@ -37,14 +36,6 @@ IDENTITY = StateIdentity(
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     with seaweed(tmp_path_factory.mktemp("s3")) as server:
         yield server
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _fleet(

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, copy_home, run_cli, run_daemon
+from tests.conftest import Daemon, copy_home, run_cli, run_daemon, wait_for
 from tests.postgres import Postgres, available, postgres
 
 
@@ -22,14 +21,6 @@ def pg() -> Iterator[Postgres]:
     assert available(), "PostgreSQL's server is not installed: apt-get install postgresql"
     with postgres() as server:
         yield server
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _config(directory: Path, pg: Postgres, box: str) -> Path:
