@@ -426,8 +426,7 @@ def test_policies_are_listed_as_models(local: Daemon) -> None:
     assert owned["smollm2-135m"] == "clawd"
 
 
-def test_calibrate_writes_thresholds(local: Daemon, remote: str, tmp_path: Path) -> None:
-    apply(local, policy_text("tune", remote, key_file=str(local.home / "key")))
+def _heavier_data(tmp_path: Path) -> Path:
     data = Path(__file__).resolve().parents[2] / "shared" / "eval" / "which_is_heavier.jsonl"
     if not data.exists():  # a clone outside the workplace: use a few labelled lines of our own
         data = tmp_path / "mini.jsonl"
@@ -447,6 +446,12 @@ def test_calibrate_writes_thresholds(local: Daemon, remote: str, tmp_path: Path)
                 ]
             )
         )
+    return data
+
+
+def test_calibrate_writes_thresholds(local: Daemon, remote: str, tmp_path: Path) -> None:
+    apply(local, policy_text("tune", remote, key_file=str(local.home / "key")))
+    data = _heavier_data(tmp_path)
     env = {**os.environ, "CLAW_HOME": str(local.home), "CLAW_SOCKET": str(local.socket)}
     result = run_cli(
         "route",
@@ -459,11 +464,13 @@ def test_calibrate_writes_thresholds(local: Daemon, remote: str, tmp_path: Path)
         "12",
         "--target-remote-rate",
         "0.5",
+        "--local-only",  # the meter alone: thresholds for the share, whatever the remote does
         "--json",
         env=env,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
+    assert report["handovers"] == []
     tier = report["tiers"][0]
     assert tier["tier"] == "small"
     assert tier["examples"] == min(12, len(data.read_text().splitlines()))
@@ -479,6 +486,32 @@ def test_calibrate_writes_thresholds(local: Daemon, remote: str, tmp_path: Path)
         assert (escalate["model"] is not None) == (chosen == "score")
         assert (escalate["probe_model"] is not None) == (chosen == "probe")
     assert "probe" in tier["signals"]
+
+
+def test_calibrate_never_escalates_to_a_tier_that_is_not_better(
+    local: Daemon, remote: str, tmp_path: Path
+) -> None:
+    """The remote here is the same model, greedy: it gets right exactly what the local tier
+    does, so no escalation can help, and calibration must say so and write no threshold."""
+    apply(local, policy_text("same", remote, key_file=str(local.home / "key")))
+    env = {**os.environ, "CLAW_HOME": str(local.home), "CLAW_SOCKET": str(local.socket)}
+    args = ["route", "calibrate", "--data", str(_heavier_data(tmp_path)), "--policy", "same"]
+    result = run_cli(*args, "--limit", "8", "--target-remote-rate", "0.5", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    (handover,) = report["handovers"]
+    assert (handover["tier"], handover["next_tier"]) == ("small", "remote")
+    assert handover["alone"] == pytest.approx(handover["next_alone"])
+    assert handover["escalates"] is False
+    assert "not better" in handover["reason"]
+    assert report["chosen"] == {}
+    shown = json.loads(run_cli("route", "show", "same", "--json", env=env).stdout)
+    escalate = shown["tiers"][0]["escalate"]
+    assert all(escalate[s] is None for s in SIGNALS)  # the tier never escalates now
+    chart = run_cli(*args, "--limit", "8", "--target-remote-rate", "0.5", "--dry-run", env=env)
+    assert chart.returncode == 0, chart.stderr
+    assert "small → remote: never escalates" in chart.stdout
+    assert "ORACLE" in chart.stdout
 
 
 def test_distill_export_writes_escalations_as_chat_data(

@@ -13,7 +13,7 @@ from clawctl.cli._options import JsonOption
 from clawctl.errors import BadInput
 
 if TYPE_CHECKING:
-    from clawctl.schemas.policy import CalibrationResult, Policy, PolicyText
+    from clawctl.schemas.policy import CalibrationResult, Handover, Policy, PolicyText
 
 app = typer.Typer(
     help="Routing policies: which tier answers, when to escalate, what it costs.",
@@ -184,15 +184,23 @@ def calibrate(
         float | None, typer.Option(min=0.0, max=1.0, help="Share of requests to escalate.")
     ] = None,
     target_error_rate: Annotated[
-        float | None, typer.Option(min=0.0, max=1.0, help="Highest local error rate to keep.")
+        float | None, typer.Option(min=0.0, max=1.0, help="Highest error rate to keep.")
+    ] = None,
+    target_cost_per_1000: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="Spend per 1,000 requests at the policy's prices."),
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Use the first N examples.")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per local answer.")] = 32,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 32,
+    local_only: Annotated[
+        bool, typer.Option("--local-only", help="Do not ask the tiers escalation leads to.")
+    ] = False,
     dry_run: Annotated[bool, typer.Option(help="Report only; do not write the policy.")] = False,
     json_: JsonOption = False,
 ) -> None:
-    """Run the policy's local tiers on labelled examples through clawd, report each signal's
-    AUROC for predicting a wrong local answer, and write thresholds into the policy.
+    """Run the policy's tiers (remote ones too) on labelled examples through clawd, report each
+    signal's AUROC for predicting a wrong local answer and whether escalating pays, and write
+    thresholds into the policy (a tier whose next tier is not better never escalates).
 
     Example: clawctl route calibrate --data born_first.jsonl --target-remote-rate 0.3
     """
@@ -202,13 +210,21 @@ def calibrate(
         text = data.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"cannot read {data}: {exc}") from None
-    if (target_remote_rate is None) == (target_error_rate is None):
-        raise BadInput("give exactly one of --target-remote-rate and --target-error-rate")
+    targets = (target_remote_rate, target_error_rate, target_cost_per_1000)
+    if sum(t is not None for t in targets) != 1:
+        raise BadInput(
+            "give exactly one of --target-remote-rate, --target-error-rate and "
+            "--target-cost-per-1000"
+        )
+    if target_cost_per_1000 is not None and local_only:
+        raise BadInput("--target-cost-per-1000 needs the next tiers' answers (no --local-only)")
     request = CalibrateRequest(
         examples=parse_evals(text, str(data), limit),
         target_remote_rate=target_remote_rate,
         target_error_rate=target_error_rate,
+        target_cost_per_1000=target_cost_per_1000,
         max_tokens=max_tokens,
+        ask_next_tiers=not local_only,
         dry_run=dry_run,
     )
     with daemon_client() as client, RichProgress(steps=True) as progress:
@@ -235,4 +251,39 @@ def _render(result: CalibrationResult) -> None:
                 "-" if score.threshold is None else f"{score.threshold:.4g}",
                 "← chosen" if result.chosen.get(tier.tier) == signal else "",
             )
+    out.print(grid)
+    for handover in result.handovers:
+        _render_handover(handover)
+
+
+BAR = 24  # characters for 100% accuracy
+
+
+def _bar(value: float) -> str:
+    filled = round(max(0.0, min(1.0, value)) * BAR)
+    return "█" * filled + "·" * (BAR - filled)
+
+
+def _render_handover(handover: Handover) -> None:
+    """One handover's verdict and its accuracy against the share escalated, as bars: the fitted
+    cascade, a random router and the oracle."""
+    verdict = (
+        f"escalates {handover.rate:.0%}" if handover.escalates else "never escalates"
+    ) + ("" if handover.target_met else " (target not met)")
+    out.print(
+        f"\n{handover.tier} → {handover.next_tier}: {verdict}; accuracy {handover.accuracy:.0%} "
+        f"({handover.tier} alone {handover.alone:.0%}, {handover.next_tier} alone "
+        f"{handover.next_alone:.0%}), {handover.cost_per_1000:.4g} per 1,000 requests",
+        markup=False,
+    )
+    out.print(f"  {handover.reason}", markup=False)
+    grid = table("ESCALATED", "CASCADE", "", "RANDOM", "ORACLE")
+    for point in handover.curve:
+        grid.add_row(
+            f"{point.rate:.0%}",
+            f"{point.cascade:.0%}",
+            _bar(point.cascade),
+            f"{point.random:.0%}",
+            f"{point.oracle:.0%}",
+        )
     out.print(grid)

@@ -102,6 +102,15 @@ class SignalReport:
     threshold: float | None  # escalates the target share of these examples
     model: ScoreModel | None = None  # for `score`
     probe: LogitProbe | None = None  # for `probe`
+    values: tuple[float | None, ...] = ()  # per example (`score`, `probe`: P(wrong) in sample)
+
+    def unsure(self) -> list[float]:
+        """Per example, higher when the tier was less sure (what a cut is placed on)."""
+        return [unsureness(self.signal, v) for v in self.values]
+
+    def threshold_at(self, cut: float) -> float:
+        """A cut on `unsure()` as this signal's threshold."""
+        return -cut if self.signal in LOW_IS_UNSURE else cut
 
 
 @dataclass(frozen=True)
@@ -306,7 +315,11 @@ def report_tier(
                 continue
             score_model, probabilities, area = fitted
             values: list[float | None] = list(probabilities)
-            signals.append(SignalReport(signal, area, threshold(signal, values), score_model))
+            signals.append(
+                SignalReport(
+                    signal, area, threshold(signal, values), score_model, values=tuple(values)
+                )
+            )
             continue
         if signal == "probe":
             probed = fit_probe(first_tops, wrong) if len(first_tops) == len(wrong) else None
@@ -315,29 +328,39 @@ def report_tier(
                 continue
             probe, probabilities, area = probed
             values = list(probabilities)
-            signals.append(SignalReport(signal, area, threshold(signal, values), probe=probe))
+            signals.append(
+                SignalReport(
+                    signal, area, threshold(signal, values), probe=probe, values=tuple(values)
+                )
+            )
             continue
         values = [o.get(signal) for o in observed]
         area = auroc([unsureness(signal, v) for v in values], wrong)
-        signals.append(SignalReport(signal, area, threshold(signal, values)))
+        signals.append(SignalReport(signal, area, threshold(signal, values), values=tuple(values)))
     accuracy = sum(correct) / len(correct) if correct else 0.0
     return TierReport(tier, model, len(correct), accuracy, tuple(signals))
 
 
-def with_thresholds(policy_text: str, chosen: dict[str, SignalReport]) -> str:
-    """The policy with each named tier escalating on exactly its chosen signal."""
+def with_thresholds(
+    policy_text: str, chosen: dict[str, SignalReport], never: frozenset[str] = frozenset()
+) -> str:
+    """The policy with each named tier escalating on exactly its chosen signal, and the tiers
+    in `never` escalating on nothing (the next tier was not better on the examples)."""
     import tomli_w
 
     data: dict[str, Any] = tomllib.loads(policy_text)
     for tier in data.get("tiers", []):
         pick = chosen.get(tier.get("name"))
-        if pick is None or pick.threshold is None:
+        stop = tier.get("name") in never
+        if not stop and (pick is None or pick.threshold is None):
             continue
         escalate = tier.setdefault("escalate", {})
         for signal in SIGNALS:
             escalate.pop(signal, None)
         escalate.pop("model", None)
         escalate.pop("probe_model", None)
+        if stop or pick is None or pick.threshold is None:
+            continue
         escalate[pick.signal] = round(pick.threshold, 6)
         if pick.probe is not None:
             escalate["probe_model"] = {

@@ -347,13 +347,23 @@ class CalibrateRequest(BaseModel):
     examples: list[EvalExample] = Field(min_length=1, max_length=100_000)
     target_remote_rate: float | None = Field(None, ge=0, le=1)
     target_error_rate: float | None = Field(None, ge=0, le=1)
+    # Spend per 1,000 requests at the policy's prices (needs the next tiers' answers).
+    target_cost_per_1000: float | None = Field(None, ge=0)
     max_tokens: int = Field(32, ge=1, le=4096)
+    # Also answer the examples with the tiers escalation leads to (remote ones included), and
+    # escalate only where that pays; False: calibrate the local meters alone.
+    ask_next_tiers: bool = True
     dry_run: bool = False
 
     @model_validator(mode="after")
     def _one_target(self) -> CalibrateRequest:
-        if (self.target_remote_rate is None) == (self.target_error_rate is None):
-            raise ValueError("give exactly one of target_remote_rate and target_error_rate")
+        targets = (self.target_remote_rate, self.target_error_rate, self.target_cost_per_1000)
+        if sum(t is not None for t in targets) != 1:
+            raise ValueError(
+                "give exactly one of target_remote_rate, target_error_rate and target_cost_per_1000"
+            )
+        if self.target_cost_per_1000 is not None and not self.ask_next_tiers:
+            raise ValueError("a cost target needs the next tiers' answers (ask_next_tiers)")
         return self
 
 
@@ -363,6 +373,32 @@ class SignalScore(BaseModel):
 
     auroc: float | None
     threshold: float | None
+
+
+class CurvePoint(BaseModel):
+    """Accuracy at one share of requests escalated: the fitted cascade, a random router, the
+    oracle (which escalates exactly the answers the next tier fixes)."""
+
+    rate: float
+    cascade: float
+    random: float
+    oracle: float
+
+
+class Handover(BaseModel):
+    """One step of a cascade as calibration fitted it on examples both sides answered."""
+
+    tier: str
+    next_tier: str
+    escalates: bool  # False: the next tier is not better here (or the target allows none)
+    rate: float  # share of requests escalated from `tier`
+    accuracy: float  # of the cascade from `tier` at that rate
+    alone: float  # `tier` answering everything
+    next_alone: float  # the cascade after `tier` answering everything
+    cost_per_1000: float
+    target_met: bool
+    reason: str
+    curve: list[CurvePoint]
 
 
 class TierCalibration(BaseModel):
@@ -379,4 +415,5 @@ class CalibrationResult(BaseModel):
     tiers: list[TierCalibration]
     chosen: dict[str, str]  # tier name -> signal written into the policy
     skipped: list[str] = Field(default_factory=list)  # tiers whose model is not installed
+    handovers: list[Handover] = Field(default_factory=list)  # with the next tiers' answers
     written: str | None = None  # the policy file written (None: dry run or nothing chosen)

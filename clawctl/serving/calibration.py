@@ -1,5 +1,7 @@
-"""Calibrating a policy inside clawd: its local tiers answer labelled examples through the
-serving core, and each tier's escalation threshold is chosen from what the meter saw.
+"""Calibrating a policy inside clawd: its tiers answer labelled examples through the serving
+core, and each local tier's escalation threshold is chosen from what the meter saw and, when the
+tiers after it answered too (`ask_next_tiers`, remote ones included), from whether escalating
+actually pays there (routing/tradeoff.py): a tier whose next tier is not better never escalates.
 
 Why in the daemon: the policy, the models and the engines are the daemon's, and it can run the
 examples straight through `GenerationRun` (no answer cache: calibration needs each answer's own
@@ -10,8 +12,10 @@ the examples and reads `JobLine`s: progress per example, then the `CalibrationRe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from clawctl.engines.base import ChatTurn, Prompt, SamplingParams
 from clawctl.errors import BadInput, ClawError
@@ -25,12 +29,15 @@ from clawctl.routing.calibrate import (
     with_thresholds,
 )
 from clawctl.routing.policy_store import PolicyFile
+from clawctl.routing.remote import RemoteDone, RemoteFailure, RemoteRequest
+from clawctl.routing.tradeoff import Target, fit_handover
 from clawctl.schemas.jobs import AdvanceLine, ErrorLine, JobLine, MessageLine, ResultLine, StartLine
 from clawctl.schemas.openai import AdapterChoice, ClawRequest, MeterRequest
 from clawctl.schemas.policy import (
     CalibrateRequest,
     CalibrationResult,
     EvalExample,
+    Handover,
     SignalScore,
     Tier,
     TierCalibration,
@@ -54,14 +61,26 @@ async def calibrate(
         yield ErrorLine(message=exc.message, code=exc.code, status=exc.http_status)
 
 
+@dataclass
+class _Answers:
+    """What one tier did on the examples."""
+
+    correct: list[bool]
+    cost: list[float]  # at the tier's prices
+
+
 async def _calibrate(
     services: Services, found: PolicyFile, request: CalibrateRequest
 ) -> AsyncIterator[JobLine]:
     installed = {m.name for m in services.store.installed()}
-    reports: list[TierReport] = []
+    reports: dict[str, TierReport] = {}
+    answers: dict[str, _Answers] = {}
     skipped: list[str] = []
     for tier in found.policy.tiers:
-        if tier.kind != "local":
+        if tier.kind == "remote":
+            if request.ask_next_tiers:
+                async for line in _ask_remote(services, tier, request, answers):
+                    yield line
             continue
         if tier.model not in installed:
             skipped.append(tier.name)
@@ -72,48 +91,134 @@ async def _calibrate(
         yield StartLine(description=f"{tier.name} ({tier.model})", total=len(request.examples))
         observed: list[dict[str, float | None]] = []
         first_tops: list[FirstTop] = []
-        correct: list[bool] = []
+        done = _Answers([], [])
         for example in request.examples:
-            features, first_top, right = await _answer(services, tier, example, request.max_tokens)
+            features, first_top, right, cost = await _answer(
+                services, tier, example, request.max_tokens
+            )
             observed.append(features)
             first_tops.append(first_top)
-            correct.append(right)
+            done.correct.append(right)
+            done.cost.append(cost)
             yield AdvanceLine(amount=1)
+        answers[tier.name] = done
         # fitting the score and probe models is numpy work: off the event loop
-        reports.append(
-            await asyncio.to_thread(
-                report_tier,
-                tier.name,
-                tier.model,
-                observed,
-                correct,
-                request.target_remote_rate,
-                request.target_error_rate,
-                first_tops,
-            )
+        reports[tier.name] = await asyncio.to_thread(
+            report_tier,
+            tier.name,
+            tier.model,
+            observed,
+            done.correct,
+            request.target_remote_rate,
+            request.target_error_rate,
+            first_tops,
         )
     if not reports:
         raise BadInput(f"policy {found.policy.name}: none of its local tiers' models is installed")
-    chosen = {r.tier: best for r in reports if (best := r.best) is not None}
+    chosen = {name: best for name, r in reports.items() if (best := r.best) is not None}
+    handovers: list[Handover] = []
+    never: set[str] = set()
+    if request.ask_next_tiers:
+        handovers, fitted = _fit_handovers(found, request, reports, answers)
+        for handover in handovers:
+            yield MessageLine(text=f"{handover.tier} → {handover.next_tier}: {handover.reason}")
+        for name, threshold in fitted.items():
+            if threshold is None:
+                never.add(name)
+                chosen.pop(name, None)
+            elif name in chosen:
+                chosen[name] = dataclasses.replace(chosen[name], threshold=threshold)
     written = None
-    if not request.dry_run and chosen:
-        text = with_thresholds(found.path.read_text(encoding="utf-8"), chosen)
+    if not request.dry_run and (chosen or never):
+        text = with_thresholds(found.path.read_text(encoding="utf-8"), chosen, frozenset(never))
         written = str(services.policies.install(text, str(found.path)).path)
         log.info("calibration wrote thresholds into %s: %s", written, _names(chosen))
     result = CalibrationResult(
-        tiers=[_tier_result(r) for r in reports],
+        tiers=[_tier_result(r) for r in reports.values()],
         chosen=_names(chosen),
         skipped=skipped,
+        handovers=handovers,
         written=written,
     )
     yield ResultLine(result=result.model_dump(mode="json"))
 
 
+def _fit_handovers(
+    found: PolicyFile,
+    request: CalibrateRequest,
+    reports: dict[str, TierReport],
+    answers: dict[str, _Answers],
+) -> tuple[list[Handover], dict[str, float | None]]:
+    """Each local tier against the cascade after it, fitted from the last tier backwards;
+    returns the handovers (in policy order) and each fitted tier's threshold (None: never
+    escalate). A tier without answers (not installed, remote unreachable) ends the chain."""
+    target = Target(
+        request.target_remote_rate, request.target_error_rate, request.target_cost_per_1000
+    )
+    tiers = found.policy.tiers
+    handovers: list[Handover] = []
+    thresholds: dict[str, float | None] = {}
+    after: _Answers | None = None
+    for index in range(len(tiers) - 1, -1, -1):
+        tier = tiers[index]
+        here = answers.get(tier.name)
+        report = reports.get(tier.name)
+        best = report.best if report is not None else None
+        if here is None:
+            after = None
+            continue
+        if after is None or best is None or index + 1 >= len(tiers):
+            after = here
+            continue
+        fitted = fit_handover(
+            tier.name, tiers[index + 1].name, best.unsure(), here.correct, here.cost,
+            after.correct, after.cost, target,
+        )  # fmt: skip
+        handovers.insert(0, fitted.handover)
+        thresholds[tier.name] = None if fitted.cut is None else best.threshold_at(fitted.cut)
+        after = _Answers(fitted.cascade_correct, fitted.cascade_cost)
+    return handovers, thresholds
+
+
+async def _ask_remote(
+    services: Services, tier: Tier, request: CalibrateRequest, answers: dict[str, _Answers]
+) -> AsyncIterator[JobLine]:
+    """The remote tier's answers to the examples (what escalating would have given)."""
+    remote = services.remote(tier)
+    yield StartLine(description=f"{tier.name} ({tier.model}, remote)", total=len(request.examples))
+    done = _Answers([], [])
+    for example in request.examples:
+        ask = RemoteRequest(
+            messages=tuple(ChatTurn(m.role, m.content) for m in example.input), text=None,
+            max_tokens=request.max_tokens, temperature=0.0, top_p=1.0, stop=(), seed=None,
+        )  # fmt: skip
+        pieces: list[str] = []
+        usage: RemoteDone | None = None
+        try:
+            async for item in remote.stream(ask):
+                if isinstance(item, str):
+                    pieces.append(item)
+                else:
+                    usage = item
+        except RemoteFailure as failure:
+            yield MessageLine(
+                text=f"remote tier {tier.name} could not answer ({failure.message}); the "
+                "handover to it is not fitted",
+                level="warning",
+            )
+            return
+        done.correct.append(grade("".join(pieces), example.ideal_text))
+        done.cost.append(tier.cost(usage.prompt_tokens, usage.completion_tokens) if usage else 0)
+        yield AdvanceLine(amount=1)
+    answers[tier.name] = done
+
+
 async def _answer(
     services: Services, tier: Tier, example: EvalExample, max_tokens: int
-) -> tuple[dict[str, float | None], FirstTop, bool]:
+) -> tuple[dict[str, float | None], FirstTop, bool, float]:
     """One example answered greedily by the tier's model with its adapters and meter settings:
-    the meter's summaries, the first token's top log-probabilities, and whether it was right."""
+    the meter's summaries, the first token's top log-probabilities, whether it was right, and
+    its cost at the tier's prices."""
     meter = MeterRequest(
         window=tier.escalate.window,
         min_tokens=tier.escalate.min_tokens,
@@ -139,7 +244,9 @@ async def _answer(
     entropy = run.info().entropy
     features = entropy.features() if entropy else {}
     first_top: FirstTop = (entropy.first_top or []) if entropy else []
-    return features, first_top, grade(text, example.ideal_text)
+    usage = run.usage()
+    cost = tier.cost(usage.prompt_tokens, usage.completion_tokens)
+    return features, first_top, grade(text, example.ideal_text), cost
 
 
 def _names(chosen: dict[str, SignalReport]) -> dict[str, str]:

@@ -1,0 +1,117 @@
+"""Fitting a cascade's handovers where the truth is known: synthetic tiers whose right and
+wrong answers and unsureness are chosen, so the best cut can be worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from clawctl.routing.tradeoff import Target, fit_handover
+
+
+def _tiers(
+    local: str, remote: str, unsure: list[float] | None = None
+) -> tuple[list[float], list[bool], list[bool]]:
+    """'1'/'0' strings of right answers per example; unsure defaults to wrong-first order."""
+    correct = [c == "1" for c in local]
+    next_correct = [c == "1" for c in remote]
+    if unsure is None:  # a meter that ranks this tier's wrong answers as least sure
+        unsure = [0.9 - i * 0.01 if not c else 0.1 + i * 0.001 for i, c in enumerate(correct)]
+    return unsure, correct, next_correct
+
+
+def fit(
+    local: str,
+    remote: str,
+    target: Target,
+    unsure: list[float] | None = None,
+    remote_cost: float = 1.0,
+):  # type: ignore[no-untyped-def]
+    values, correct, next_correct = _tiers(local, remote, unsure)
+    n = len(correct)
+    return fit_handover(
+        "small", "remote", values, correct, [0.0] * n, next_correct, [remote_cost] * n, target
+    )
+
+
+def test_a_worse_next_tier_is_never_escalated_to() -> None:
+    # local right on 4 of 9, remote on 2 of 9, and never where local is wrong
+    fitted = fit("111100000", "110000000", Target(remote_rate=0.5))
+    assert fitted.handover.escalates is False
+    assert fitted.cut is None
+    assert fitted.handover.accuracy == pytest.approx(4 / 9)
+    assert "is not better" in fitted.handover.reason
+    assert fitted.cascade_correct == [True] * 4 + [False] * 5
+
+
+def test_escalates_exactly_what_the_next_tier_fixes_within_the_share() -> None:
+    # local wrong on the last 4 (its least sure), remote right on all of them
+    local, remote = "111111000000"[:10] + "00", "000000111111"
+    fitted = fit(local, remote, Target(remote_rate=0.5))
+    h = fitted.handover
+    assert h.escalates
+    assert h.rate == pytest.approx(6 / 12)
+    assert h.accuracy == pytest.approx(1.0)
+    assert h.target_met
+    assert all(fitted.cascade_correct)
+    capped = fit(local, remote, Target(remote_rate=0.25)).handover
+    assert capped.rate == pytest.approx(3 / 12)  # the share allowed, spent on sure fixes
+    assert capped.accuracy == pytest.approx(9 / 12)
+
+
+def test_an_error_target_takes_the_cheapest_cut_that_meets_it() -> None:
+    local, remote = "111111110000", "000000001111"
+    fitted = fit(local, remote, Target(error_rate=0.2))
+    assert fitted.handover.rate == pytest.approx(2 / 12)  # 2 wrong left of 12: 16.7% <= 20%
+    assert fitted.handover.target_met
+    unreachable = fit(local, "000000000000", Target(error_rate=0.1)).handover
+    assert unreachable.target_met is False  # best effort: keeping everything is most accurate
+    assert unreachable.escalates is False
+
+
+def test_a_cost_budget_caps_what_escalation_may_spend() -> None:
+    local, remote = "111111110000", "000000001111"
+    # each escalation costs 1.0; 1000 * k / 12 <= 250 allows k = 3
+    fitted = fit(local, remote, Target(cost_per_1000=250.0))
+    assert fitted.handover.rate == pytest.approx(3 / 12)
+    assert fitted.handover.cost_per_1000 == pytest.approx(250.0)
+
+
+def test_a_meter_that_cannot_tell_escalates_only_where_it_pays() -> None:
+    # unsureness ranks the right answers first: escalating them breaks what was right
+    local, remote = "000011111111", "111100000000"
+    unsure = [0.1] * 4 + [0.9] * 8
+    fitted = fit(local, remote, Target(remote_rate=1.0), unsure=unsure)
+    assert fitted.handover.escalates is False
+
+
+def test_curves_run_from_one_tier_to_the_other_and_the_oracle_bounds_them() -> None:
+    local, remote = "110110011", "011101101"
+    h = fit(local, remote, Target(remote_rate=1.0)).handover
+    first, last = h.curve[0], h.curve[-1]
+    assert (first.rate, first.cascade, first.random) == (
+        0.0,
+        pytest.approx(6 / 9),
+        pytest.approx(6 / 9),
+    )
+    assert last.rate == 1.0
+    assert last.cascade == pytest.approx(6 / 9)  # everything escalated: the remote's 6 of 9
+    assert last.random == pytest.approx(6 / 9)
+    for point in h.curve:
+        assert point.oracle >= point.cascade - 1e-9
+        assert point.oracle >= point.random - 1e-9
+    assert max(p.oracle for p in h.curve) == pytest.approx(1.0)  # 6 right + 3 the remote fixes
+
+
+def test_a_longer_cascade_is_fitted_against_what_follows() -> None:
+    # int2 -> int4 -> remote: the int4 handover is fitted first, and int2 is weighed against
+    # the int4+remote cascade, which is right on everything
+    int2, int4, remote = "110000", "111100", "000011"
+    unsure4, c4, c_remote = _tiers(int4, remote)
+    last = fit_handover("int4", "remote", unsure4, c4, [0.0] * 6, c_remote, [1.0] * 6,
+                        Target(remote_rate=0.5))  # fmt: skip
+    assert all(last.cascade_correct)
+    unsure2, c2, _ = _tiers(int2, int4)
+    first = fit_handover("int2", "int4", unsure2, c2, [0.0] * 6, last.cascade_correct,
+                         last.cascade_cost, Target(remote_rate=1.0))  # fmt: skip
+    assert first.handover.escalates
+    assert first.handover.accuracy == pytest.approx(1.0)
