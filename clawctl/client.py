@@ -37,7 +37,7 @@ from clawctl.schemas.fleet import (
     FleetSyncResult,
 )
 from clawctl.schemas.jobs import JOB_LINE
-from clawctl.schemas.ledger import ExportFormat, GroupBy, LedgerSummary
+from clawctl.schemas.ledger import AuditListing, ExportFormat, GroupBy, LedgerSummary
 from clawctl.schemas.models import (
     AddRequest,
     ConvertRequest,
@@ -434,6 +434,10 @@ class ClawClient:
     ) -> LedgerSummary:
         params = {"by": by, "since": since, "fleet": fleet}
         return self._call("GET", "/admin/ledger/summary", LedgerSummary, params=params)
+
+    def ledger_audits(self, policy: str, since: float | None = None) -> AuditListing:
+        params = {"policy": policy, "since": since}
+        return self._call("GET", "/admin/ledger/audits", AuditListing, params=params)
 
     def ledger_export(self, fmt: ExportFormat, since: float | None = None) -> Iterator[bytes]:
         return self._download("/admin/ledger/export", {"format": fmt, "since": since})

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from clawctl.schemas.ledger import GroupBy, SummaryRow
+from clawctl.schemas.ledger import AuditPair, GroupBy, SummaryRow
 
 
 class LedgerRow(BaseModel):
@@ -109,11 +109,23 @@ def _create_ship_sequence(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO ship_seq (request_id) SELECT request_id FROM requests ORDER BY ts")
 
 
+def _create_audits(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE audits (
+            request_id TEXT PRIMARY KEY, ts REAL NOT NULL, policy TEXT NOT NULL,
+            tier TEXT NOT NULL, next_tier TEXT NOT NULL, features TEXT NOT NULL,
+            answer TEXT NOT NULL, next_answer TEXT NOT NULL, agree INTEGER NOT NULL,
+            cost REAL NOT NULL)"""
+    )
+    db.execute("CREATE INDEX audits_policy_ts ON audits (policy, ts)")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("m001_requests", _create_requests),
     ("m002_escalations", _create_escalations),
     ("m003_answer_cache", _add_cache_columns),
     ("m004_ship_sequence", _create_ship_sequence),
+    ("m005_audits", _create_audits),
 ]
 COLUMNS = list(LedgerRow.model_fields)
 
@@ -216,6 +228,26 @@ class Ledger:
             ),
         )
 
+    def record_audit(self, pair: AuditPair) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO audits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                pair.request_id, pair.ts, pair.policy, pair.tier, pair.next_tier,
+                json.dumps(pair.features), pair.answer, pair.next_answer, int(pair.agree),
+                pair.cost,
+            ),
+        )  # fmt: skip
+
+    def audits(self, policy: str, since: float | None = None) -> list[AuditPair]:
+        query = "SELECT * FROM audits WHERE policy = ? AND ts >= ? ORDER BY ts"
+        names = list(AuditPair.model_fields)
+        pairs = []
+        for row in self._db.execute(query, (policy, since or 0.0)):
+            values = dict(zip(names, row, strict=True))
+            values["features"] = json.loads(values["features"])
+            pairs.append(AuditPair.model_validate(values))
+        return pairs
+
     def examples(
         self, since: float | None = None, policy: str | None = None
     ) -> list[DistillExample]:
@@ -239,6 +271,7 @@ class Ledger:
     def prune(self, retention_days: float) -> int:
         cutoff = time.time() - retention_days * 86400
         self._db.execute("DELETE FROM escalations WHERE ts < ?", (cutoff,))
+        self._db.execute("DELETE FROM audits WHERE ts < ?", (cutoff,))
         removed = self._db.execute("DELETE FROM requests WHERE ts < ?", (cutoff,)).rowcount
         self._db.execute(
             "DELETE FROM ship_seq WHERE request_id NOT IN (SELECT request_id FROM requests)"

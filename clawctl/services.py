@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -20,6 +21,7 @@ from clawctl.fleet.uploader import FleetUploader
 from clawctl.ledger import Ledger
 from clawctl.metrics import Metrics
 from clawctl.profiles import EdgeProfile, load_profile
+from clawctl.routing.audit import AuditSampler
 from clawctl.routing.policy_store import PolicyStore
 from clawctl.routing.remote import RemoteTier
 from clawctl.runtime.answer_cache import AnswerCache
@@ -58,6 +60,9 @@ class Services:
     fleet: FleetStore | None = None
     uploader: FleetUploader | None = None
     shipper: LedgerShipper | None = None
+    audits: AuditSampler = field(default_factory=AuditSampler)
+    # Work started after a response (audits): finished or cancelled when clawd stops.
+    background: set[asyncio.Task[None]] = field(default_factory=set)
     _remotes: dict[str, RemoteTier] = field(default_factory=dict)
     # An httpx async transport for remote tiers (tests: an in-process ASGI app); None: network.
     remote_transport: Any = None
@@ -144,6 +149,9 @@ class Services:
 
     async def stop(self) -> None:
         """Finish generations, then the snapshot writes they queued."""
+        for task in list(self.background):  # an audit is worth nothing half done
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         await self.manager.stop(self.config.graceful_timeout_seconds)
         self.writer.stop()
         if self.uploader is not None:

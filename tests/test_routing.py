@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from clawctl.schemas.signals import SIGNALS
-from tests.conftest import WEATHER_TOOL, Daemon, copy_home, run_cli, serve, tcp_config
+from tests.conftest import WEATHER_TOOL, Daemon, copy_home, run_cli, serve, tcp_config, wait_for
 
 TOKEN = "remote-s3cret"
 QUESTION = [{"role": "user", "content": "Is 5 pounds of steel heavier than 2 pounds of air?"}]
@@ -512,6 +512,42 @@ def test_calibrate_never_escalates_to_a_tier_that_is_not_better(
     assert chart.returncode == 0, chart.stderr
     assert "small → remote: never escalates" in chart.stdout
     assert "ORACLE" in chart.stdout
+
+
+def test_audits_label_local_answers_with_the_next_tier_and_calibration_fits_on_them(
+    local: Daemon, remote: str
+) -> None:
+    """A policy that stays local audits every 2nd request, at most 2 a day: of 6 questions, 2
+    are answered again by the remote (the same model here, so they agree), in the background;
+    calibrating on them finds that escalating cannot help."""
+    audit = "[audit]\nshare = 0.5\nmax_per_day = 2\n\n[[tiers]]"
+    text = policy_text("audited", remote, escalate="first_margin = 0.0001",
+                       key_file=str(local.home / "key")).replace("[[tiers]]", audit, 1)  # fmt: skip
+    apply(local, text)
+    env = {**os.environ, "CLAW_HOME": str(local.home), "CLAW_SOCKET": str(local.socket)}
+    for i in range(6):
+        question = [{"role": "user", "content": f"Is {i + 2} pounds of iron heavier than 1 pound?"}]
+        reply = chat(local, "audited", messages=question, claw=NO_CACHE)
+        assert reply.json()["claw"]["path"] == ["small"]
+
+    def audited() -> list[dict[str, Any]]:
+        shown = run_cli("ledger", "audits", "--policy", "audited", "--json", env=env)
+        assert shown.returncode == 0, shown.stderr
+        return list(json.loads(shown.stdout))
+
+    wait_for("two audits", lambda: len(audited()) == 2)
+    pairs = audited()
+    assert all(p["agree"] for p in pairs)
+    assert all(p["answer"] == p["next_answer"] for p in pairs)
+    assert all(p["features"] for p in pairs)  # the local answer's meter readings
+    result = run_cli(
+        "route", "calibrate", "--from-ledger", "--policy", "audited",
+        "--target-remote-rate", "0.5", "--json", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (handover,) = json.loads(result.stdout)["handovers"]
+    assert handover["escalates"] is False
+    assert handover["alone"] == 1.0
 
 
 def test_distill_export_writes_escalations_as_chat_data(

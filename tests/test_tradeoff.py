@@ -115,3 +115,20 @@ def test_a_longer_cascade_is_fitted_against_what_follows() -> None:
                          last.cascade_cost, Target(remote_rate=1.0))  # fmt: skip
     assert first.handover.escalates
     assert first.handover.accuracy == pytest.approx(1.0)
+
+
+def test_audits_take_their_share_exactly_and_stop_at_the_daily_budget() -> None:
+    from clawctl.routing.audit import AuditSampler
+    from clawctl.schemas.policy import AuditSection
+
+    sampler = AuditSampler()
+    quarter = AuditSection(share=0.25, max_per_day=100)
+    day = 1_780_000_000.0
+    taken = [sampler.take("p", quarter, now=day) for _ in range(40)]
+    assert sum(taken) == 10
+    assert taken[:4] == [False, False, False, True]  # every 4th eligible request
+    budget = AuditSection(share=1.0, max_per_day=3)
+    assert [sampler.take("q", budget, now=day) for _ in range(5)] == [True] * 3 + [False] * 2
+    assert sampler.audited_today("q", now=day) == 3
+    assert sampler.take("q", budget, now=day + 86_400)  # a new UTC day, a new budget
+    assert not sampler.take("r", AuditSection(share=0.0), now=day)  # off by default

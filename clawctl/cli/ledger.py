@@ -103,3 +103,37 @@ def export(
         for chunk in client.ledger_export(format_, _since(since)):
             sys.stdout.buffer.write(chunk)
     sys.stdout.flush()
+
+
+@app.command()
+def audits(
+    policy: Annotated[str, typer.Option(help="The routing policy whose audits to show.")],
+    since: Since = None,
+    json_: JsonOption = False,
+) -> None:
+    """Audited requests: what the local tier answered, what the next tier answered, and whether
+    they agreed (the labels `clawctl route calibrate --from-ledger` fits on).
+
+    Example: clawctl ledger audits --policy cascade --since 7d
+    """
+    with daemon_client() as client:
+        listing = client.ledger_audits(policy, _since(since))
+    if json_:
+        emit_json(listing.audits)
+        return
+    if not listing.audits:
+        out.print(f"no audited requests of {policy} (give the policy an [audit] share)")
+        return
+    grid = table("WHEN", "TIER", "NEXT", "AGREE", "ANSWER", "NEXT ANSWER")
+    for pair in listing.audits:
+        grid.add_row(
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(pair.ts)),
+            pair.tier,
+            pair.next_tier,
+            "yes" if pair.agree else "no",
+            pair.answer[:40],
+            pair.next_answer[:40],
+        )
+    agreed = sum(pair.agree for pair in listing.audits)
+    out.print(grid)
+    out.print(f"{agreed} of {len(listing.audits)} agreed ({agreed / len(listing.audits):.0%})")

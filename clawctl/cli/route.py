@@ -178,7 +178,13 @@ def explain(
 
 @app.command()
 def calibrate(
-    data: Annotated[Path, typer.Option(help="Labelled examples (OpenAI Evals JSONL).")],
+    data: Annotated[
+        Path | None, typer.Option(help="Labelled examples (OpenAI Evals JSONL).")
+    ] = None,
+    from_ledger: Annotated[
+        bool,
+        typer.Option("--from-ledger", help="Fit on the policy's audited traffic instead."),
+    ] = False,
     policy: PolicyName = "cascade",
     target_remote_rate: Annotated[
         float | None, typer.Option(min=0.0, max=1.0, help="Share of requests to escalate.")
@@ -203,13 +209,19 @@ def calibrate(
     thresholds into the policy (a tier whose next tier is not better never escalates).
 
     Example: clawctl route calibrate --data born_first.jsonl --target-remote-rate 0.3
+    Example: clawctl route calibrate --from-ledger --policy cascade --target-remote-rate 0.1
     """
     from clawctl.schemas.policy import CalibrateRequest, parse_evals
 
-    try:
-        text = data.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInput(f"cannot read {data}: {exc}") from None
+    if (data is not None) == from_ledger:
+        raise BadInput("give labelled examples with --data FILE, or --from-ledger")
+    examples = []
+    if data is not None:
+        try:
+            text = data.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadInput(f"cannot read {data}: {exc}") from None
+        examples = parse_evals(text, str(data), limit)
     targets = (target_remote_rate, target_error_rate, target_cost_per_1000)
     if sum(t is not None for t in targets) != 1:
         raise BadInput(
@@ -219,7 +231,8 @@ def calibrate(
     if target_cost_per_1000 is not None and local_only:
         raise BadInput("--target-cost-per-1000 needs the next tiers' answers (no --local-only)")
     request = CalibrateRequest(
-        examples=parse_evals(text, str(data), limit),
+        examples=examples,
+        from_ledger=from_ledger,
         target_remote_rate=target_remote_rate,
         target_error_rate=target_error_rate,
         target_cost_per_1000=target_cost_per_1000,
@@ -267,9 +280,9 @@ def _bar(value: float) -> str:
 def _render_handover(handover: Handover) -> None:
     """One handover's verdict and its accuracy against the share escalated, as bars: the fitted
     cascade, a random router and the oracle."""
-    verdict = (
-        f"escalates {handover.rate:.0%}" if handover.escalates else "never escalates"
-    ) + ("" if handover.target_met else " (target not met)")
+    verdict = (f"escalates {handover.rate:.0%}" if handover.escalates else "never escalates") + (
+        "" if handover.target_met else " (target not met)"
+    )
     out.print(
         f"\n{handover.tier} → {handover.next_tier}: {verdict}; accuracy {handover.accuracy:.0%} "
         f"({handover.tier} alone {handover.alone:.0%}, {handover.next_tier} alone "

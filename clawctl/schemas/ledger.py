@@ -42,3 +42,25 @@ class LedgerSummary(BaseModel):
     rows: list[SummaryRow]
     days: list[SummaryRow]
     fleet: bool = False  # every box's rows (the fleet ledger), not this box's
+
+
+class AuditPair(BaseModel):
+    """A request a local tier answered, answered again by the next tier in the background
+    (`[audit]` in the policy): the label is whether they agree."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str
+    ts: float
+    policy: str
+    tier: str
+    next_tier: str
+    features: dict[str, float | None]  # the local answer's meter summaries
+    answer: str
+    next_answer: str
+    agree: bool
+    cost: float  # what the audit's answer cost at the next tier's prices
+
+
+class AuditListing(BaseModel):
+    audits: list[AuditPair]

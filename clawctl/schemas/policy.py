@@ -210,6 +210,16 @@ class CacheSettings(_Strict):
     sampled: bool | None = None  # may requests with temperature > 0 be answered from it?
 
 
+class AuditSection(_Strict):
+    """Labels from traffic: a share of the requests a local tier answered (without escalating)
+    is also sent to the next tier, in the background after the response, and both answers are
+    kept in the ledger; agreement with the stronger tier is the label calibration fits on
+    (`clawctl route calibrate --from-ledger`)."""
+
+    share: float = Field(0.0, ge=0, le=1)  # every round(1/share)-th eligible request
+    max_per_day: int = Field(200, ge=0)  # audits per UTC day, whatever the share
+
+
 class Policy(_Strict):
     name: str = Field(pattern=POLICY_NAME)
     description: str = ""
@@ -217,6 +227,7 @@ class Policy(_Strict):
     on_remote_failure: Literal["degraded", "error"] = "degraded"
     store_prompts: bool = False
     cache: CacheSettings = CacheSettings()
+    audit: AuditSection = AuditSection()
     tiers: Annotated[tuple[Tier, ...], Field(min_length=1)]
     rules: tuple[Rule, ...] = ()
 
@@ -344,7 +355,9 @@ class CalibrateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    examples: list[EvalExample] = Field(min_length=1, max_length=100_000)
+    examples: list[EvalExample] = Field(default_factory=list, max_length=100_000)
+    # Fit on the audit pairs the ledger keeps for this policy instead of labelled examples.
+    from_ledger: bool = False
     target_remote_rate: float | None = Field(None, ge=0, le=1)
     target_error_rate: float | None = Field(None, ge=0, le=1)
     # Spend per 1,000 requests at the policy's prices (needs the next tiers' answers).
@@ -364,6 +377,8 @@ class CalibrateRequest(BaseModel):
             )
         if self.target_cost_per_1000 is not None and not self.ask_next_tiers:
             raise ValueError("a cost target needs the next tiers' answers (ask_next_tiers)")
+        if bool(self.examples) == self.from_ledger:
+            raise ValueError("give labelled examples, or from_ledger (audited traffic), not both")
         return self
 
 

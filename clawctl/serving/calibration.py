@@ -76,7 +76,10 @@ async def _calibrate(
     reports: dict[str, TierReport] = {}
     answers: dict[str, _Answers] = {}
     skipped: list[str] = []
-    for tier in found.policy.tiers:
+    audited: dict[str, tuple[str, list[bool], list[float]]] = {}
+    if request.from_ledger:
+        audited = await _from_audits(services, found, request, reports)
+    for tier in found.policy.tiers if not request.from_ledger else ():
         if tier.kind == "remote":
             if request.ask_next_tiers:
                 async for line in _ask_remote(services, tier, request, answers):
@@ -119,7 +122,10 @@ async def _calibrate(
     handovers: list[Handover] = []
     never: set[str] = set()
     if request.ask_next_tiers:
-        handovers, fitted = _fit_handovers(found, request, reports, answers)
+        if request.from_ledger:
+            handovers, fitted = _fit_audits(request, reports, audited)
+        else:
+            handovers, fitted = _fit_handovers(found, request, reports, answers)
         for handover in handovers:
             yield MessageLine(text=f"{handover.tier} → {handover.next_tier}: {handover.reason}")
         for name, threshold in fitted.items():
@@ -141,6 +147,66 @@ async def _calibrate(
         written=written,
     )
     yield ResultLine(result=result.model_dump(mode="json"))
+
+
+async def _from_audits(
+    services: Services,
+    found: PolicyFile,
+    request: CalibrateRequest,
+    reports: dict[str, TierReport],
+) -> dict[str, tuple[str, list[bool], list[float]]]:
+    """The policy's audit pairs as calibration data: per local tier, its meter readings and
+    whether the next tier agreed (the label); returns, per tier, the next tier's name, the
+    labels and what each audit's answer cost."""
+    pairs = services.ledger.audits(found.policy.name)
+    if not pairs:
+        raise BadInput(
+            f"the ledger has no audited requests of policy {found.policy.name}: give it an "
+            "[audit] share and let traffic run, or calibrate on labelled examples (--data)"
+        )
+    audited: dict[str, tuple[str, list[bool], list[float]]] = {}
+    for tier in found.policy.tiers:
+        mine = [pair for pair in pairs if pair.tier == tier.name]
+        if not mine:
+            continue
+        labels = [pair.agree for pair in mine]
+        reports[tier.name] = await asyncio.to_thread(
+            report_tier,
+            tier.name,
+            tier.model,
+            [pair.features for pair in mine],
+            labels,
+            request.target_remote_rate,
+            request.target_error_rate,
+        )
+        audited[tier.name] = (mine[-1].next_tier, labels, [pair.cost for pair in mine])
+    return audited
+
+
+def _fit_audits(
+    request: CalibrateRequest,
+    reports: dict[str, TierReport],
+    audited: dict[str, tuple[str, list[bool], list[float]]],
+) -> tuple[list[Handover], dict[str, float | None]]:
+    """Each audited tier's handover: the next tier's answer is the label, so it counts as
+    right, and escalating pays exactly where the tier disagreed with it."""
+    target = Target(
+        request.target_remote_rate, request.target_error_rate, request.target_cost_per_1000
+    )
+    handovers: list[Handover] = []
+    thresholds: dict[str, float | None] = {}
+    for name, (next_tier, labels, costs) in audited.items():
+        best = reports[name].best
+        n = len(labels)
+        if best is None and not all(labels):
+            continue  # no signal told its disagreements apart: nothing to place a cut on
+        # With every answer agreeing no signal ranks anything, and no cut can help: never.
+        unsure = best.unsure() if best is not None else [0.0] * n
+        fitted = fit_handover(name, next_tier, unsure, labels, [0.0] * n, [True] * n, costs, target)
+        handovers.append(fitted.handover)
+        cut = fitted.cut
+        thresholds[name] = None if cut is None or best is None else best.threshold_at(cut)
+    return handovers, thresholds
 
 
 def _fit_handovers(

@@ -49,6 +49,7 @@ from clawctl.schemas.openai import (
 )
 from clawctl.schemas.policy import POLICY_NAME, Policy, Tier
 from clawctl.services import Services
+from clawctl.serving import audit
 from clawctl.serving.caller import PeerCred
 from clawctl.serving.tier_path import TierPath, TierRun
 from clawctl.serving.tooluse import NO_TOOLS, ToolUse
@@ -505,6 +506,34 @@ class GenerationRun:
         )
         if self.policy and self.policy.store_prompts and self.path.escalated and not self.degraded:
             self._record_example(answered)
+        self._audit(answered)
+
+    def _audit(self, answered: TierRun) -> None:
+        """Offer a request its local tier answered alone to the policy's audit (`[audit]`):
+        the next tier answers it too, in the background."""
+        policy = self.policy
+        following = self._index + 1
+        if (
+            policy is None
+            or policy.audit.share <= 0
+            or self.path.escalated
+            or self.degraded
+            or answered.tier.kind != "local"
+            or following >= len(self.tiers)
+            or answered.signals is None
+        ):
+            return
+        job = audit.AuditJob(
+            request_id=self.id,
+            policy=policy,
+            tier=answered.tier,
+            next_tier=self.tiers[following],
+            prompt=self.prompt,
+            max_tokens=self.params.max_tokens,
+            answer="".join(self._answer),
+            features=answered.signals.features(),
+        )
+        audit.start(self.services, job)
 
     def ledger_row(self, **fields: object) -> LedgerRow:
         """This request's ledger row: who asked, when, through which endpoint, plus `fields`."""

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, Response
 
 from clawctl.errors import BadInput
 from clawctl.fleet.ledger_shipper import fleet_summary
-from clawctl.schemas.ledger import ExportFormat, GroupBy, LedgerSummary
+from clawctl.schemas.ledger import AuditListing, ExportFormat, GroupBy, LedgerSummary
 from clawctl.services import Services
 
 router = APIRouter(prefix="/admin")
@@ -51,6 +51,12 @@ async def ledger_summary(
     return LedgerSummary(
         by=by, since=since, rows=ledger.summary(by, since), days=ledger.summary("day", since)
     )
+
+
+@router.get("/ledger/audits")
+async def ledger_audits(request: Request, policy: str, since: float | None = None) -> AuditListing:
+    """A policy's audit pairs: local answers, the next tier's, and whether they agreed."""
+    return AuditListing(audits=_services(request).ledger.audits(policy, since))
 
 
 @router.get("/ledger/export")
