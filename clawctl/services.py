@@ -21,6 +21,7 @@ from clawctl.fleet.uploader import FleetUploader
 from clawctl.ledger import Ledger
 from clawctl.metrics import Metrics
 from clawctl.profiles import EdgeProfile, load_profile
+from clawctl.routing.adjust import ThresholdAdjuster
 from clawctl.routing.audit import AuditSampler
 from clawctl.routing.policy_store import PolicyStore
 from clawctl.routing.remote import RemoteTier
@@ -61,6 +62,7 @@ class Services:
     uploader: FleetUploader | None = None
     shipper: LedgerShipper | None = None
     audits: AuditSampler = field(default_factory=AuditSampler)
+    adjuster: ThresholdAdjuster = field(default_factory=ThresholdAdjuster)
     # Work started after a response (audits): finished or cancelled when clawd stops.
     background: set[asyncio.Task[None]] = field(default_factory=set)
     _remotes: dict[str, RemoteTier] = field(default_factory=dict)

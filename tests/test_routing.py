@@ -550,6 +550,33 @@ def test_audits_label_local_answers_with_the_next_tier_and_calibration_fits_on_t
     assert handover["alone"] == 1.0
 
 
+def test_online_adjustment_moves_live_thresholds_toward_the_target_share(
+    local: Daemon, remote: str
+) -> None:
+    """A threshold so strict that nothing escalates, and a target of half: every 5 requests
+    clawd moves the live threshold up, 10% at a time, and `route show` reports it."""
+    adjust = (
+        "[adjust]\ntarget_remote_rate = 0.5\nwindow = 10\nevery = 5\nmax_step = 0.1\n\n[[tiers]]"
+    )
+    key = str(local.home / "key")
+    text = policy_text("held", remote, escalate="first_margin = 0.0001", key_file=key)
+    text = text.replace("[[tiers]]", adjust, 1)
+    apply(local, text)
+    for i in range(10):
+        question = [{"role": "user", "content": f"Name a colour, number {i}."}]
+        assert chat(local, "held", messages=question, claw=NO_CACHE).status_code == 200
+    env = {**os.environ, "CLAW_HOME": str(local.home), "CLAW_SOCKET": str(local.socket)}
+    shown = run_cli("route", "show", "held", "--live", "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    (small,) = [row for row in json.loads(shown.stdout)["live"] if row["tier"] == "small"]
+    assert small["signal"] == "first_margin"
+    assert small["requests"] == 10
+    assert small["changes"] == 2
+    assert small["live"] == pytest.approx(0.0001 * 1.1 * 1.1)
+    table = run_cli("route", "show", "held", env=env).stdout
+    assert "online adjustment: holding 50% escalated" in table
+
+
 def test_distill_export_writes_escalations_as_chat_data(
     local: Daemon, remote: str, tmp_path: Path
 ) -> None:

@@ -132,3 +132,76 @@ def test_audits_take_their_share_exactly_and_stop_at_the_daily_budget() -> None:
     assert sampler.audited_today("q", now=day) == 3
     assert sampler.take("q", budget, now=day + 86_400)  # a new UTC day, a new budget
     assert not sampler.take("r", AuditSection(share=0.0), now=day)  # off by default
+
+
+def _adjusted_policy(threshold: float, **adjust: float) -> object:
+    from clawctl.schemas.policy import Policy
+
+    return Policy.model_validate(
+        {
+            "name": "held",
+            "start": "small",
+            "adjust": {"target_remote_rate": 0.2, "window": 100, "every": 10, **adjust},
+            "tiers": [
+                {
+                    "name": "small",
+                    "kind": "local",
+                    "model": "m",
+                    "escalate": {"window_entropy": threshold},
+                },
+                {"name": "remote", "kind": "remote", "model": "r", "base_url": "http://x/v1"},
+            ],
+        }
+    )
+
+
+def _traffic(adjuster, policy, steps: int, seed: int = 0) -> list[float]:  # type: ignore[no-untyped-def]
+    """Requests whose window entropy is uniform on [0, 4): a tier escalates what reads above
+    its live threshold. Returns the live threshold after each request."""
+    import random
+
+    from clawctl.engines.meter import Thresholds
+    from clawctl.schemas.signals import Signals
+
+    rng = random.Random(seed)
+    tier = policy.tiers[0]
+    seen = []
+    for _ in range(steps):
+        live = adjuster.thresholds(
+            policy, tier, Thresholds(window_entropy=tier.escalate.window_entropy)
+        )
+        value = rng.uniform(0, 4)
+        signals = Signals(
+            tokens=8, mean_entropy=value, max_entropy=value, window_entropy=value, min_prob=0.5,
+            first_margin=None,
+        )  # fmt: skip
+        adjuster.observe(policy, tier, signals, escalated=value > live.window_entropy)
+        seen.append(
+            adjuster.thresholds(policy, tier, Thresholds(window_entropy=2.0)).window_entropy
+        )
+    return seen
+
+
+def test_online_adjustment_converges_to_its_target_within_bounds_and_step() -> None:
+    from clawctl.routing.adjust import ThresholdAdjuster
+
+    # written at 2.0: half of this traffic escalates; the target is 20% (uniform: 3.2)
+    policy = _adjusted_policy(2.0, max_step=0.05)
+    adjuster = ThresholdAdjuster()
+    path = _traffic(adjuster, policy, 1500)
+    for before, after in zip([2.0, *path], path, strict=False):
+        assert abs(after - before) <= 0.05 * before + 1e-9  # never faster than its limit
+    assert path[-1] == pytest.approx(3.2, abs=0.25)
+    (live,) = [row for row in adjuster.live(policy) if row.tier == "small"]
+    assert live.remote_share == pytest.approx(0.2, abs=0.1)
+    assert live.changes >= 5
+
+
+def test_online_adjustment_stays_inside_the_policy_bounds() -> None:
+    from clawctl.routing.adjust import ThresholdAdjuster
+
+    # the target needs 3.2, but the policy lets it go no higher than 1.25x of 2.0
+    policy = _adjusted_policy(2.0, max_step=0.2, max_factor=1.25)
+    path = _traffic(ThresholdAdjuster(), policy, 600)
+    assert max(path) == pytest.approx(2.5)
+    assert min(path) >= 2.0 * 0.5

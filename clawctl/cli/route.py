@@ -13,7 +13,13 @@ from clawctl.cli._options import JsonOption
 from clawctl.errors import BadInput
 
 if TYPE_CHECKING:
-    from clawctl.schemas.policy import CalibrationResult, Handover, Policy, PolicyText
+    from clawctl.schemas.policy import (
+        CalibrationResult,
+        Handover,
+        Policy,
+        PolicyDetail,
+        PolicyText,
+    )
 
 app = typer.Typer(
     help="Routing policies: which tier answers, when to escalate, what it costs.",
@@ -73,9 +79,13 @@ def list_(json_: JsonOption = False) -> None:
 @app.command()
 def show(
     name: Annotated[str, typer.Argument(help="Policy name.")] = "cascade",
+    live: Annotated[
+        bool, typer.Option("--live", help="With --json: also what clawd runs now.")
+    ] = False,
     json_: JsonOption = False,
 ) -> None:
-    """A policy's tiers, thresholds, prices and rules.
+    """A policy's tiers, thresholds, prices and rules; with [adjust] or [audit], also the live
+    thresholds, the share escalated and the audited local error rate.
 
     Example: clawctl route show cascade
     """
@@ -83,7 +93,10 @@ def show(
         found = client.show_policy(name)
     policy = found.policy
     if json_:
-        emit_json(policy)
+        if live:
+            emit_json(found)
+        else:
+            emit_json(policy)
         return
     out.print(f"[bold]{policy.name}[/bold]  {policy.description}  ({found.path})")
     out.print(f"start: {policy.start}   remote failure → {policy.on_remote_failure}")
@@ -120,6 +133,31 @@ def show(
                 then["escalate"] = False
             rules.add_row(rule.name, _pairs(when), _pairs(then))
         out.print(rules)
+    if policy.adjust is not None or policy.audit.share > 0:
+        _render_live(found)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _render_live(found: PolicyDetail) -> None:
+    """What clawd runs now: live thresholds, the share escalated, the audited error rate."""
+    policy = found.policy
+    if policy.adjust is not None:
+        out.print(f"online adjustment: holding {policy.adjust.target_remote_rate:.0%} escalated")
+    grid = table("TIER", "SIGNAL", "WRITTEN", "LIVE", "ESCALATED", "REQUESTS", "LOCAL ERROR")
+    for live in found.live:
+        grid.add_row(
+            live.tier,
+            live.signal or "-",
+            "-" if live.written is None else f"{live.written:.4g}",
+            "-" if live.live is None else f"{live.live:.4g}",
+            _percent(live.remote_share),
+            str(live.requests),
+            f"{_percent(live.local_error)} of {live.audits} audited",
+        )
+    out.print(grid)
 
 
 def _pairs(values: dict[str, object]) -> str:

@@ -220,6 +220,20 @@ class AuditSection(_Strict):
     max_per_day: int = Field(200, ge=0)  # audits per UTC day, whatever the share
 
 
+class AdjustSection(_Strict):
+    """Hold a remote share online: every `every` requests clawd moves each local tier's
+    threshold toward the one that would have escalated `target_remote_rate` of its last `window`
+    requests, by at most `max_step` of its value per change and never outside `min_factor` to
+    `max_factor` times the threshold written in the policy (a tier with one armed signal)."""
+
+    target_remote_rate: float = Field(ge=0, le=1)
+    window: int = Field(200, ge=10, le=100_000)
+    every: int = Field(20, ge=1)
+    max_step: float = Field(0.1, gt=0, le=1)
+    min_factor: float = Field(0.5, gt=0, le=1)
+    max_factor: float = Field(2.0, ge=1)
+
+
 class Policy(_Strict):
     name: str = Field(pattern=POLICY_NAME)
     description: str = ""
@@ -228,6 +242,7 @@ class Policy(_Strict):
     store_prompts: bool = False
     cache: CacheSettings = CacheSettings()
     audit: AuditSection = AuditSection()
+    adjust: AdjustSection | None = None
     tiers: Annotated[tuple[Tier, ...], Field(min_length=1)]
     rules: tuple[Rule, ...] = ()
 
@@ -280,12 +295,27 @@ class PolicyListing(BaseModel):
     policies: list[PolicyEntry]
 
 
+class LiveTier(BaseModel):
+    """A local tier's escalation as clawd runs it now (`clawctl route show`)."""
+
+    tier: str
+    signal: str | None  # the one armed signal (None: none, or several: not adjusted)
+    written: float | None  # its threshold in the policy file
+    live: float | None  # what clawd uses now (online adjustment may have moved it)
+    requests: int  # recent requests this tier answered or handed over
+    remote_share: float | None  # of those, the share it escalated
+    audits: int  # audited answers of this tier in the window
+    local_error: float | None  # share of audited answers the next tier disagreed with
+    changes: int  # adjustments since clawd started
+
+
 class PolicyDetail(BaseModel):
     """`GET /admin/policies/{name}`, and the answer to install and validate."""
 
     path: str
     shipped: bool
     policy: Policy
+    live: list[LiveTier] = []
 
 
 class ExplainRequest(BaseModel):

@@ -75,6 +75,7 @@ async def _run(services: Services, job: AuditJob) -> None:
         next_answer=text, agree=agree(job.answer, text), cost=cost,
     )  # fmt: skip
     services.ledger.record_audit(pair)
+    services.adjuster.observe_audit(job.policy, job.tier, pair.agree)
 
 
 async def _remote(services: Services, job: AuditJob) -> tuple[str, float]:

@@ -176,6 +176,8 @@ class GenerationRun:
                 decide_within=settings.decide_within,
             )
         thresholds = escalation_thresholds(tier.escalate)
+        if self.policy is not None:  # moved online to hold the policy's remote share
+            thresholds = self.services.adjuster.thresholds(self.policy, tier, thresholds)
         if not stop or self._next_unavailable(index):
             # Nowhere to go: note a trigger (the answer is then degraded) but finish it.
             return replace(thresholds, stop=False)
@@ -507,6 +509,12 @@ class GenerationRun:
         if self.policy and self.policy.store_prompts and self.path.escalated and not self.degraded:
             self._record_example(answered)
         self._audit(answered)
+        if self.policy is not None:
+            for run in self.path.runs:
+                if run.tier.kind == "local" and run.signals is not None:
+                    self.services.adjuster.observe(
+                        self.policy, run.tier, run.signals, run.handed_over
+                    )
 
     def _audit(self, answered: TierRun) -> None:
         """Offer a request its local tier answered alone to the policy's audit (`[audit]`):

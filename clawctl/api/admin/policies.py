@@ -84,7 +84,10 @@ async def install_policy(request: Request, body: PolicyText) -> PolicyDetail:
 
 @router.get("/policies/{name}")
 async def show_policy(request: Request, name: str) -> PolicyDetail:
-    return _detail(_found(request, name))
+    """The policy, and its local tiers' escalation as clawd runs it now."""
+    found = _found(request, name)
+    live = _services(request).adjuster.live(found.policy)
+    return _detail(found).model_copy(update={"live": live})
 
 
 @router.post("/policies/{name}/explain")

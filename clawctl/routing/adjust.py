@@ -1,0 +1,150 @@
+"""Online adjustment: thresholds that hold a policy's remote share on the traffic it gets.
+
+A threshold calibrated on one set escalates a different share of another (on unseen tasks the
+shipped cascade escalated 92-100%). With `[adjust]` in a policy, clawd keeps, per local tier, the
+meter's reading of its armed signal and whether it escalated for the last `window` requests;
+every `every` requests it computes the threshold that would have escalated the target share of
+them and moves the live threshold toward it, by at most `max_step` of its value per change and
+within `min_factor`..`max_factor` of the written threshold, so one odd burst of traffic cannot
+swing routing and a bad target cannot push a tier to escalate everything. Each change is logged.
+Audited answers (`[audit]`) feed the measured local error rate that `clawctl route show`
+displays beside the live thresholds.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from clawctl.engines.meter import Thresholds
+from clawctl.routing.calibrate import threshold_for_rate
+from clawctl.schemas.policy import LiveTier, Policy, Tier
+from clawctl.schemas.signals import SIGNALS, Signals
+
+log = logging.getLogger("clawd.routing")
+
+
+def armed_signal(tier: Tier) -> str | None:
+    """The tier's one armed signal (adjustment moves a single threshold), else None."""
+    armed = [s for s in SIGNALS if getattr(tier.escalate, s) is not None]
+    return armed[0] if len(armed) == 1 else None
+
+
+@dataclass
+class _TierState:
+    signal: str
+    written: float
+    live: float
+    seen: collections.deque[tuple[float | None, bool]]
+    audits: collections.deque[bool]
+    since_fit: int = 0
+    changes: int = 0
+
+
+@dataclass
+class ThresholdAdjuster:
+    _states: dict[tuple[str, str], _TierState] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _state(self, policy: Policy, tier: Tier) -> _TierState | None:
+        """The tier's state; reset when the policy's written threshold changed (re-applied)."""
+        signal = armed_signal(tier)
+        if policy.adjust is None or signal is None:
+            return None
+        written = float(getattr(tier.escalate, signal))
+        key = (policy.name, tier.name)
+        state = self._states.get(key)
+        if state is None or state.signal != signal or state.written != written:
+            window = policy.adjust.window
+            state = _TierState(
+                signal, written, written, collections.deque(maxlen=window),
+                collections.deque(maxlen=window),
+            )  # fmt: skip
+            self._states[key] = state
+        return state
+
+    def thresholds(self, policy: Policy, tier: Tier, written: Thresholds) -> Thresholds:
+        """The thresholds to run `tier` with: the written ones, its adjusted signal replaced."""
+        with self._lock:
+            state = self._state(policy, tier)
+            if state is None or state.live == state.written:
+                return written
+            changed: dict[str, Any] = {state.signal: state.live}
+            return dataclasses.replace(written, **changed)
+
+    def observe(self, policy: Policy, tier: Tier, signals: Signals, escalated: bool) -> None:
+        """One request `tier` ran: what its signal read and whether it handed over."""
+        with self._lock:
+            state = self._state(policy, tier)
+            if state is None:
+                return
+            state.seen.append((signals.value(state.signal), escalated))
+            state.since_fit += 1
+            assert policy.adjust is not None
+            if state.since_fit >= policy.adjust.every:
+                state.since_fit = 0
+                self._fit(policy, tier, state)
+
+    def observe_audit(self, policy: Policy, tier: Tier, agreed: bool) -> None:
+        with self._lock:
+            state = self._state(policy, tier)
+            if state is not None:
+                state.audits.append(agreed)
+
+    def _fit(self, policy: Policy, tier: Tier, state: _TierState) -> None:
+        adjust = policy.adjust
+        assert adjust is not None
+        values = [value for value, _ in state.seen]
+        desired = threshold_for_rate(state.signal, values, adjust.target_remote_rate)
+        if desired is None:
+            return
+        step = adjust.max_step * abs(state.live)
+        low, high = state.written * adjust.min_factor, state.written * adjust.max_factor
+        moved = min(max(desired, state.live - step), state.live + step)
+        moved = min(max(moved, low), high)
+        if signal_is_probability(state.signal):
+            moved = min(moved, 0.999999)
+        if abs(moved - state.live) < 1e-12:
+            return
+        share = sum(escalated for _, escalated in state.seen) / len(state.seen)
+        log.info(
+            "policy %s tier %s: %s threshold %.6g -> %.6g (escalated %.0f%% of the last %d, "
+            "target %.0f%%)", policy.name, tier.name, state.signal, state.live, moved,
+            100 * share, len(state.seen), 100 * adjust.target_remote_rate,
+        )  # fmt: skip
+        state.live = moved
+        state.changes += 1
+
+    def live(self, policy: Policy) -> list[LiveTier]:
+        """Every local tier's escalation as it runs now."""
+        rows = []
+        with self._lock:
+            for tier in policy.tiers:
+                if tier.kind != "local":
+                    continue
+                signal = armed_signal(tier)
+                written = None if signal is None else getattr(tier.escalate, signal)
+                state = self._states.get((policy.name, tier.name))
+                if state is None or state.signal != signal:
+                    rows.append(LiveTier(
+                        tier=tier.name, signal=signal, written=written, live=written,
+                        requests=0, remote_share=None, audits=0, local_error=None, changes=0,
+                    ))  # fmt: skip
+                    continue
+                seen, audits = list(state.seen), list(state.audits)
+                share = sum(e for _, e in seen) / len(seen) if seen else None
+                error = 1 - sum(audits) / len(audits) if audits else None
+                rows.append(LiveTier(
+                    tier=tier.name, signal=signal, written=written, live=state.live,
+                    requests=len(seen), remote_share=share, audits=len(audits),
+                    local_error=error, changes=state.changes,
+                ))  # fmt: skip
+        return rows
+
+
+def signal_is_probability(signal: str) -> bool:
+    return signal in {"min_prob", "first_margin", "answer_margin", "score", "probe"}
