@@ -84,7 +84,7 @@ def test_apply_installs_in_the_daemons_config_dir(
     by_name = {entry["name"]: entry for entry in listed}
     assert by_name["p"]["shipped"] is False
     assert by_name["cascade"]["shipped"] is True
-    assert by_name["cascade"]["tiers"] == ["int2", "int4", "remote"]
+    assert by_name["cascade"]["tiers"] == ["int4", "remote"]
     # a broken file with the same name leaves the installed one as it was
     source.write_text(GOOD.replace('start = "a"', 'start = "zzz"'))
     cli("route", "apply", str(source), code=2)
@@ -95,7 +95,8 @@ def test_explain(cli: CliOn) -> None:
     decision = cli.json("route", "explain", "Is 2 > 1?", "--impact", "low")
     assert isinstance(decision, dict)
     assert decision["rule"] == "low impact"
-    assert decision["tiers"][0] == "int2"
+    assert decision["tiers"][0] == "int4"
+    assert decision["escalate"] is False  # low-impact work stays local
     text = cli("route", "explain", "Is 2 > 1?").stdout
     assert "escalate when" in text
     cli("route", "explain", "x", "--policy", "nope", code=2)

@@ -61,12 +61,28 @@ def test_quantize_to_q2_0_makes_a_working_int2_model(store: ModelStore) -> None:
     text, finished = _generate(store.model_file("smollm2-135m-q2_0"), "The capital of France is")
     assert finished.completion_tokens > 0
     assert text.strip()
+    # What it kept of its source, measured on the shipped probe text, and shown by `models show`.
+    kept = manifest["quality"]
+    assert kept["metric"] == "greedy_agreement"
+    assert kept["value"] < 0.5  # 2-bit SmolLM2 says something else at most positions
+    assert kept["tokens"] > 200
+    shown = run_cli("models", "show", "smollm2-135m-q2_0")
+    assert "quality kept" in shown.stdout
+    # A policy that sets a floor refuses a tier below it, with the measured number.
+    policy = store.paths.data_dir / "floor.toml"
+    policy.write_text(
+        'name = "floor"\nstart = "int2"\n\n[[tiers]]\nname = "int2"\nkind = "local"\n'
+        'model = "smollm2-135m-q2_0"\nmin_quality = 0.95\n'
+    )
+    refused = run_cli("route", "apply", str(policy))
+    assert refused.returncode == 2
+    assert "below the tier's min_quality 95%" in refused.stderr
 
 
 def test_quantize_refuses_existing_name_and_unknown_type(store: ModelStore) -> None:
-    assert (
-        run_cli("models", "quantize", "smollm2-135m", "--to", "q4_0", "--name", "q").returncode == 0
-    )
+    made = run_cli("models", "quantize", "smollm2-135m", "--to", "q4_0", "--name", "q", "--json")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["quality"]["value"] > 0.6  # 4 bits keep most greedy tokens
     again = run_cli("models", "quantize", "smollm2-135m", "--to", "q4_0", "--name", "q")
     assert again.returncode == 2
     assert "already exists" in again.stderr

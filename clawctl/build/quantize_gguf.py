@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from clawctl.build.quant_quality import greedy_agreement
 from clawctl.errors import BadInput, EngineError
 from clawctl.schemas.models import ModelManifest
+from clawctl.store.gguf_meta import read_gguf_info
 from clawctl.store.models import ModelStore
 from clawctl.store.names import validate_model_name
 from clawctl.store.quant_types import QuantType, quant_by_name
@@ -133,4 +135,7 @@ def quantize_model(
     with store.temp_blob() as (tmp, fd):
         os.close(fd)
         quantize_file(source, tmp, qtype, imatrix)
-        return store.import_built(target_name, tmp, f"quantize:{name}:{qtype.name}", name)
+        read_gguf_info(tmp)  # a file llama.cpp could not load is refused before it is measured
+        quality = greedy_agreement(source, tmp, imatrix)
+        label = f"quantize:{name}:{qtype.name}"
+        return store.import_built(target_name, tmp, label, name, quality)

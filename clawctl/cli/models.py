@@ -66,6 +66,15 @@ def show(name: str, json_: JsonOption = False) -> None:
             "context length": str(info.context_length),
             "chat template": "yes" if info.chat_template else "no (plain prompt format)",
         }
+    if manifest.quality is not None:
+        kept = manifest.quality
+        matrix = (
+            f"; importance matrix sha256:{kept.imatrix_sha256[:12]}" if kept.imatrix_sha256 else ""
+        )
+        rows["quality kept"] = (
+            f"{kept.value:.1%} of {manifest.parent or 'its source'}'s greedy tokens "
+            f"({kept.tokens} probe positions{matrix})"
+        )
     if manifest.onnx is not None:
         onnx = manifest.onnx
         rows |= {

@@ -58,6 +58,19 @@ class OnnxInfo(BaseModel):
     exact_weights: bool | None = None  # the GGUF's own quantized weights, not re-quantized
 
 
+class QuantQuality(BaseModel):
+    """What a quantized model kept of its source (`clawctl models quantize`): the share of a
+    shipped probe text's positions where both pick the same next token."""
+
+    model_config = ConfigDict(frozen=True)
+
+    metric: Literal["greedy_agreement"] = "greedy_agreement"
+    value: float  # 0..1
+    tokens: int  # positions compared
+    probe_sha256: str  # the probe text it was measured on
+    imatrix_sha256: str | None = None  # the importance matrix the quantizer used, if any
+
+
 class ModelManifest(BaseModel):
     """One installed model: its name, its blob and what its header says.
 
@@ -78,6 +91,7 @@ class ModelManifest(BaseModel):
     onnx: OnnxInfo | None = None
     files: dict[str, str] = {}
     parent: str | None = None
+    quality: QuantQuality | None = None  # a quantized model's, measured against `parent`
 
     def gguf_info(self) -> GgufInfo:
         """The GGUF header of a model that llama.cpp runs; a clear error for other formats."""

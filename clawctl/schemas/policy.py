@@ -125,6 +125,9 @@ class Tier(_Strict):
     # local tiers
     adapters: tuple[AdapterUse, ...] = ()
     escalate: EscalateSection = EscalateSection()
+    # The least quality the tier's model must have kept of its source (`models quantize`
+    # measures it); a policy whose local tier falls below is refused when applied.
+    min_quality: float | None = Field(None, gt=0, le=1)
     # remote tiers
     base_url: str | None = None
     base_url_env: str | None = None

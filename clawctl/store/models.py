@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from clawctl.errors import BadInput, IntegrityError, ModelNotFound
 from clawctl.fsutil import atomic_write, copy_hashing, fsync_dir, sha256_file
 from clawctl.paths import Paths
-from clawctl.schemas.models import ModelManifest, OnnxInfo, VerifyResult
+from clawctl.schemas.models import ModelManifest, OnnxInfo, QuantQuality, VerifyResult
 from clawctl.store.catalog import Catalog, CatalogEntry, FilePart, Part, UrlPart
 from clawctl.store.gguf_meta import read_gguf_info
 from clawctl.store.names import name_from_filename, validate_model_name
@@ -203,8 +203,9 @@ class ModelStore:
         return blob
 
     def _write_manifest(
-        self, name: str, digest: str, blob: Path, source: str, parent: str | None = None
-    ) -> ModelManifest:
+        self, name: str, digest: str, blob: Path, source: str, parent: str | None = None,
+        quality: QuantQuality | None = None,
+    ) -> ModelManifest:  # fmt: skip
         manifest = ModelManifest(
             name=name,
             digest=digest,
@@ -213,6 +214,7 @@ class ModelStore:
             created_at=datetime.now(timezone.utc),
             gguf=read_gguf_info(blob),
             parent=parent,
+            quality=quality,
         )
         atomic_write(self._manifest_path(name), manifest.model_dump_json(indent=2).encode())
         return manifest
@@ -311,13 +313,15 @@ class ModelStore:
         return Path(name)
 
     def import_built(
-        self, name: str, built: Path, source: str, parent: str | None
-    ) -> ModelManifest:
+        self, name: str, built: Path, source: str, parent: str | None,
+        quality: QuantQuality | None = None,
+    ) -> ModelManifest:  # fmt: skip
         """Adopt a file produced inside the blobs dir (e.g. by the quantizer)."""
         digest = sha256_file(built)
         read_gguf_info(built)
         blob = self.commit_blob(built, digest)
-        return self._write_manifest(validate_model_name(name), digest, blob, source, parent)
+        name = validate_model_name(name)
+        return self._write_manifest(name, digest, blob, source, parent, quality)
 
     def import_onnx(
         self,

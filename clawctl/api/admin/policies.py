@@ -15,13 +15,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from clawctl.api.admin.streaming import ndjson
-from clawctl.errors import BadInput
+from clawctl.errors import BadInput, ClawError
 from clawctl.routing.policy import RouteInput, parse_policy, route
 from clawctl.routing.policy_store import PolicyFile
 from clawctl.schemas.policy import (
     POLICY_NAME,
     CalibrateRequest,
     ExplainRequest,
+    Policy,
     PolicyDetail,
     PolicyEntry,
     PolicyListing,
@@ -79,7 +80,28 @@ async def validate_policy(body: PolicyText) -> PolicyDetail:
 async def install_policy(request: Request, body: PolicyText) -> PolicyDetail:
     """Check a policy and install it under its own name (atomically); it routes the next
     request."""
-    return _detail(_services(request).policies.install(body.text, body.source))
+    services = _services(request)
+    _check_quality(services, parse_policy(body.text, body.source))
+    return _detail(services.policies.install(body.text, body.source))
+
+
+def _check_quality(services: Services, policy: Policy) -> None:
+    """Refuse a local tier whose model kept less of its source than the tier's floor (a model
+    not installed yet, or never measured, is not refused: nothing is known against it)."""
+    for tier in policy.tiers:
+        if tier.kind != "local" or tier.min_quality is None:
+            continue
+        try:
+            kept = services.store.get(tier.model).quality
+        except ClawError:
+            continue
+        if kept is not None and kept.value < tier.min_quality:
+            raise BadInput(
+                f"tier {tier.name}: {tier.model} kept {kept.value:.0%} of its source's greedy "
+                f"tokens, below the tier's min_quality {tier.min_quality:.0%}; use a larger "
+                "quant type or lower the floor",
+                param="min_quality",
+            )
 
 
 @router.get("/policies/{name}")
