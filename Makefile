@@ -96,6 +96,7 @@ bench: model $(CONVERT_STAMP)
 	$(PY) bench/agents.py
 	$(PY) bench/tool_accuracy.py
 	$(PY) bench/fleet.py
+	$(PY) bench/routing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build

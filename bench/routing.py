@@ -172,6 +172,13 @@ def main() -> None:
         "",
         "- Development data (../shared/eval), two small Y/N sets: read the differences as "
         "direction, not precision (one example is 1-2 points).",
+        "- Where the next tier is not better (which_is_heavier: 49% vs 50% local), asking every "
+        "tier stops escalating and spends no remote calls for the same accuracy; where it is "
+        "better (born_first), both fits escalate about the target share. A fit only knows the "
+        "work it saw: fitted on which_is_heavier it never escalates, which on born_first (where "
+        "the remote is better) loses to the anchor, whose threshold happened to escalate 80% "
+        "there. That is what `[audit]` and `calibrate --from-ledger` are for: fit on the traffic "
+        "the policy serves.",
     ]
     write_section("routing", "## Learned routing: asking every tier vs the meter alone\n\n"
                   + "\n".join(lines))  # fmt: skip
