@@ -14,7 +14,7 @@ import pytest
 
 from clawctl.config import FleetCredentials, FleetSection
 from clawctl.errors import IntegrityError, NotFound
-from clawctl.fleet.bucket import Bucket
+from clawctl.fleet.bucket import Bucket, FleetObjectMissing
 from clawctl.fleet.store import FleetStore, file_sha256
 from clawctl.fleet.uploader import FleetUploader
 from clawctl.paths import Paths
@@ -300,6 +300,17 @@ def test_gc_removes_what_no_box_used_lately_and_keeps_named_snapshots(
     # What gc removed is simply not found any more: the prefix is computed again.
     hashes = block_hashes(IDENTITY, list(range(500, 564)), BLOCK)
     assert fleet.pool_lookup(IDENTITY, hashes) is None
+    # A box that indexed the entry before gc finds it gone once, and stops offering it.
+    other = _fleet(s3, tmp_path / "b", "gc-test", "box-b")
+    again = _pool_file(other.snapshots, list(range(600, 664)), seed=6)
+    other.push("pool", again)
+    seen = other.pool_lookup(IDENTITY, block_hashes(IDENTITY, list(range(600, 664)), BLOCK))
+    assert seen is not None
+    fleet.gc(older_than=0)
+    with pytest.raises(FleetObjectMissing):
+        other.fetch_pool(seen.pointer, IDENTITY)
+    other.section = other.section.model_copy(update={"index_refresh_seconds": 3600.0})
+    assert other.pool_lookup(IDENTITY, block_hashes(IDENTITY, list(range(600, 664)), BLOCK)) is None
 
 
 def _pull(daemon: Daemon, name: str) -> dict:  # type: ignore[type-arg]

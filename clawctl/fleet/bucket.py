@@ -32,6 +32,13 @@ class FleetUnavailable(ClawError):
     code = "fleet_unavailable"
 
 
+class FleetObjectMissing(FleetUnavailable):
+    """The store answered, but the object is not there (removed by `fleet gc`, say)."""
+
+    http_status = 404
+    code = "fleet_object_missing"
+
+
 @dataclass(frozen=True)
 class ObjectHead:
     size: int
@@ -150,6 +157,8 @@ class Bucket:
                 digest.update(chunk)
                 sink.write(chunk)
         except ClientError as exc:
+            if self._status(exc) == 404:
+                raise FleetObjectMissing(f"fleet object {key} is gone") from None
             raise self._unavailable(f"reading {key}", exc) from None
         except BotoCoreError as exc:  # the connection dropped mid-body
             raise FleetUnavailable(f"fleet store {self.endpoint}: reading {key}: {exc}") from None

@@ -44,7 +44,7 @@ from pydantic import ValidationError
 
 from clawctl.config import FleetSection
 from clawctl.errors import ClawError, IntegrityError, NotFound
-from clawctl.fleet.bucket import Bucket, FleetUnavailable
+from clawctl.fleet.bucket import Bucket, FleetObjectMissing, FleetUnavailable
 from clawctl.fsutil import fsync_dir
 from clawctl.schemas.fleet import (
     FleetGcResult,
@@ -308,7 +308,16 @@ class FleetStore:
         """Download a fleet pool entry into the local pool, checked: its bytes against the
         pointer's sha256 and its header against this context's identity."""
         target = self.snapshots.pool_path(identity, validate_snapshot_name(pointer.chain))
-        header = self._fetch_into(pointer.sha256, target, identity, "pool")
+        try:
+            header = self._fetch_into(pointer.sha256, target, identity, "pool")
+        except FleetObjectMissing:  # removed since it was indexed: stop offering it
+            with self._lock:
+                index = self._pools.get(identity.key())
+                if index is not None:
+                    for chain in pointer.chains:
+                        if index.by_chain.get(chain) is pointer:
+                            del index.by_chain[chain]
+            raise
         self.snapshots.pool_added(identity, target, header.tokens)
         return target
 
