@@ -88,8 +88,9 @@ class Postgres:
                 self.query("SELECT 1")
                 return
             time.sleep(0.2)
+        told = log.read_text()[-3000:]  # before stop() removes the directory
         self.stop()
-        raise RuntimeError(f"postgres did not start:\n{log.read_text()[-3000:]}")
+        raise RuntimeError(f"postgres did not start:\n{told}")
 
     def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         import psycopg
