@@ -18,13 +18,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from clawctl.engines.base import Prompt, SamplingParams
+from clawctl.engines.base import Prompt
 from clawctl.routing.calibrate import grade
-from clawctl.routing.remote import RemoteDone, RemoteRequest
 from clawctl.schemas.ledger import AuditPair
-from clawctl.schemas.openai import AdapterChoice, ClawRequest
 from clawctl.schemas.policy import Policy, Tier
 from clawctl.services import Services
+from clawctl.serving.tier_call import ask_local, ask_remote
 
 log = logging.getLogger("clawd.audit")
 APP = "clawd-audit"
@@ -61,59 +60,20 @@ def start(services: Services, job: AuditJob) -> bool:
 
 
 async def _run(services: Services, job: AuditJob) -> None:
+    tier = job.next_tier
     try:
-        if job.next_tier.kind == "remote":
-            text, cost = await _remote(services, job)
+        if tier.kind == "remote":
+            request_id = f"{job.request_id}-audit"
+            answer = await ask_remote(services, tier, job.prompt, job.max_tokens, request_id)
         else:
-            text, cost = await _local(services, job)
+            answer = await ask_local(services, tier, job.prompt, job.max_tokens, APP)
     except Exception as exc:  # an audit that fails is skipped, never retried
-        log.warning("audit of %s on %s failed: %s", job.request_id, job.next_tier.name, exc)
+        log.warning("audit of %s on %s failed: %s", job.request_id, tier.name, exc)
         return
     pair = AuditPair(
         request_id=job.request_id, ts=time.time(), policy=job.policy.name, tier=job.tier.name,
-        next_tier=job.next_tier.name, features=job.features, answer=job.answer,
-        next_answer=text, agree=agree(job.answer, text), cost=cost,
+        next_tier=tier.name, features=job.features, answer=job.answer,
+        next_answer=answer.text, agree=agree(job.answer, answer.text), cost=answer.cost,
     )  # fmt: skip
     services.ledger.record_audit(pair)
     services.adjuster.observe_audit(job.policy, job.tier, pair.agree)
-
-
-async def _remote(services: Services, job: AuditJob) -> tuple[str, float]:
-    request = RemoteRequest(
-        messages=job.prompt.chat, text=job.prompt.text, max_tokens=job.max_tokens,
-        temperature=0.0, top_p=1.0, stop=(), seed=None, request_id=f"{job.request_id}-audit",
-    )  # fmt: skip
-    pieces: list[str] = []
-    usage: RemoteDone | None = None
-    async for item in services.remote(job.next_tier).stream(request):
-        if isinstance(item, str):
-            pieces.append(item)
-        else:
-            usage = item
-    cost = job.next_tier.cost(usage.prompt_tokens, usage.completion_tokens) if usage else 0.0
-    return "".join(pieces), cost
-
-
-async def _local(services: Services, job: AuditJob) -> tuple[str, float]:
-    # Imported here: generation imports this module to start audits.
-    from clawctl.serving.dedup import begin
-    from clawctl.serving.generation import GenerationRun
-
-    tier = job.next_tier
-    run = GenerationRun(
-        services,
-        "chat" if job.prompt.chat is not None else "completions",
-        tier.model,
-        job.prompt,
-        SamplingParams(max_tokens=job.max_tokens, temperature=0.0),
-        ClawRequest(
-            app=APP,
-            cache=False,
-            adapters=[AdapterChoice(name=a.name, scale=a.scale) for a in tier.adapters],
-        ),
-        None,
-    )
-    await begin(run)
-    text = await run.answer()
-    usage = run.usage()
-    return text, tier.cost(usage.prompt_tokens, usage.completion_tokens)

@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from clawctl.engines.base import ChatTurn, Prompt, SamplingParams
+from clawctl.engines.base import ChatTurn, Prompt
 from clawctl.errors import BadInput, ClawError
 from clawctl.routing.calibrate import (
     PROBE_TOKENS,
@@ -29,10 +29,10 @@ from clawctl.routing.calibrate import (
     with_thresholds,
 )
 from clawctl.routing.policy_store import PolicyFile
-from clawctl.routing.remote import RemoteDone, RemoteFailure, RemoteRequest
+from clawctl.routing.remote import RemoteFailure
 from clawctl.routing.tradeoff import Target, fit_handover
 from clawctl.schemas.jobs import AdvanceLine, ErrorLine, JobLine, MessageLine, ResultLine, StartLine
-from clawctl.schemas.openai import AdapterChoice, ClawRequest, MeterRequest
+from clawctl.schemas.openai import MeterRequest
 from clawctl.schemas.policy import (
     CalibrateRequest,
     CalibrationResult,
@@ -43,8 +43,7 @@ from clawctl.schemas.policy import (
     TierCalibration,
 )
 from clawctl.services import Services
-from clawctl.serving.dedup import begin
-from clawctl.serving.generation import GenerationRun
+from clawctl.serving.tier_call import ask_local, ask_remote
 
 log = logging.getLogger("clawd.calibrate")
 APP = "clawctl-calibrate"
@@ -250,22 +249,11 @@ async def _ask_remote(
     services: Services, tier: Tier, request: CalibrateRequest, answers: dict[str, _Answers]
 ) -> AsyncIterator[JobLine]:
     """The remote tier's answers to the examples (what escalating would have given)."""
-    remote = services.remote(tier)
     yield StartLine(description=f"{tier.name} ({tier.model}, remote)", total=len(request.examples))
     done = _Answers([], [])
     for example in request.examples:
-        ask = RemoteRequest(
-            messages=tuple(ChatTurn(m.role, m.content) for m in example.input), text=None,
-            max_tokens=request.max_tokens, temperature=0.0, top_p=1.0, stop=(), seed=None,
-        )  # fmt: skip
-        pieces: list[str] = []
-        usage: RemoteDone | None = None
         try:
-            async for item in remote.stream(ask):
-                if isinstance(item, str):
-                    pieces.append(item)
-                else:
-                    usage = item
+            answer = await ask_remote(services, tier, _prompt(example), request.max_tokens)
         except RemoteFailure as failure:
             yield MessageLine(
                 text=f"remote tier {tier.name} could not answer ({failure.message}); the "
@@ -273,8 +261,8 @@ async def _ask_remote(
                 level="warning",
             )
             return
-        done.correct.append(grade("".join(pieces), example.ideal_text))
-        done.cost.append(tier.cost(usage.prompt_tokens, usage.completion_tokens) if usage else 0)
+        done.correct.append(grade(answer.text, example.ideal_text))
+        done.cost.append(answer.cost)
         yield AdvanceLine(amount=1)
     answers[tier.name] = done
 
@@ -291,28 +279,15 @@ async def _answer(
         decide_within=tier.escalate.decide_within,
         first_top=PROBE_TOKENS,
     )
-    run = GenerationRun(
-        services,
-        "chat",
-        tier.model,
-        Prompt(chat=tuple(ChatTurn(m.role, m.content) for m in example.input)),
-        SamplingParams(max_tokens=max_tokens, temperature=0.0),
-        ClawRequest(
-            app=APP,
-            meter=meter,
-            cache=False,
-            adapters=[AdapterChoice(name=a.name, scale=a.scale) for a in tier.adapters],
-        ),
-        None,
-    )
-    await begin(run)
-    text = await run.answer()
-    entropy = run.info().entropy
+    answer = await ask_local(services, tier, _prompt(example), max_tokens, APP, meter)
+    entropy = answer.signals
     features = entropy.features() if entropy else {}
     first_top: FirstTop = (entropy.first_top or []) if entropy else []
-    usage = run.usage()
-    cost = tier.cost(usage.prompt_tokens, usage.completion_tokens)
-    return features, first_top, grade(text, example.ideal_text), cost
+    return features, first_top, grade(answer.text, example.ideal_text), answer.cost
+
+
+def _prompt(example: EvalExample) -> Prompt:
+    return Prompt(chat=tuple(ChatTurn(m.role, m.content) for m in example.input))
 
 
 def _names(chosen: dict[str, SignalReport]) -> dict[str, str]:
