@@ -27,6 +27,15 @@ from clawctl.schemas.adapters import (
     AdapterVerifyReport,
 )
 from clawctl.schemas.admin import Health
+from clawctl.schemas.distill import (
+    DistillEvaluateRequest,
+    DistillEvaluation,
+    DistillPromoteRequest,
+    DistillPromotion,
+    DistillRollbackRequest,
+    DistillTrainRequest,
+    DistillTrainResult,
+)
 from clawctl.schemas.fleet import (
     FleetGcRequest,
     FleetGcResult,
@@ -86,6 +95,8 @@ class ProgressView(Protocol):
     def start(self, description: str, total: int | None) -> None: ...
 
     def advance(self, amount: int) -> None: ...
+
+    def status(self, text: str) -> None: ...
 
     def message(self, text: str, level: str) -> None: ...
 
@@ -213,6 +224,8 @@ class ClawClient:
                         progress.start(line.description, line.total)
                     elif line.type == "advance":
                         progress.advance(line.amount)
+                    elif line.type == "status":
+                        progress.status(line.text)
                     elif line.type == "message":
                         progress.message(line.text, line.level)
                     elif line.type == "error":
@@ -447,6 +460,23 @@ class ClawClient:
     ) -> Iterator[bytes]:
         """Chat-format JSONL of escalated requests (policies with `store_prompts = true`)."""
         return self._download("/admin/distill/export", {"since": since, "policy": policy})
+
+    def distill_train(
+        self, request: DistillTrainRequest, progress: ProgressView
+    ) -> DistillTrainResult:
+        """Train a LoRA in clawd's build subprocess, prove its GGUF and install it."""
+        return self._job("/admin/distill/train", DistillTrainResult, progress, body=request)
+
+    def distill_evaluate(
+        self, request: DistillEvaluateRequest, progress: ProgressView
+    ) -> DistillEvaluation:
+        return self._job("/admin/distill/evaluate", DistillEvaluation, progress, body=request)
+
+    def distill_promote(self, request: DistillPromoteRequest) -> DistillPromotion:
+        return self._call("POST", "/admin/distill/promote", DistillPromotion, body=request)
+
+    def distill_rollback(self, request: DistillRollbackRequest) -> DistillPromotion:
+        return self._call("POST", "/admin/distill/rollback", DistillPromotion, body=request)
 
     # --- routing policies (admin) ---
 

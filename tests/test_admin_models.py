@@ -85,6 +85,9 @@ def test_add_by_a_path_the_daemon_reads(
         def advance(self, amount: int) -> None:
             pass
 
+        def status(self, text: str) -> None:
+            pass
+
         def message(self, text: str, level: str) -> None:
             pass
 

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from clawctl import __version__
 from clawctl.api import ollama_routes, openai_routes
 from clawctl.api.admin import adapters as admin_adapters
+from clawctl.api.admin import distill as admin_distill
 from clawctl.api.admin import fleet as admin_fleet
 from clawctl.api.admin import health as admin_health
 from clawctl.api.admin import ledger as admin_ledger
@@ -85,6 +86,7 @@ def create_app(services: Services) -> FastAPI:
         admin_ledger,
         admin_policies,
         admin_fleet,
+        admin_distill,
     ):
         app.include_router(admin.router)
     install_openapi(app, {**openai_routes.BODIES, **ollama_routes.BODIES})

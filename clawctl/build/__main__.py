@@ -16,7 +16,7 @@ from clawctl.errors import ClawError
 
 
 def main(argv: list[str]) -> int:
-    from clawctl.build import adapter_ops, model_ops  # noqa: F401  (register their operations)
+    from clawctl.build import adapter_ops, distill_ops, model_ops  # noqa: F401  (register their operations)
     from clawctl.build.ops import OPS
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

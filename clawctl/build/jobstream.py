@@ -12,7 +12,14 @@ from typing import TextIO
 
 from pydantic import BaseModel
 
-from clawctl.schemas.jobs import AdvanceLine, ErrorLine, MessageLine, ResultLine, StartLine
+from clawctl.schemas.jobs import (
+    AdvanceLine,
+    ErrorLine,
+    MessageLine,
+    ResultLine,
+    StartLine,
+    StatusLine,
+)
 
 
 class LineWriter:
@@ -41,6 +48,7 @@ class LineProgress:
         self.interval = interval
         self._pending = 0
         self._last = 0.0
+        self._status: str | None = None
 
     def start(self, description: str, total: int | None) -> None:
         self.flush()
@@ -53,7 +61,14 @@ class LineProgress:
             self.flush()
             self._last = now
 
+    def status(self, text: str) -> None:
+        """Shown beside the bar; like advances, written at most every `interval`."""
+        self._status = text
+
     def flush(self) -> None:
+        if self._status is not None:
+            self.writer.write(StatusLine(text=self._status))
+            self._status = None
         if self._pending:
             self.writer.write(AdvanceLine(amount=self._pending))
             self._pending = 0

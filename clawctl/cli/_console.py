@@ -68,6 +68,7 @@ class RichProgress:
             BarColumn(),
             *amount,
             TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
             console=err,
             transient=True,
             disable=not err.is_terminal,
@@ -84,11 +85,16 @@ class RichProgress:
     def start(self, description: str, total: int | None) -> None:
         if self._task is not None:
             self._progress.remove_task(self._task)
-        self._task = self._progress.add_task(description, total=total)
+        self._task = self._progress.add_task(description, total=total, status="")
 
     def advance(self, amount: int) -> None:
         if self._task is not None:
             self._progress.advance(self._task, amount)
+
+    def status(self, text: str) -> None:
+        """How the phase is going (a training run's loss and speed), after its description."""
+        if self._task is not None:
+            self._progress.update(self._task, status=text)
 
     def message(self, text: str, level: str = "info") -> None:
         """A line from the daemon's operation (warnings in yellow), printed above the bar."""

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from clawctl.cli._console import err
-from clawctl.cli._options import parse_duration
+from clawctl.cli._console import RichProgress, emit_json, err, out, table
+from clawctl.cli._options import JsonOption, parse_duration
+from clawctl.errors import BadInput
+
+if TYPE_CHECKING:
+    from clawctl.schemas.distill import DistillPromotion, TrainExample
 
 app = typer.Typer(
-    help="Distillation data: escalated requests with the answers that replaced the local one.",
+    help="Distillation: train LoRA adapters from escalations, evaluate, promote, roll back.",
     no_args_is_help=True,
 )
 
@@ -39,3 +43,255 @@ def export(
     atomic_write(out, data)
     examples = data.count(b"\n")
     err.print(f"wrote {examples} examples to {out}")
+
+
+def _read_examples(path: Path) -> list[TrainExample]:
+    """A chat-format (`{"messages": [..., assistant]}`) or OpenAI Evals (`input`, `ideal`)
+    JSONL file as training examples; a bad line is named with its number."""
+    import json
+
+    from clawctl.schemas.distill import TrainExample
+    from clawctl.schemas.policy import EvalMessage
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"cannot read {path}: {exc}") from None
+    examples = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+            if "messages" in row:
+                turns = [EvalMessage.model_validate(m) for m in row["messages"]]
+                if len(turns) < 2 or turns[-1].role != "assistant":
+                    raise BadInput(f"{where}: the last message must be the assistant's answer")
+                examples.append(TrainExample(messages=turns[:-1], answer=turns[-1].content))
+            elif "input" in row:
+                ideal = row["ideal"][0] if isinstance(row["ideal"], list) else row["ideal"]
+                turns = [EvalMessage.model_validate(m) for m in row["input"]]
+                examples.append(TrainExample(messages=turns, answer=str(ideal), ideal=str(ideal)))
+            else:
+                examples.append(TrainExample.model_validate(row))
+        except BadInput:
+            raise
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise BadInput(
+                f"{where}: not a training example (chat 'messages' ending with the answer, or "
+                "Evals 'input' and 'ideal')"
+            ) from None
+    if not examples:
+        raise BadInput(f"{path} holds no examples")
+    return examples
+
+
+@app.command()
+def train(
+    base: Annotated[str, typer.Option("--base", help="The GGUF model the adapter is for.")],
+    name: Annotated[str, typer.Option("--name", help="The adapter's name.")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Chat or Evals JSONL; default: the ledger's stored escalations."),
+    ] = None,
+    policy: Annotated[str | None, typer.Option(help="Ledger: this policy's escalations.")] = None,
+    since: Annotated[str | None, typer.Option(help="Ledger: only the last span, e.g. 30d.")] = None,
+    rank: Annotated[int, typer.Option(min=1, max=128)] = 8,
+    alpha: Annotated[int, typer.Option(min=1, max=1024)] = 16,
+    targets: Annotated[
+        str, typer.Option(help="Comma-separated modules: q_proj,k_proj,v_proj,o_proj,…")
+    ] = "q_proj,k_proj,v_proj,o_proj",
+    epochs: Annotated[int, typer.Option(min=1, max=100)] = 3,
+    learning_rate: Annotated[float, typer.Option("--lr", min=1e-7, max=1.0)] = 3e-4,
+    held_out: Annotated[
+        float, typer.Option(min=0.0, max=0.9, help="Newest share kept for evaluate.")
+    ] = 0.2,
+    replay: Annotated[
+        float, typer.Option(min=0.0, max=2.0, help="Base answers replayed, per example.")
+    ] = 0.25,
+    max_tokens: Annotated[int, typer.Option(min=32, max=8192, help="Longest example.")] = 768,
+    restart: Annotated[bool, typer.Option(help="Ignore an earlier run's checkpoint.")] = False,
+    json_: JsonOption = False,
+) -> None:
+    """Fine-tune a LoRA for a GGUF model on the box (PEFT on the CPU, in a niced subprocess of
+    clawd), convert it to GGUF, prove llama.cpp computes what PEFT computed, and install it.
+
+    An interrupted run resumes from its checkpoint when run again with the same data and options.
+
+    Example: clawctl distill train --base smollm2-135m --name support --policy cascade --since 30d
+    Example: clawctl distill train --base smollm2-135m --name codes --data examples.jsonl
+    """
+    from clawctl.cli._client import daemon_client
+    from clawctl.schemas.distill import TARGET_MODULES, DistillTrainRequest, TrainOptions
+
+    chosen = tuple(t.strip() for t in targets.split(",") if t.strip())
+    unknown = [t for t in chosen if t not in TARGET_MODULES]
+    if unknown or not chosen:
+        raise BadInput(f"unknown target modules {unknown}; choose from {', '.join(TARGET_MODULES)}")
+    if data is not None and (policy or since):
+        raise BadInput("--policy and --since select ledger examples; not with --data")
+    request = DistillTrainRequest(
+        base=base,
+        name=name,
+        examples=_read_examples(data) if data is not None else None,
+        policy=policy,
+        since=time.time() - parse_duration(since) if since else None,
+        options=TrainOptions(
+            rank=rank,
+            alpha=alpha,
+            targets=chosen,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            held_out=held_out,
+            replay=replay,
+            max_tokens=max_tokens,
+        ),
+        restart=restart,
+    )
+    with daemon_client() as client, RichProgress(steps=True) as progress:
+        result = client.distill_train(request, progress)
+    if json_:
+        emit_json(result)
+        return
+    report, proof = result.report, result.proof
+    out.print(
+        f"installed adapter {result.adapter.name} for {result.adapter.base} "
+        f"(rank {result.adapter.rank}, {len(result.adapter.targets)} tensors)",
+        markup=False,
+    )
+    grid = table("", "")
+    grid.add_row("examples", f"{report.examples} (+{report.replayed} replayed)")
+    grid.add_row(
+        "held out", f"{report.held_out} ({report.dropped_near_duplicates} near-dups dropped)"
+    )
+    grid.add_row("steps", f"{report.steps} (resumed at {report.resumed_from_step})")
+    grid.add_row("loss", f"{report.first_loss:.3f} → {report.last_loss:.3f}")
+    if report.held_out_loss_before is not None and report.held_out_loss_after is not None:
+        grid.add_row(
+            "held-out loss", f"{report.held_out_loss_before:.3f} → {report.held_out_loss_after:.3f}"
+        )
+    grid.add_row("speed", f"{report.tokens_per_second:.0f} tokens/s, {report.seconds:.0f} s")
+    grid.add_row(
+        "proof",
+        f"logit change correlation {proof.correlation:.4f} (≥ {proof.threshold}), "
+        f"size ratio {proof.scale_ratio:.3f}",
+    )
+    out.print(grid)
+
+
+@app.command()
+def evaluate(
+    name: Annotated[str, typer.Argument(help="The trained adapter (its run's name).")],
+    policy: Annotated[str, typer.Option(help="The policy to evaluate under.")] = "cascade",
+    limit: Annotated[int | None, typer.Option(min=1, help="First N held-out examples.")] = None,
+    canary_limit: Annotated[int | None, typer.Option(min=0, help="First N canaries.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 96,
+    json_: JsonOption = False,
+) -> None:
+    """Replay the run's held-out examples through the policy with and without the adapter, and
+    the canary set through its local tier: accuracy (or agreement with the stronger tier),
+    escalations, tokens and cost, and whether promotion's gate passes.
+
+    Example: clawctl distill evaluate support --policy cascade
+    """
+    from clawctl.cli._client import daemon_client
+    from clawctl.schemas.distill import DistillEvaluateRequest
+
+    request = DistillEvaluateRequest(
+        name=name, policy=policy, limit=limit, canary_limit=canary_limit, max_tokens=max_tokens
+    )
+    with daemon_client() as client, RichProgress(steps=True) as progress:
+        evaluation = client.distill_evaluate(request, progress)
+    if json_:
+        emit_json(evaluation)
+        return
+    n, c = max(1, evaluation.examples), max(1, evaluation.canary)
+    grid = table("", "WITHOUT", "WITH " + evaluation.name)
+    arms = (evaluation.without, evaluation.with_adapter)
+    label = "accuracy" if evaluation.grading == "ideal" else "agreement"
+    grid.add_row(label, *(f"{a.correct / n:.0%}" for a in arms))
+    grid.add_row("escalated", *(f"{a.escalated / n:.0%}" for a in arms))
+    grid.add_row("tokens", *(f"{a.prompt_tokens + a.completion_tokens:,}" for a in arms))
+    grid.add_row("cost / 1,000", *(f"{a.cost / n * 1000:.4g}" for a in arms))
+    grid.add_row("canary", *(f"{a.canary_correct / c:.0%}" for a in arms))
+    out.print(
+        f"{evaluation.examples} held-out examples and {evaluation.canary} canaries under "
+        f"{evaluation.policy} (tier {evaluation.tier})",
+        markup=False,
+    )
+    out.print(grid)
+    verdict = "passes" if evaluation.verdict.passed else "fails"
+    out.print(f"gate {verdict}: " + "; ".join(evaluation.verdict.reasons), markup=False)
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="The evaluated adapter.")],
+    policy: Annotated[str, typer.Option(help="The policy whose local tier gets it.")] = "cascade",
+    min_escalation_drop: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Gate: escalation rate must fall by.")
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Gate: accuracy may fall by.")
+    ] = None,
+    canary_tolerance: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Gate: canary may fall by.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Promote even if the gate fails.")] = False,
+    json_: JsonOption = False,
+) -> None:
+    """Put the adapter on the policy's local tier, if its evaluation passed the gate; the
+    previous adapters are kept for `rollback`.
+
+    Example: clawctl distill promote support --policy cascade
+    """
+    from clawctl.cli._client import daemon_client
+    from clawctl.schemas.distill import DistillPromoteRequest, GateSettings
+
+    gate = None
+    given = (min_escalation_drop, max_accuracy_drop, canary_tolerance)
+    if any(v is not None for v in given):
+        defaults = GateSettings()
+        gate = GateSettings(
+            min_escalation_drop=_or(min_escalation_drop, defaults.min_escalation_drop),
+            max_accuracy_drop=_or(max_accuracy_drop, defaults.max_accuracy_drop),
+            canary_tolerance=_or(canary_tolerance, defaults.canary_tolerance),
+        )
+    request = DistillPromoteRequest(name=name, policy=policy, gate=gate, force=force)
+    with daemon_client() as client:
+        promotion = client.distill_promote(request)
+    _render_promotion(promotion, json_)
+
+
+@app.command()
+def rollback(
+    policy: Annotated[str, typer.Option(help="The policy to roll back.")] = "cascade",
+    json_: JsonOption = False,
+) -> None:
+    """Give the policy's local tier back the adapters it had before its latest promotion.
+
+    Example: clawctl distill rollback --policy cascade
+    """
+    from clawctl.cli._client import daemon_client
+    from clawctl.schemas.distill import DistillRollbackRequest
+
+    with daemon_client() as client:
+        promotion = client.distill_rollback(DistillRollbackRequest(policy=policy))
+    _render_promotion(promotion, json_)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _render_promotion(promotion: DistillPromotion, json_: bool) -> None:
+    if json_:
+        emit_json(promotion)
+        return
+    before = ", ".join(promotion.before) or "no adapter"
+    after = ", ".join(promotion.after) or "no adapter"
+    out.print(
+        f"{promotion.policy} tier {promotion.tier}: {before} → {after} ({promotion.path})",
+        markup=False,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,9 @@ def as_example(example: EvalExample) -> Example:
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _YES_NO = re.compile(r"\b(yes|no|y|n)\b", re.IGNORECASE)
 _YES = {"yes", "y"}
+_WORDS = re.compile(r"\w+")
+SHORT_REFERENCE = 24  # characters: a reference this short is graded as a label
+AGREEMENT_F1 = 0.5
 
 
 def grade(answer: str, ideal: str) -> bool:
@@ -65,6 +69,21 @@ def grade(answer: str, ideal: str) -> bool:
         word = _YES_NO.search(answer)
         return word is not None and (word.group(1).lower() in _YES) == (ideal.lower() in _YES)
     return ideal.casefold() in answer.casefold()
+
+
+def agrees(answer: str, reference: str) -> bool:
+    """Whether an answer says what a stronger tier's unlabelled answer said: the reference
+    graded as an ideal when it is short (a number, a yes/no, a name), else word-level F1 of at
+    least `AGREEMENT_F1` (SQuAD's measure: order-free, forgiving of rephrasing)."""
+    reference = reference.strip()
+    if len(reference) <= SHORT_REFERENCE:
+        return grade(answer, reference)
+    ours, theirs = _WORDS.findall(answer.casefold()), _WORDS.findall(reference.casefold())
+    common = sum((Counter(ours) & Counter(theirs)).values())
+    if not common:
+        return False
+    precision, recall = common / len(ours), common / len(theirs)
+    return 2 * precision * recall / (precision + recall) >= AGREEMENT_F1
 
 
 def auroc(scores: list[float], positives: list[bool]) -> float | None:

@@ -26,6 +26,13 @@ class AdvanceLine(BaseModel):
     amount: int
 
 
+class StatusLine(BaseModel):
+    """How the current phase is going, beside its bar (a training run's loss and speed)."""
+
+    type: Literal["status"] = "status"
+    text: str
+
+
 class MessageLine(BaseModel):
     """Something the user should read (a warning, a step's outcome)."""
 
@@ -51,6 +58,7 @@ class ErrorLine(BaseModel):
 
 
 JobLine = Annotated[
-    StartLine | AdvanceLine | MessageLine | ResultLine | ErrorLine, Field(discriminator="type")
+    StartLine | AdvanceLine | StatusLine | MessageLine | ResultLine | ErrorLine,
+    Field(discriminator="type"),
 ]
 JOB_LINE: TypeAdapter[JobLine] = TypeAdapter(JobLine)

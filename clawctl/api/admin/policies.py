@@ -40,7 +40,7 @@ def _services(request: Request) -> Services:
     return services
 
 
-def _found(request: Request, name: str) -> PolicyFile:
+def found_policy(request: Request, name: str) -> PolicyFile:
     """The policy called `name`; a name that could not be a policy file's is refused before
     any path is built from it."""
     if not re.fullmatch(POLICY_NAME, name):
@@ -107,7 +107,7 @@ def _check_quality(services: Services, policy: Policy) -> None:
 @router.get("/policies/{name}")
 async def show_policy(request: Request, name: str) -> PolicyDetail:
     """The policy, and its local tiers' escalation as clawd runs it now."""
-    found = _found(request, name)
+    found = found_policy(request, name)
     live = _services(request).adjuster.live(found.policy)
     return _detail(found).model_copy(update={"live": live})
 
@@ -115,7 +115,7 @@ async def show_policy(request: Request, name: str) -> PolicyDetail:
 @router.post("/policies/{name}/explain")
 async def explain_route(request: Request, name: str, body: ExplainRequest) -> RouteExplanation:
     """Which rule and tiers a request with these declared options would get; runs nothing."""
-    found = _found(request, name)
+    found = found_policy(request, name)
     decision = route(
         found.policy,
         RouteInput(
@@ -143,4 +143,4 @@ async def calibrate_policy(
     """NDJSON: the policy's local tiers answer the examples (progress per example), then a
     `CalibrationResult`; the chosen thresholds are written into the installed policy unless
     `dry_run`."""
-    return ndjson(calibrate(_services(request), _found(request, name), body))
+    return ndjson(calibrate(_services(request), found_policy(request, name), body))

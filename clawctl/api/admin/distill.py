@@ -1,0 +1,55 @@
+"""Admin routes for distillation (`/admin/distill/…`): train an adapter from the ledger's
+escalations or from examples sent, evaluate it under a policy, promote it into the policy's
+local tier or roll that back. Training and evaluation stream `JobLine`s (NDJSON); the export of
+raw examples stays with the ledger's routes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from clawctl.api.admin.policies import found_policy
+from clawctl.api.admin.streaming import ndjson
+from clawctl.schemas.distill import (
+    DistillEvaluateRequest,
+    DistillPromoteRequest,
+    DistillPromotion,
+    DistillRollbackRequest,
+    DistillTrainRequest,
+    GateSettings,
+)
+from clawctl.services import Services
+from clawctl.serving import distill
+
+router = APIRouter(prefix="/admin")
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+@router.post("/distill/train")
+async def train(request: Request, body: DistillTrainRequest) -> StreamingResponse:
+    """Checked before the stream starts: a bad request is a 4xx with nothing written."""
+    services = _services(request)
+    job = distill.prepare_training(services, body)
+    return ndjson(distill.run_training(job))
+
+
+@router.post("/distill/evaluate")
+async def evaluate(request: Request, body: DistillEvaluateRequest) -> StreamingResponse:
+    found = found_policy(request, body.policy)
+    services = _services(request)
+    distill.trained(services, body.name)  # a missing run is a 4xx, not a stream's error line
+    return ndjson(distill.evaluate(services, found, body, body.gate or GateSettings()))
+
+
+@router.post("/distill/promote")
+async def promote(request: Request, body: DistillPromoteRequest) -> DistillPromotion:
+    return distill.promote(_services(request), found_policy(request, body.policy), body)
+
+
+@router.post("/distill/rollback")
+async def rollback(request: Request, body: DistillRollbackRequest) -> DistillPromotion:
+    return distill.rollback(_services(request), found_policy(request, body.policy), body)
