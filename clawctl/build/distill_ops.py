@@ -17,6 +17,7 @@ from clawctl.build.distill.proof import THRESHOLD, prove
 from clawctl.build.distill.trainer import Checkpoint, config_key, encode, load_base, train
 from clawctl.build.jobstream import LineProgress, LineWriter
 from clawctl.build.ops import op
+from clawctl.build.quantize_gguf import quantize_file
 from clawctl.config import load_paths
 from clawctl.errors import BadInput, EngineError
 from clawctl.fsutil import atomic_write
@@ -30,6 +31,7 @@ from clawctl.schemas.policy import EvalMessage
 from clawctl.store.adapters import AdapterStore
 from clawctl.store.gguf_meta import read_gguf_info
 from clawctl.store.models import ModelStore
+from clawctl.store.quant_types import quant_by_name
 
 REPLAY_TOKENS = 96
 PROOF_PROMPTS = 4
@@ -114,7 +116,16 @@ def distill_train(
     probes = (held_out + train_set)[:PROOF_PROMPTS]
     prompt_ids = [encode(tokenizer, e, options.max_tokens).ids for e in probes]
     progress.start("proving the GGUF adapter against PEFT", None)
-    proof = prove(base_file, gguf_out, trained.model, prompt_ids)
+    reference = run_dir / "base-f32.gguf"
+    try:
+        if info.quant.lower() in ("f32", "all_f32"):
+            reference = base_file
+        else:  # the weights PEFT trained on, for llama.cpp: dequantized, exactly
+            quantize_file(base_file, reference, quant_by_name("f32"), None)
+        proof = prove(reference, base_file, gguf_out, trained.model, prompt_ids)
+    finally:
+        if reference != base_file:
+            reference.unlink(missing_ok=True)
     if not proof.passed:
         raise EngineError(
             f"the GGUF adapter does not compute what PEFT computed (logit change correlation "

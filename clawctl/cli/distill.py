@@ -64,7 +64,9 @@ def _read_examples(path: Path) -> list[TrainExample]:
         where = f"{path}:{number}"
         try:
             row = json.loads(line)
-            if "messages" in row:
+            if "answer" in row:  # this module's own format (a run's examples.jsonl)
+                examples.append(TrainExample.model_validate(row))
+            elif "messages" in row:
                 turns = [EvalMessage.model_validate(m) for m in row["messages"]]
                 if len(turns) < 2 or turns[-1].role != "assistant":
                     raise BadInput(f"{where}: the last message must be the assistant's answer")
@@ -74,7 +76,7 @@ def _read_examples(path: Path) -> list[TrainExample]:
                 turns = [EvalMessage.model_validate(m) for m in row["input"]]
                 examples.append(TrainExample(messages=turns, answer=str(ideal), ideal=str(ideal)))
             else:
-                examples.append(TrainExample.model_validate(row))
+                raise ValueError(row)
         except BadInput:
             raise
         except (ValueError, KeyError, TypeError, IndexError):
@@ -175,7 +177,7 @@ def train(
     grid.add_row(
         "proof",
         f"logit change correlation {proof.correlation:.4f} (≥ {proof.threshold}), "
-        f"size ratio {proof.scale_ratio:.3f}",
+        f"size ratio {proof.scale_ratio:.3f}; on the quantized base {proof.served_correlation:.4f}",
     )
     out.print(grid)
 

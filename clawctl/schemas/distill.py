@@ -106,7 +106,8 @@ class LoraProof(BaseModel):
     causes, over every probe position and vocabulary entry, correlates this much, and is about
     as large."""
 
-    correlation: float
+    correlation: float  # on the base's weights dequantized: the conversion alone (judged)
+    served_correlation: float  # on the quantized base clawd serves (reported)
     prompts: int
     positions: int
     llama_delta_rms: float

@@ -1,12 +1,16 @@
 """Proof that a converted adapter computes in llama.cpp what it computed in PEFT.
 
 On a few probe prompts (rendered with the GGUF's chat template; the same token ids fed to both),
-the change in logits the adapter causes is taken in each engine: llama.cpp with the GGUF base and
-the GGUF adapter on and off, PEFT with the adapter enabled and disabled. The Pearson correlation
-of the two changes, over every position and vocabulary entry, must reach `THRESHOLD`: a wrong
-tensor name or a missing permutation drops it (with the Q/K permutation left out, an adapter on
-q, k, v and o measured 0.944 here, against 0.995 with it). A correlation does not see a scale, so
-the sizes of the two changes must also agree within `SCALE_RANGE` (a wrong alpha or rank).
+the change in logits the adapter causes is taken in each engine: llama.cpp with the base and the
+GGUF adapter on and off, PEFT with the adapter enabled and disabled. The Pearson correlation of
+the two changes, over every position and vocabulary entry, must reach `THRESHOLD`, and since a
+correlation does not see a scale, their sizes must agree within `SCALE_RANGE` (a wrong alpha).
+
+The llama.cpp side runs on the base's weights dequantized to F32 (`reference`): exactly the
+weights PEFT trained on, so what differs is the conversion alone. There an adapter measured
+0.99999, and 0.944 with the Q/K permutation left out. On the quantized base as clawd serves it,
+llama.cpp also quantizes the activations (Q8) for its dot products, which blurs a small adapter's
+change (0.975 for a weak one here); that figure is reported as `served_correlation`, not judged.
 """
 
 from __future__ import annotations
@@ -68,28 +72,46 @@ def _peft_logits(model: Any, prompts: list[list[int]]) -> tuple[list[Any], list[
     return on, off
 
 
-def prove(base: Path, adapter: Path, peft_model: Any, prompts: list[list[int]]) -> LoraProof:
-    """Compare the adapter's effect on the logits in both engines (prompts as token ids)."""
+def _delta(on: list[Any], off: list[Any], vocab: int) -> Any:
+    import numpy as np
+
+    return np.concatenate(
+        [(a[:, :vocab] - b[:, :vocab]).ravel() for a, b in zip(on, off, strict=True)]
+    )
+
+
+def _correlation(a: Any, b: Any) -> float:
+    import numpy as np
+
+    value = float(np.corrcoef(a, b)[0, 1])
+    return round(value if np.isfinite(value) else 0.0, 5)
+
+
+def prove(
+    reference: Path, served: Path, adapter: Path, peft_model: Any, prompts: list[list[int]]
+) -> LoraProof:
+    """Compare the adapter's effect on the logits in both engines (prompts as token ids):
+    judged on `reference` (the base dequantized), reported on `served` (the base as served)."""
     import numpy as np
 
     prompts = [p[-PROBE_TOKENS:] for p in prompts if p]
-    llama_off = _llama_logits(base, None, prompts)
-    llama_on = _llama_logits(base, adapter, prompts)
     peft_on, peft_off = _peft_logits(peft_model, prompts)
-    vocab = min(llama_on[0].shape[1], peft_on[0].shape[1])  # padded embedding tables differ
-    llama_delta = np.concatenate(
-        [(a[:, :vocab] - b[:, :vocab]).ravel() for a, b in zip(llama_on, llama_off, strict=True)]
-    )
-    peft_delta = np.concatenate(
-        [(a[:, :vocab] - b[:, :vocab]).ravel() for a, b in zip(peft_on, peft_off, strict=True)]
-    )
-    correlation = float(np.corrcoef(llama_delta, peft_delta)[0, 1])
-    correlation = round(correlation if np.isfinite(correlation) else 0.0, 5)
+    vocab = peft_on[0].shape[1]
+    deltas = []
+    for base in (reference, served):
+        on = _llama_logits(base, adapter, prompts)
+        vocab = min(vocab, on[0].shape[1])  # padded embedding tables differ
+        deltas.append((on, _llama_logits(base, None, prompts)))
+    peft_delta = _delta(peft_on, peft_off, vocab)
+    llama_delta = _delta(*deltas[0], vocab)
+    correlation = _correlation(llama_delta, peft_delta)
+    served_correlation = _correlation(_delta(*deltas[1], vocab), peft_delta)
     llama_rms = float(np.sqrt(np.mean(llama_delta**2)))
     peft_rms = float(np.sqrt(np.mean(peft_delta**2)))
     ratio = llama_rms / peft_rms if peft_rms > 0 else 0.0
     return LoraProof(
         correlation=correlation,
+        served_correlation=served_correlation,
         prompts=len(prompts),
         positions=sum(len(p) for p in prompts),
         llama_delta_rms=round(llama_rms, 5),
