@@ -32,11 +32,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The ONNX conversion tools (torch CPU, transformers): tests and benchmarks convert a model;
-# `make run` does not need them.
+# The build-time tools (torch CPU, transformers, peft): tests and benchmarks convert a model and
+# train an adapter; `make run` does not need them (`pip install 'clawctl[distill]'` adds them).
 CONVERT_STAMP := $(VENV)/.convert-stamp
 $(CONVERT_STAMP): $(STAMP)
-	$(PIP) install --quiet -e '.[convert]'
+	$(PIP) install --quiet -e '.[convert,distill]'
 	touch $(CONVERT_STAMP)
 
 # Before clawd runs there is no daemon to ask, so the model is fetched with the same build
@@ -97,6 +97,7 @@ bench: model $(CONVERT_STAMP)
 	$(PY) bench/tool_accuracy.py
 	$(PY) bench/fleet.py
 	$(PY) bench/routing.py
+	$(PY) bench/distill.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build

@@ -93,7 +93,16 @@ def ensure_models() -> None:
         quantize_model(store, "smollm2-135m", "q2_0", new_name=LOCAL["int2"])
 
 
-def start_clawd(stack: contextlib.ExitStack, tcp_port: int | None = None) -> httpx.Client:
+@dataclass(frozen=True)
+class Box:
+    """A clawd the benchmark started: a client for its API and the environment in which
+    `clawctl` reaches it (its CLAW_HOME and socket)."""
+
+    client: httpx.Client
+    env: dict[str, str]
+
+
+def start_box(stack: contextlib.ExitStack, tcp_port: int | None = None) -> Box:
     base = Path(tempfile.mkdtemp(prefix="claw-cascade-", dir="/tmp"))
     stack.callback(shutil.rmtree, base, True)
     source = load_paths().models_dir
@@ -114,18 +123,20 @@ def start_clawd(stack: contextlib.ExitStack, tcp_port: int | None = None) -> htt
     stack.callback(lambda: (proc.terminate(), proc.wait(30)))
     wait_for(lambda: connects(sock))
     if tcp_port is not None:
-        return stack.enter_context(
-            httpx.Client(
-                base_url=f"http://127.0.0.1:{tcp_port}",
-                headers={"Authorization": "Bearer bench"},
-                timeout=600,
-            )
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{tcp_port}",
+            headers={"Authorization": "Bearer bench"},
+            timeout=600,
         )
-    return stack.enter_context(
-        httpx.Client(
+    else:
+        client = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://clawd", timeout=600
         )
-    )
+    return Box(stack.enter_context(client), env)
+
+
+def start_clawd(stack: contextlib.ExitStack, tcp_port: int | None = None) -> httpx.Client:
+    return start_box(stack, tcp_port).client
 
 
 def ask(client: httpx.Client, model: str, example: Example) -> Answer:

@@ -186,7 +186,11 @@ def train(
 def evaluate(
     name: Annotated[str, typer.Argument(help="The trained adapter (its run's name).")],
     policy: Annotated[str, typer.Option(help="The policy to evaluate under.")] = "cascade",
-    limit: Annotated[int | None, typer.Option(min=1, help="First N held-out examples.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Evaluate on this Evals or chat JSONL instead of the held-out split."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="First N examples.")] = None,
     canary_limit: Annotated[int | None, typer.Option(min=0, help="First N canaries.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 96,
     json_: JsonOption = False,
@@ -196,12 +200,18 @@ def evaluate(
     escalations, tokens and cost, and whether promotion's gate passes.
 
     Example: clawctl distill evaluate support --policy cascade
+    Example: clawctl distill evaluate support --policy cascade --data labelled.jsonl
     """
     from clawctl.cli._client import daemon_client
     from clawctl.schemas.distill import DistillEvaluateRequest
 
     request = DistillEvaluateRequest(
-        name=name, policy=policy, limit=limit, canary_limit=canary_limit, max_tokens=max_tokens
+        name=name,
+        policy=policy,
+        examples=_read_examples(data) if data is not None else None,
+        limit=limit,
+        canary_limit=canary_limit,
+        max_tokens=max_tokens,
     )
     with daemon_client() as client, RichProgress(steps=True) as progress:
         evaluation = client.distill_evaluate(request, progress)

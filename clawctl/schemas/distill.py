@@ -136,11 +136,13 @@ class GateSettings(_Strict):
 
 
 class DistillEvaluateRequest(_Strict):
-    """`POST /admin/distill/evaluate`: the run's held-out split and the canary set through
-    `policy`, with and without adapter `name` on its local tier."""
+    """`POST /admin/distill/evaluate`: the run's held-out split (or the examples sent: a
+    labelled set of the user's) and the canary set through `policy`, with and without adapter
+    `name` on its local tier."""
 
     name: str = Field(pattern=ADAPTER_NAME)
     policy: str = Field(min_length=1)
+    examples: list[TrainExample] | None = Field(None, min_length=1, max_length=100_000)
     limit: int | None = Field(None, ge=1, le=10_000)
     canary_limit: int | None = Field(None, ge=0, le=10_000)
     max_tokens: int = Field(96, ge=1, le=4096)

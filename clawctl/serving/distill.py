@@ -17,6 +17,7 @@ evidence of its own evaluation.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -89,6 +90,12 @@ def _ledger_examples(services: Services, request: DistillTrainRequest) -> list[T
 def prepare_training(services: Services, request: DistillTrainRequest) -> DistillTrainJob:
     """Check the request and write its examples into the run directory; nothing is written
     when it is refused."""
+    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:  # looked up, not imported: the daemon never loads them
+        raise BadInput(
+            f"training needs {', '.join(missing)}, which this installation lacks: "
+            "pip install 'clawctl[distill]' where clawd runs"
+        )
     manifest = services.store.get(request.base)
     if manifest.format != "gguf" or manifest.gguf is None:
         raise BadInput(f"{request.base} is not a GGUF model; distill trains LoRAs for GGUF bases")
@@ -252,7 +259,10 @@ async def _evaluate(
     result = trained(services, request.name)
     adapter = services.adapters.get(result.adapter.base, request.name)
     tier = _local_tier(found, adapter.base)
-    examples = _held_out(run_dir(services, request.name), request.limit)
+    if request.examples is not None:
+        examples = request.examples[: request.limit] if request.limit else request.examples
+    else:
+        examples = _held_out(run_dir(services, request.name), request.limit)
     if not examples:
         raise BadInput(f"run {request.name!r} kept no held-out examples to evaluate on")
     canary = canary_set(request.canary_limit)
