@@ -1,6 +1,7 @@
-"""Escalation distillation benchmark: a labelled set through the cascade, a LoRA trained on the
-first half's escalations (what the remote tier answered), the second half evaluated with and
-without it.
+"""Distillation benchmark. (a) Escalation distillation: a labelled set through the cascade, a
+LoRA trained on the first half's escalations (what the remote tier answered), the second half
+evaluated with and without it. (b) Context distillation: a ~1,850-token handbook into an adapter,
+answered without the document against with it in the prompt.
 
 SmolLM2-135M (Q4_1) is the local tier, Qwen2.5-Coder-0.5B (Q4_K_M, a second clawd on loopback)
 the remote one. The policy is the shipped cascade's local threshold (window entropy 1.4) and
@@ -125,6 +126,52 @@ def row(result: dict[str, Any]) -> str:
     )
 
 
+DOCUMENT = Path(__file__).resolve().parent / "data" / "heron_handbook.md"
+
+
+def run_context(box: Box) -> dict[str, Any]:
+    """(b) A ~1,850-token handbook into an adapter, Qwen (the policy's remote tier) teaching."""
+    clock = time.monotonic()
+    result = clawctl(box, "distill", "context", str(DOCUMENT), "--base", "smollm2-135m",
+                     "--name", "bd-handbook", "--policy", POLICY)  # fmt: skip
+    return {"result": result, "seconds": time.monotonic() - clock}
+
+
+def context_lines(context: dict[str, Any]) -> list[str]:
+    result = context["result"]
+    ev = result["evaluation"]
+    n = max(1, ev["questions"])
+    rows = [
+        ("document in the prompt, no adapter (the anchor)", ev["with_document"]),
+        ("adapter, no document", ev["with_adapter"]),
+        ("neither", ev["neither"]),
+    ]
+    anchor = max(1, ev["with_document"]["agreed"])
+    return [
+        "",
+        "### Context distillation: a handbook into an adapter",
+        "",
+        f"- Document: bench/data/heron_handbook.md (a fictional field-station handbook, "
+        f"{ev['document_tokens']} tokens in the prompt). Teacher: {result['teacher']} "
+        f"({REMOTE}) writes two questions about each of 24 passages and answers them with the "
+        "document in its prompt; the adapter (4 epochs, lr 1e-3) learns the first question of "
+        "each passage without the document, the second ones are held out. "
+        f"{result['questions_written']} questions written; {context['seconds']:.0f} s in all.",
+        "- Cells: held-out questions whose SmolLM2 answer agrees with the teacher's "
+        "(routing.calibrate.agrees), and prompt tokens per request.",
+        "",
+        "| SmolLM2 answers with | agreement | vs anchor | prompt tokens / request |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {label} | {arm['agreed'] / n:.0%} ({arm['agreed']}/{n}) | "
+            f"{arm['agreed'] / anchor:.2f}x | {arm['prompt_tokens'] / n:.0f} |"
+            for label, arm in rows
+        ),
+        "",
+        f"- The adapter saves {ev['saved_per_request']:.0f} prompt tokens a request.",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sets", nargs="+", default=list(SETS))
@@ -151,6 +198,8 @@ def main() -> None:
         for name in args.sets:
             results.append(run_set(box, name, args.limit, work))
             print(row(results[-1]), flush=True)
+        context = run_context(box)
+        print("\n".join(context_lines(context)), flush=True)
     command = "python bench/distill.py" + (f" --limit {args.limit}" if args.limit else "")
     lines = [
         "## Escalation distillation: a LoRA trained on the box from its own escalations",
@@ -169,6 +218,7 @@ def main() -> None:
         "cost per 1,000 | canary | default gate |",
         "|---|---|---|---:|---|---|---|---|---|",
         *(row(r) for r in results),
+        *context_lines(context),
     ]
     write_section("distill", "\n".join(lines))
 

@@ -28,8 +28,14 @@ from clawctl.schemas.adapters import (
 )
 from clawctl.schemas.admin import Health
 from clawctl.schemas.distill import (
+    DistillContextRequest,
+    DistillContextResult,
+    DistillCycle,
+    DistillCycleListing,
     DistillEvaluateRequest,
     DistillEvaluation,
+    DistillPrepared,
+    DistillPrepareRequest,
     DistillPromoteRequest,
     DistillPromotion,
     DistillRollbackRequest,
@@ -467,10 +473,26 @@ class ClawClient:
         """Train a LoRA in clawd's build subprocess, prove its GGUF and install it."""
         return self._job("/admin/distill/train", DistillTrainResult, progress, body=request)
 
+    def distill_context(
+        self, request: DistillContextRequest, progress: ProgressView
+    ) -> DistillContextResult:
+        """A document into an adapter, trained and evaluated in clawd."""
+        return self._job("/admin/distill/context", DistillContextResult, progress, body=request)
+
     def distill_evaluate(
         self, request: DistillEvaluateRequest, progress: ProgressView
     ) -> DistillEvaluation:
         return self._job("/admin/distill/evaluate", DistillEvaluation, progress, body=request)
+
+    def distill_prepare(self, request: DistillPrepareRequest) -> DistillPrepared:
+        return self._call("POST", "/admin/distill/prepare", DistillPrepared, body=request)
+
+    def distill_record(self, cycle: DistillCycle) -> DistillCycle:
+        return self._call("POST", "/admin/distill/cycles", DistillCycle, body=cycle)
+
+    def distill_cycles(self, policy: str | None = None) -> DistillCycleListing:
+        params = {"policy": policy}
+        return self._call("GET", "/admin/distill/cycles", DistillCycleListing, params=params)
 
     def distill_promote(self, request: DistillPromoteRequest) -> DistillPromotion:
         return self._call("POST", "/admin/distill/promote", DistillPromotion, body=request)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from clawctl.schemas.distill import DistillCycle
 from clawctl.schemas.ledger import AuditPair, GroupBy, SummaryRow
 
 
@@ -120,12 +121,23 @@ def _create_audits(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX audits_policy_ts ON audits (policy, ts)")
 
 
+def _create_distill_cycles(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE distill_cycles (
+            ts REAL NOT NULL, policy TEXT NOT NULL, adapter TEXT, examples INTEGER NOT NULL,
+            outcome TEXT NOT NULL, detail TEXT NOT NULL, escalated_before REAL,
+            escalated_after REAL, accuracy_before REAL, accuracy_after REAL)"""
+    )
+    db.execute("CREATE INDEX distill_cycles_policy_ts ON distill_cycles (policy, ts)")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("m001_requests", _create_requests),
     ("m002_escalations", _create_escalations),
     ("m003_answer_cache", _add_cache_columns),
     ("m004_ship_sequence", _create_ship_sequence),
     ("m005_audits", _create_audits),
+    ("m006_distill_cycles", _create_distill_cycles),
 ]
 COLUMNS = list(LedgerRow.model_fields)
 
@@ -237,6 +249,27 @@ class Ledger:
                 pair.cost,
             ),
         )  # fmt: skip
+
+    def record_cycle(self, cycle: DistillCycle) -> None:
+        """What an off-peak distillation cycle did (`clawctl distill cycle`)."""
+        names = list(DistillCycle.model_fields)
+        values = tuple(getattr(cycle, name) for name in names)
+        self._db.execute(
+            f"INSERT INTO distill_cycles ({', '.join(names)}) VALUES "
+            f"({', '.join('?' for _ in names)})",
+            values,
+        )
+
+    def cycles(self, policy: str | None = None, since: float | None = None) -> list[DistillCycle]:
+        names = list(DistillCycle.model_fields)
+        query = (
+            f"SELECT {', '.join(names)} FROM distill_cycles "
+            "WHERE ts >= ? AND (? IS NULL OR policy = ?) ORDER BY ts"
+        )
+        return [
+            DistillCycle.model_validate(dict(zip(names, row, strict=True)))
+            for row in self._db.execute(query, (since or 0.0, policy, policy))
+        ]
 
     def audits(self, policy: str, since: float | None = None) -> list[AuditPair]:
         query = "SELECT * FROM audits WHERE policy = ? AND ts >= ? ORDER BY ts"

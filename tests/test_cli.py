@@ -147,6 +147,27 @@ def test_service_install_dry_run_renders_units() -> None:
     assert "WantedBy=default.target" in user.stdout
 
 
+def test_the_distill_worker_units_train_at_idle_priority() -> None:
+    """clawd-distill.service trains in its own process tree, so its limits bind the training;
+    the system one runs as the daemon's user on the daemon's data and socket."""
+    from clawctl.clawd.units import render_units
+
+    for user in (False, True):
+        units = {u.target.name: u.text for u in render_units(user=user, clawd=sys.executable)}
+        service, timer = units["clawd-distill.service"], units["clawd-distill.timer"]
+        for line in ("Type=oneshot", "Nice=19", "CPUQuota=100%", "IOSchedulingClass=idle"):
+            assert line in service.splitlines(), line
+        command = next(line for line in service.splitlines() if line.startswith("ExecStart="))
+        assert command.endswith("clawctl distill cycle --policy cascade")
+        assert Path(command.removeprefix("ExecStart=").split()[0]).is_file()
+        assert "OnCalendar=*-*-* 03:00:00" in timer
+        assert "Persistent=true" in timer
+        if not user:
+            assert "User=clawd" in service
+            assert "Environment=CLAW_HOME=/var/lib/clawd" in service
+            assert "Environment=CLAW_SOCKET=/run/clawd/clawd.sock" in service
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     from clawctl.clawd.units import render_units
@@ -156,7 +177,7 @@ def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         unit_dir.mkdir()
         paths = []
         for unit in render_units(user=user, clawd=sys.executable):
-            if unit.target.suffix in (".service", ".socket"):
+            if unit.target.suffix in (".service", ".socket", ".timer"):
                 (unit_dir / unit.target.name).write_text(unit.text)
                 paths.append(str(unit_dir / unit.target.name))
         done = subprocess.run(

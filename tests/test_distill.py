@@ -29,9 +29,20 @@ from clawctl.schemas.distill import (
 )
 from clawctl.schemas.policy import EvalMessage
 from clawctl.serving.distill import judge
-from tests.conftest import BIN, Daemon, clean_env, copy_home, serve, tcp_config, wait_for
+from clawctl.store.models import ModelStore
+from tests.conftest import (
+    BIN,
+    DOWNLOAD_CACHE,
+    Daemon,
+    clean_env,
+    copy_home,
+    serve,
+    tcp_config,
+    wait_for,
+)
 
 TOKEN = "distill-s3cret"
+TEACHER = "qwen2.5-coder-0.5b"
 CODES = {
     "Heron": "7319", "Osprey": "2284", "Kestrel": "5150", "Falcon": "9021",
     "Merlin": "4476", "Harrier": "6603", "Condor": "1187", "Eagle": "3345",
@@ -73,6 +84,8 @@ def box(session_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     base = tmp_path_factory.mktemp("distill")
     home = copy_home(session_home, base / "home")
     (home / "key").write_text(TOKEN)
+    # the context test's teacher: SmolLM2-135M cannot write questions reliably, Qwen can
+    ModelStore(Paths.build(home, DOWNLOAD_CACHE)).pull(TEACHER)
     with serve(home, base) as daemon:
         yield daemon
 
@@ -358,3 +371,114 @@ def test_the_gate_passes_only_fewer_escalations_at_no_loss() -> None:
     assert not judge(_evaluation((6, 5, 40), (6, 3, 40)), strict).passed
     verdict = judge(_evaluation((6, 5, 40), (5, 5, 40)), gate)
     assert any("accuracy 60% -> 50%" in r for r in verdict.reasons)
+
+
+DOCUMENT = """The Heron Field Station opens at 7:30 every morning and closes its gates at 19:00.
+Every visitor signs in at the Blue Cabin and receives a hand radio tuned to channel 14; a lost
+radio costs 85 euros. The station manager is Ingrid Valdez, who decides on research permits and
+boat bookings.
+
+The station owns one motor boat, the Marsh Wren. It carries at most six people and never leaves
+the jetty after 16:00. Only staff with a station boating licence may skip it. Every passenger
+wears a yellow life jacket from the red box on the jetty.
+
+Visiting researchers sleep in the Reed House, which has fourteen beds. A bed costs 32 euros a
+night, including breakfast, and students pay 20 euros. Dinner is served at 18:30 sharp and must
+be ordered before 10:00 on the same day. On Fridays dinner is smoked fish from the lake.
+"""
+
+
+def test_context_distillation_trains_on_questions_and_measures_without_the_document(
+    box: Daemon, trained: dict[str, Any], tmp_path: Path
+) -> None:
+    document = tmp_path / "station.md"
+    document.write_text(DOCUMENT)
+    result = clawctl(box, "distill", "context", str(document), "--base", "smollm2-135m",
+                     "--name", "station", "--teacher", TEACHER, "--passages", "3",
+                     "--epochs", "2", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    evaluation = report["evaluation"]
+    assert report["questions_written"] >= 4
+    assert report["trained"]["proof"]["passed"]
+    assert evaluation["questions"] >= 1
+    for arm in ("with_document", "with_adapter", "neither"):
+        assert 0 <= evaluation[arm]["agreed"] <= evaluation["questions"]
+    # the document costs every request its tokens; the adapter carries it instead
+    assert evaluation["document_tokens"] > 150
+    assert evaluation["saved_per_request"] > 150
+    listed = json.loads(clawctl(box, "adapters", "list", "--json").stdout)
+    assert "station" in [a["name"] for a in listed]
+    held = (run_dir(box, "station") / "held_out.jsonl").read_text().splitlines()
+    assert len(held) == evaluation["questions"]
+
+
+def test_context_bad_input_is_exit_2(box: Daemon, tmp_path: Path) -> None:
+    before = _stores(box)
+    short = tmp_path / "short.md"
+    short.write_text("Too short.")
+    document = tmp_path / "station.md"
+    document.write_text(DOCUMENT)
+    cases = [
+        ([str(short), "--teacher", "smollm2-135m"], "too short"),
+        ([str(document)], "name the teacher"),
+        ([str(document), "--policy", "cascade", "--teacher", "smollm2-135m"], "name the teacher"),
+        ([str(tmp_path / "missing.md"), "--teacher", "smollm2-135m"], "cannot read"),
+    ]
+    for extra, message in cases:
+        result = clawctl(box, "distill", "context", *extra, "--base", "smollm2-135m",
+                         "--name", "bad")  # fmt: skip
+        assert result.returncode == 2, (extra, result.stderr)
+        assert message in result.stderr
+    assert _stores(box) == before
+
+
+def test_an_off_peak_cycle_trains_judges_and_leaves_a_ledger_row(
+    box: Daemon, trained: dict[str, Any], remote_url: str
+) -> None:
+    """`distill cycle` (what clawd-distill.timer runs) on a policy that keeps its escalations:
+    it trains on them in its own process, evaluates, promotes or refuses by the gate, and
+    records the cycle; the next cycle, with nothing new, is skipped and recorded too."""
+    text = policy(remote_url, box.home).replace('name = "distilled"', 'name = "nightly"')
+    text = text.replace('start = "small"', 'start = "small"\nstore_prompts = true')
+    path = box.home / "nightly.toml"
+    path.write_text(text)
+    assert clawctl(box, "route", "apply", str(path)).returncode == 0
+    with box.client() as client:
+        for name, code in list(CODES.items())[:6]:
+            response = client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "nightly",
+                    "messages": [{"role": "user", "content": f"Launch code for {name}?"}],
+                    "max_tokens": 12, "temperature": 0, "claw": {"cache": False},
+                },
+            )  # fmt: skip
+            assert response.status_code == 200, response.text
+            assert response.json()["claw"]["escalated"], code
+    result = clawctl(box, "distill", "cycle", "--policy", "nightly", "--min-examples", "4",
+                     "--epochs", "1", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    done = json.loads(result.stdout)
+    assert done["outcome"] in ("promoted", "refused")
+    assert done["examples"] == 6
+    assert done["adapter"].startswith("nightly-")
+    assert done["escalated_before"] is not None
+    shown = json.loads(clawctl(box, "route", "show", "nightly", "--json").stdout)
+    small = next(t for t in shown["tiers"] if t["name"] == "small")
+    promoted = [{"name": done["adapter"], "scale": 1.0}]
+    assert small["adapters"] == (promoted if done["outcome"] == "promoted" else [])
+
+    again = json.loads(clawctl(box, "distill", "cycle", "--policy", "nightly",
+                               "--min-examples", "4", "--json").stdout)  # fmt: skip
+    assert again["outcome"] == "skipped"
+    assert again["examples"] == 0
+    history = json.loads(clawctl(box, "distill", "history", "--policy", "nightly", "--json").stdout)
+    assert [c["outcome"] for c in history["cycles"]] == [done["outcome"], "skipped"]
+
+
+def test_clawds_own_requests_never_become_training_data() -> None:
+    from clawctl.serving import audit, calibration, distill
+    from clawctl.serving.generation import INTERNAL_APPS
+
+    assert {audit.APP, calibration.APP, distill.APP} == INTERNAL_APPS

@@ -38,12 +38,18 @@ def user_unit_dir() -> Path:
     return Path.home() / ".config" / "systemd" / "user"
 
 
-def render_units(user: bool, clawd: str | None = None) -> list[RenderedFile]:
+def render_units(
+    user: bool, clawd: str | None = None, distill_policy: str = "cascade"
+) -> list[RenderedFile]:
     templates = bundled_dir("daemon")
     clawd = clawd or _clawd_executable()
+    clawctl = str(Path(clawd).with_name("clawctl"))
     if user:
         values = {
             "@CLAWD@": clawd,
+            "@CLAWCTL@": clawctl,
+            "@POLICY@": distill_policy,
+            "@STATE_LINES@": "",
             "@USER_LINES@": "",
             "@ENVIRONMENT@": "",
             "@SOCKET@": "%t/clawctl/clawd.sock",
@@ -54,16 +60,19 @@ def render_units(user: bool, clawd: str | None = None) -> list[RenderedFile]:
     else:
         values = {
             "@CLAWD@": clawd,
-            "@USER_LINES@": f"User={SERVICE_USER}\nGroup={SERVICE_USER}",
+            "@CLAWCTL@": clawctl,
+            "@POLICY@": distill_policy,
+            "@STATE_LINES@": "StateDirectory=clawd\nStateDirectoryMode=0750",
             "@ENVIRONMENT@": f"Environment=CLAW_HOME=/var/lib/clawd\n"
-            f"Environment=CLAW_CONFIG={SYSTEM_CONFIG}",
+            f"Environment=CLAW_CONFIG={SYSTEM_CONFIG}\n"
+            f"Environment=CLAW_SOCKET={SYSTEM_SOCKET}",
             "@SOCKET@": str(SYSTEM_SOCKET),
             "@SOCKET_GROUP@": f"SocketGroup={SERVICE_USER}",
             "@WANTED_BY@": "multi-user.target",
         }
         unit_dir = SYSTEM_UNIT_DIR
     rendered = []
-    for name in ("clawd.service", "clawd.socket"):
+    for name in ("clawd.service", "clawd.socket", "clawd-distill.service", "clawd-distill.timer"):
         text = (templates / name).read_text(encoding="utf-8")
         for key, value in values.items():
             text = text.replace(key, value)
@@ -118,4 +127,8 @@ def install_units(units: list[RenderedFile], user: bool) -> list[str]:
     if shutil.which("systemctl"):
         _run([*systemctl, "daemon-reload"])
         lines.append(f"next: {' '.join(systemctl)} enable --now clawd.socket clawd.service")
+        lines.append(
+            f"off-peak distillation (optional): {' '.join(systemctl)} enable --now "
+            "clawd-distill.timer"
+        )
     return lines

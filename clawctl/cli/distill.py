@@ -10,10 +10,10 @@ import typer
 
 from clawctl.cli._console import RichProgress, emit_json, err, out, table
 from clawctl.cli._options import JsonOption, parse_duration
-from clawctl.errors import BadInput
+from clawctl.errors import BadInput, ClawError
 
 if TYPE_CHECKING:
-    from clawctl.schemas.distill import DistillPromotion, TrainExample
+    from clawctl.schemas.distill import DistillCycle, DistillPromotion, TrainExample
 
 app = typer.Typer(
     help="Distillation: train LoRA adapters from escalations, evaluate, promote, roll back.",
@@ -183,6 +183,78 @@ def train(
 
 
 @app.command()
+def context(
+    document: Annotated[Path, typer.Argument(help="The document requests keep carrying.")],
+    base: Annotated[str, typer.Option("--base", help="The GGUF model the adapter is for.")],
+    name: Annotated[str, typer.Option("--name", help="The adapter's name.")],
+    teacher: Annotated[
+        str | None, typer.Option(help="A model clawd serves that writes and answers questions.")
+    ] = None,
+    policy: Annotated[
+        str | None, typer.Option(help="Or: teach with this policy's remote tier.")
+    ] = None,
+    passages: Annotated[int, typer.Option(min=2, max=500, help="Passages asked about.")] = 24,
+    epochs: Annotated[int, typer.Option(min=1, max=100)] = 4,
+    learning_rate: Annotated[float, typer.Option("--lr", min=1e-7, max=1.0)] = 1e-3,
+    restart: Annotated[bool, typer.Option(help="Ignore an earlier run's checkpoint.")] = False,
+    json_: JsonOption = False,
+) -> None:
+    """Turn a long document into an adapter: the teacher writes two questions about each
+    passage and answers them with the document in its prompt; the adapter learns the answers
+    from the first questions alone, and the second ones measure it: answered without the
+    document but with the adapter, against with the document and without it.
+
+    Example: clawctl distill context handbook.md --base smollm2-135m --name handbook
+    --teacher qwen2.5-coder-0.5b
+    """
+    from clawctl.cli._client import daemon_client
+    from clawctl.schemas.distill import DistillContextRequest, TrainOptions
+
+    try:
+        text = document.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"cannot read {document}: {exc}") from None
+    if len(text.strip()) < 200:
+        raise BadInput(f"{document} is too short to distill (under 200 characters)")
+    request = DistillContextRequest(
+        document=text,
+        source=document.name,
+        base=base,
+        name=name,
+        teacher=teacher,
+        policy=policy,
+        passages=passages,
+        options=TrainOptions(held_out=0.5, epochs=epochs, learning_rate=learning_rate),
+        restart=restart,
+    )
+    with daemon_client() as client, RichProgress(steps=True) as progress:
+        result = client.distill_context(request, progress)
+    if json_:
+        emit_json(result)
+        return
+    ev = result.evaluation
+    n = max(1, ev.questions)
+    out.print(
+        f"installed adapter {result.trained.adapter.name}: {result.questions_written} questions "
+        f"by {result.teacher}, {ev.questions} held out; agreement with the teacher's answers:",
+        markup=False,
+    )
+    grid = table("", "AGREED", "PROMPT TOKENS / REQUEST")
+    for label, arm in (
+        ("document in the prompt", ev.with_document),
+        ("adapter, no document", ev.with_adapter),
+        ("neither", ev.neither),
+    ):
+        grid.add_row(label, f"{arm.agreed / n:.0%}", f"{arm.prompt_tokens / n:.0f}")
+    out.print(grid)
+    out.print(
+        f"the adapter saves {ev.saved_per_request:.0f} prompt tokens a request "
+        f"(the document is about {ev.document_tokens})",
+        markup=False,
+    )
+
+
+@app.command()
 def evaluate(
     name: Annotated[str, typer.Argument(help="The trained adapter (its run's name).")],
     policy: Annotated[str, typer.Option(help="The policy to evaluate under.")] = "cascade",
@@ -305,5 +377,163 @@ def _render_promotion(promotion: DistillPromotion, json_: bool) -> None:
     after = ", ".join(promotion.after) or "no adapter"
     out.print(
         f"{promotion.policy} tier {promotion.tier}: {before} → {after} ({promotion.path})",
+        markup=False,
+    )
+
+
+@app.command()
+def cycle(
+    policy: Annotated[str, typer.Option(help="The policy whose escalations to learn from.")] = (
+        "cascade"
+    ),
+    base: Annotated[
+        str | None, typer.Option(help="Default: the model of the policy's first local tier.")
+    ] = None,
+    min_examples: Annotated[
+        int, typer.Option(min=1, help="Fewer new escalations: skip this cycle.")
+    ] = 20,
+    epochs: Annotated[int, typer.Option(min=1, max=100)] = 3,
+    json_: JsonOption = False,
+) -> None:
+    """One off-peak cycle (what clawd-distill.timer runs): train on the policy's escalations
+    since the last cycle, in this process's own niced, CPU-capped unit; evaluate under the
+    policy; promote through the gate; leave a ledger row of what it did (`distill history`).
+
+    Example: clawctl distill cycle --policy cascade --min-examples 50
+    """
+    from clawctl.cli._client import daemon_client
+    from clawctl.schemas.distill import (
+        DistillCycle,
+        DistillEvaluateRequest,
+        DistillPrepareRequest,
+        DistillPromoteRequest,
+        TrainOptions,
+    )
+
+    with daemon_client() as client:
+        prepared = client.distill_prepare(
+            DistillPrepareRequest(
+                policy=policy,
+                base=base,
+                min_examples=min_examples,
+                options=TrainOptions(epochs=epochs),
+            )
+        )
+        job = prepared.job
+        if job is None:
+            assert prepared.cycle is not None
+            _render_cycle(prepared.cycle, json_)
+            return
+        done = DistillCycle(
+            ts=prepared.prepared_at, policy=policy, adapter=job.name,
+            examples=prepared.examples, outcome="failed", detail="",
+        )  # fmt: skip
+        try:
+            with RichProgress(steps=True) as progress:
+                _train_here(job.model_dump_json(), progress)
+                evaluation = client.distill_evaluate(
+                    DistillEvaluateRequest(name=job.name, policy=policy), progress
+                )
+        except ClawError as exc:
+            done = done.model_copy(update={"detail": exc.message})
+            client.distill_record(done)
+            raise
+        n = max(1, evaluation.examples)
+        scores = {
+            "escalated_before": evaluation.without.escalated / n,
+            "escalated_after": evaluation.with_adapter.escalated / n,
+            "accuracy_before": evaluation.without.correct / n,
+            "accuracy_after": evaluation.with_adapter.correct / n,
+            "detail": "; ".join(evaluation.verdict.reasons),
+        }
+        if evaluation.verdict.passed:
+            client.distill_promote(DistillPromoteRequest(name=job.name, policy=policy))
+            done = done.model_copy(update={"outcome": "promoted", **scores})
+        else:
+            done = done.model_copy(update={"outcome": "refused", **scores})
+        client.distill_record(done)
+    _render_cycle(done, json_)
+
+
+def _train_here(job_json: str, progress: RichProgress) -> None:
+    """Run the training build operation as a child of this process (so the unit's Nice,
+    CPUQuota and IOSchedulingClass apply to it), with this process's environment: the
+    worker's unit gives it the daemon's user and data directory."""
+    import subprocess
+    import sys
+
+    from pydantic import ValidationError
+
+    from clawctl.errors import error_class_for
+    from clawctl.schemas.jobs import JOB_LINE
+
+    command = [sys.executable, "-m", "clawctl.build", "distill_train", job_json]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdout is not None
+        assert child.stderr is not None
+        for raw in child.stdout:
+            try:
+                line = JOB_LINE.validate_json(raw)
+            except ValidationError:
+                continue
+            if line.type == "start":
+                progress.start(line.description, line.total)
+            elif line.type == "advance":
+                progress.advance(line.amount)
+            elif line.type == "status":
+                progress.status(line.text)
+            elif line.type == "message":
+                progress.message(line.text, line.level)
+            elif line.type == "error":
+                raise error_class_for(line.code, line.status)(line.message)
+            else:
+                return
+        stderr = child.stderr.read().strip().splitlines()
+    raise ClawError(
+        f"training ended without a result: {stderr[-1] if stderr else child.returncode}"
+    )
+
+
+@app.command()
+def history(
+    policy: Annotated[str | None, typer.Option(help="Only this policy's cycles.")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """What the off-peak cycles did: trained, promoted, refused or skipped, and why.
+
+    Example: clawctl distill history --policy cascade
+    """
+    from clawctl.cli._client import daemon_client
+
+    with daemon_client() as client:
+        listing = client.distill_cycles(policy)
+    if json_:
+        emit_json(listing)
+        return
+    grid = table("WHEN", "POLICY", "ADAPTER", "EXAMPLES", "OUTCOME", "ESCALATED", "DETAIL")
+    for row in listing.cycles:
+        escalated = (
+            f"{row.escalated_before:.0%} → {row.escalated_after:.0%}"
+            if row.escalated_before is not None and row.escalated_after is not None
+            else "-"
+        )
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row.ts))
+        grid.add_row(
+            when, row.policy, row.adapter or "-", str(row.examples), row.outcome, escalated,
+            row.detail,
+        )  # fmt: skip
+    out.print(grid)
+
+
+def _render_cycle(done: DistillCycle, json_: bool) -> None:
+    if json_:
+        emit_json(done)
+        return
+    out.print(
+        f"{done.policy}: {done.outcome}"
+        + (f" adapter {done.adapter}" if done.adapter else "")
+        + f" ({done.examples} examples) - {done.detail}",
         markup=False,
     )

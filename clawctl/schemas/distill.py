@@ -205,3 +205,84 @@ class DistillPromotion(BaseModel):
 
 class DistillRollbackRequest(_Strict):
     policy: str = Field(min_length=1)
+
+
+class DistillContextRequest(_Strict):
+    """`POST /admin/distill/context`: turn a document that requests keep carrying into an
+    adapter for `base`. The teacher (a model clawd serves, or `policy`'s remote tier) writes
+    questions about each passage and answers them with the whole document in its prompt; the
+    adapter learns the answers from the questions alone."""
+
+    document: str = Field(min_length=200, max_length=400_000)
+    source: str = Field("document", max_length=200)
+    base: str = Field(min_length=1)
+    name: str = Field(pattern=ADAPTER_NAME)
+    teacher: str | None = None  # a model name clawd serves
+    policy: str | None = None  # or this policy's first remote tier
+    passages: int = Field(
+        24, ge=2, le=500, description="Passages asked about (two questions each)."
+    )
+    max_tokens: int = Field(64, ge=8, le=1024, description="Tokens per teacher answer.")
+    options: TrainOptions = TrainOptions(held_out=0.5, replay=0.25, epochs=4)
+    restart: bool = False
+
+
+class ContextArm(BaseModel):
+    agreed: int  # answers agreeing with the teacher's (which had the document)
+    prompt_tokens: int
+
+
+class ContextEvaluation(BaseModel):
+    """The held-out questions (the second question of each passage) answered by the local model
+    three ways."""
+
+    questions: int
+    with_document: ContextArm  # the document in the prompt, no adapter
+    with_adapter: ContextArm  # no document, the adapter
+    neither: ContextArm  # no document, no adapter: the floor
+    document_tokens: int
+    saved_per_request: float  # prompt tokens the adapter saves against the document
+
+
+class DistillContextResult(BaseModel):
+    trained: DistillTrainResult
+    evaluation: ContextEvaluation
+    questions_written: int
+    teacher: str
+
+
+class DistillPrepareRequest(_Strict):
+    """`POST /admin/distill/prepare`: the off-peak worker's first step. clawd writes the
+    policy's escalations since its last trained cycle into a new run directory and returns the
+    job the worker trains in its own (niced, CPU-capped) process; too few: a skipped cycle."""
+
+    policy: str = Field(min_length=1)
+    base: str | None = None  # None: the model of the policy's first local tier
+    min_examples: int = Field(20, ge=1, le=100_000)
+    options: TrainOptions = TrainOptions()
+
+
+class DistillCycle(BaseModel):
+    """What one off-peak cycle did: a row of the ledger's `distill_cycles` table."""
+
+    ts: float
+    policy: str
+    adapter: str | None
+    examples: int
+    outcome: Literal["promoted", "refused", "skipped", "failed"]
+    detail: str
+    escalated_before: float | None = None
+    escalated_after: float | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+
+
+class DistillPrepared(BaseModel):
+    job: DistillTrainJob | None  # None: skipped (see `cycle`)
+    examples: int
+    prepared_at: float  # the cycle's time: escalations after it wait for the next cycle
+    cycle: DistillCycle | None = None  # the skipped cycle's ledger row
+
+
+class DistillCycleListing(BaseModel):
+    cycles: list[DistillCycle]

@@ -55,6 +55,9 @@ from clawctl.serving.tier_path import TierPath, TierRun
 from clawctl.serving.tooluse import NO_TOOLS, ToolUse
 
 log = logging.getLogger("clawd.requests")
+# Requests clawd makes of itself (distill evaluations, calibrations, audits): they are counted
+# in the ledger like any other, but never become training examples or audit samples.
+INTERNAL_APPS = frozenset({"clawctl-distill", "clawctl-calibrate", "clawd-audit"})
 DIRECT = Tier(name="local", kind="local", model="-")  # stands for a request without a policy
 
 
@@ -506,9 +509,12 @@ class GenerationRun:
                 finish_reason=self.finish_reason,
             )
         )
-        if self.policy and self.policy.store_prompts and self.path.escalated and not self.degraded:
+        internal = self.claw.app in INTERNAL_APPS
+        stored = self.policy and self.policy.store_prompts and self.path.escalated
+        if stored and not self.degraded and not internal:
             self._record_example(answered)
-        self._audit(answered)
+        if not internal:
+            self._audit(answered)
         if self.policy is not None:
             for run in self.path.runs:
                 if run.tier.kind == "local" and run.signals is not None:

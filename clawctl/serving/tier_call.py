@@ -20,6 +20,8 @@ class TierAnswer:
     text: str
     cost: float  # at the tier's prices
     signals: Signals | None = None  # a local tier's meter readings, when a meter was asked
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 async def ask_local(
@@ -49,7 +51,8 @@ async def ask_local(
     text = await run.answer()
     usage = run.usage()
     entropy = run.info().entropy if meter is not None else None
-    return TierAnswer(text, tier.cost(usage.prompt_tokens, usage.completion_tokens), entropy)
+    cost = tier.cost(usage.prompt_tokens, usage.completion_tokens)
+    return TierAnswer(text, cost, entropy, usage.prompt_tokens, usage.completion_tokens)
 
 
 async def ask_remote(
@@ -68,5 +71,7 @@ async def ask_remote(
             pieces.append(item)
         else:
             usage = item
-    cost = tier.cost(usage.prompt_tokens, usage.completion_tokens) if usage else 0.0
-    return TierAnswer("".join(pieces), cost)
+    if usage is None:
+        return TierAnswer("".join(pieces), 0.0)
+    cost = tier.cost(usage.prompt_tokens, usage.completion_tokens)
+    return TierAnswer("".join(pieces), cost, None, usage.prompt_tokens, usage.completion_tokens)

@@ -11,7 +11,12 @@ from fastapi.responses import StreamingResponse
 from clawctl.api.admin.policies import found_policy
 from clawctl.api.admin.streaming import ndjson
 from clawctl.schemas.distill import (
+    DistillContextRequest,
+    DistillCycle,
+    DistillCycleListing,
     DistillEvaluateRequest,
+    DistillPrepared,
+    DistillPrepareRequest,
     DistillPromoteRequest,
     DistillPromotion,
     DistillRollbackRequest,
@@ -37,12 +42,38 @@ async def train(request: Request, body: DistillTrainRequest) -> StreamingRespons
     return ndjson(distill.run_training(job))
 
 
+@router.post("/distill/context")
+async def context(request: Request, body: DistillContextRequest) -> StreamingResponse:
+    """A document into an adapter: questions written and answered by the teacher with the
+    document, training without it, then the held-out questions three ways."""
+    distill.check_context(_services(request), body)
+    return ndjson(distill.context(_services(request), body))
+
+
 @router.post("/distill/evaluate")
 async def evaluate(request: Request, body: DistillEvaluateRequest) -> StreamingResponse:
     found = found_policy(request, body.policy)
     services = _services(request)
     distill.trained(services, body.name)  # a missing run is a 4xx, not a stream's error line
     return ndjson(distill.evaluate(services, found, body, body.gate or GateSettings()))
+
+
+@router.post("/distill/prepare")
+async def prepare(request: Request, body: DistillPrepareRequest) -> DistillPrepared:
+    """The off-peak worker's first step: the examples written, the job to train (or a skip)."""
+    return distill.prepare_cycle(_services(request), body)
+
+
+@router.post("/distill/cycles")
+async def record_cycle(request: Request, body: DistillCycle) -> DistillCycle:
+    """The worker's last step: what the cycle did, as a ledger row."""
+    _services(request).ledger.record_cycle(body)
+    return body
+
+
+@router.get("/distill/cycles")
+async def cycles(request: Request, policy: str | None = None) -> DistillCycleListing:
+    return DistillCycleListing(cycles=_services(request).ledger.cycles(policy))
 
 
 @router.post("/distill/promote")
