@@ -537,8 +537,8 @@ async def _context(services: Services, request: DistillContextRequest) -> AsyncI
         # one question a call (asked for two, small teachers write one and answer it)
         questions: list[str] = []
         for opening in OPENINGS[index % len(OPENINGS)]:
-            prompt = QUESTION_PROMPT.format(passage=passage, opening=opening)
-            found = parse_questions(await teacher.ask(_alone(prompt), 48))[:1]
+            asking = QUESTION_PROMPT.format(passage=passage, opening=opening)
+            found = parse_questions(await teacher.ask(_alone(asking), 48))[:1]
             questions += [q for q in found if q.casefold() not in map(str.casefold, questions)]
         if len(questions) >= 2:
             pairs.append((questions[0], questions[1]))
