@@ -8,7 +8,7 @@ the daemon become the same `ClawError` subclasses the daemon raised.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -105,6 +105,29 @@ class ProgressView(Protocol):
     def status(self, text: str) -> None: ...
 
     def message(self, text: str, level: str) -> None: ...
+
+
+def follow_job(lines: Iterable[str], response: type[Model], progress: ProgressView) -> Model | None:
+    """Show a job's `JobLine`s (NDJSON, from clawd or from a build subprocess) on `progress`
+    until its result; an error line is raised as the error it names; None when the lines end
+    without either."""
+    for raw in lines:
+        if not raw.strip():
+            continue
+        line = JOB_LINE.validate_json(raw)
+        if line.type == "start":
+            progress.start(line.description, line.total)
+        elif line.type == "advance":
+            progress.advance(line.amount)
+        elif line.type == "status":
+            progress.status(line.text)
+        elif line.type == "message":
+            progress.message(line.text, line.level)
+        elif line.type == "error":
+            raise error_class_for(line.code, line.status)(line.message)
+        else:
+            return response.model_validate(line.result)
+    return None
 
 
 @dataclass(frozen=True)
@@ -222,22 +245,9 @@ class ClawClient:
                 if answer.status_code >= 400:
                     answer.read()
                     self._raise_for(answer)
-                for raw in answer.iter_lines():
-                    if not raw.strip():
-                        continue
-                    line = JOB_LINE.validate_json(raw)
-                    if line.type == "start":
-                        progress.start(line.description, line.total)
-                    elif line.type == "advance":
-                        progress.advance(line.amount)
-                    elif line.type == "status":
-                        progress.status(line.text)
-                    elif line.type == "message":
-                        progress.message(line.text, line.level)
-                    elif line.type == "error":
-                        raise error_class_for(line.code, line.status)(line.message)
-                    else:
-                        return response.model_validate(line.result)
+                found = follow_job(answer.iter_lines(), response, progress)
+                if found is not None:
+                    return found
         except (httpx.ConnectError, FileNotFoundError):
             raise self._unavailable() from None
         except httpx.RemoteProtocolError as exc:

@@ -40,6 +40,7 @@ from tests.conftest import (
     tcp_config,
     wait_for,
 )
+from tests.test_routing import policy_text
 
 TOKEN = "distill-s3cret"
 TEACHER = "qwen2.5-coder-0.5b"
@@ -185,28 +186,9 @@ def test_the_adapter_changes_what_clawd_answers(box: Daemon, trained: dict[str, 
     assert "launch code for Heron is" in adapted
 
 
-def policy(remote_url: str, home: Path) -> str:
-    return f"""
-name = "distilled"
-start = "small"
-on_remote_failure = "degraded"
-
-[[tiers]]
-name = "small"
-kind = "local"
-model = "smollm2-135m"
-[tiers.escalate]
-first_margin = 0.999
-
-[[tiers]]
-name = "remote"
-kind = "remote"
-base_url = "{remote_url}"
-api_key_file = "{home / "key"}"
-model = "smollm2-135m"
-price_input = 1.0
-price_output = 2.0
-"""
+def policy(remote_url: str, home: Path, name: str = "distilled", store: bool = False) -> str:
+    """Local SmolLM2 that escalates nearly everything to the remote clawd."""
+    return policy_text(name, remote_url, key_file=str(home / "key"), store_prompts=store)
 
 
 def test_evaluate_promote_refused_forced_and_rolled_back(
@@ -439,10 +421,8 @@ def test_an_off_peak_cycle_trains_judges_and_leaves_a_ledger_row(
     """`distill cycle` (what clawd-distill.timer runs) on a policy that keeps its escalations:
     it trains on them in its own process, evaluates, promotes or refuses by the gate, and
     records the cycle; the next cycle, with nothing new, is skipped and recorded too."""
-    text = policy(remote_url, box.home).replace('name = "distilled"', 'name = "nightly"')
-    text = text.replace('start = "small"', 'start = "small"\nstore_prompts = true')
     path = box.home / "nightly.toml"
-    path.write_text(text)
+    path.write_text(policy(remote_url, box.home, "nightly", store=True))
     assert clawctl(box, "route", "apply", str(path)).returncode == 0
     with box.client() as client:
         for name, code in list(CODES.items())[:6]:

@@ -462,10 +462,8 @@ def _train_here(job_json: str, progress: RichProgress) -> None:
     import subprocess
     import sys
 
-    from pydantic import ValidationError
-
-    from clawctl.errors import error_class_for
-    from clawctl.schemas.jobs import JOB_LINE
+    from clawctl.client import follow_job
+    from clawctl.schemas.distill import DistillTrainResult
 
     command = [sys.executable, "-m", "clawctl.build", "distill_train", job_json]
     with subprocess.Popen(
@@ -473,23 +471,8 @@ def _train_here(job_json: str, progress: RichProgress) -> None:
     ) as child:
         assert child.stdout is not None
         assert child.stderr is not None
-        for raw in child.stdout:
-            try:
-                line = JOB_LINE.validate_json(raw)
-            except ValidationError:
-                continue
-            if line.type == "start":
-                progress.start(line.description, line.total)
-            elif line.type == "advance":
-                progress.advance(line.amount)
-            elif line.type == "status":
-                progress.status(line.text)
-            elif line.type == "message":
-                progress.message(line.text, line.level)
-            elif line.type == "error":
-                raise error_class_for(line.code, line.status)(line.message)
-            else:
-                return
+        if follow_job(child.stdout, DistillTrainResult, progress) is not None:
+            return
         stderr = child.stderr.read().strip().splitlines()
     raise ClawError(
         f"training ended without a result: {stderr[-1] if stderr else child.returncode}"
