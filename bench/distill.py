@@ -108,6 +108,20 @@ def run_set(box: Box, name: str, limit: int | None, work: Path) -> dict[str, Any
     }  # fmt: skip
 
 
+def target_met(result: dict[str, Any]) -> bool:
+    """The issue's target: escalations down by at least 30% at no loss of accuracy, the canary
+    within 2 points."""
+    evaluation = result["evaluation"]
+    n, c = evaluation["examples"], max(1, evaluation["canary"])
+    before, after = evaluation["without"], evaluation["with_adapter"]
+    drop = 1 - after["escalated"] / before["escalated"] if before["escalated"] else 0.0
+    return (
+        drop >= 0.3
+        and after["correct"] >= before["correct"]
+        and (after["canary_correct"] - before["canary_correct"]) / c >= -0.02
+    ) and n > 0
+
+
 def row(result: dict[str, Any]) -> str:
     evaluation, report = result["evaluation"], result["trained"]["report"]
     n, c = evaluation["examples"], max(1, evaluation["canary"])
@@ -153,7 +167,9 @@ def context_lines(context: dict[str, Any]) -> list[str]:
         "",
         f"- Document: bench/data/heron_handbook.md (a fictional field-station handbook, "
         f"{ev['document_tokens']} tokens in the prompt). Teacher: {result['teacher']} "
-        f"({REMOTE}) writes two questions about each of 24 passages and answers them with the "
+        f"({REMOTE}) writes two questions about each of the document's {result['passages']} "
+        f"passages ({result['questions_written'] // 2} got two distinct ones) and answers them "
+        "with the "
         "document in its prompt; the adapter (4 epochs, lr 1e-3) learns the first question of "
         "each passage without the document, the second ones are held out. "
         f"{result['questions_written']} questions written; {context['seconds']:.0f} s in all.",
@@ -168,7 +184,10 @@ def context_lines(context: dict[str, Any]) -> list[str]:
             for label, arm in rows
         ),
         "",
-        f"- The adapter saves {ev['saved_per_request']:.0f} prompt tokens a request.",
+        f"- The adapter saves {ev['saved_per_request']:.0f} prompt tokens a request. "
+        f"{n} held-out questions, graded by agreement with a 0.5B teacher's answers, not by "
+        "labels: read the differences as direction, not precision (one question is "
+        f"{100 / n:.0f} points).",
     ]
 
 
@@ -218,6 +237,12 @@ def main() -> None:
         "cost per 1,000 | canary | default gate |",
         "|---|---|---|---:|---|---|---|---|---|",
         *(row(r) for r in results),
+        "",
+        "- Target (escalations down >= 30% at no loss of accuracy, canary within 2 points, on at "
+        "least one set): "
+        + ", ".join(f"{r['set']} {'met' if target_met(r) else 'missed'}" for r in results)
+        + ". The default gate (escalations down, accuracy not down, canary within 2 points) "
+        "decides promotion the same way.",
         *context_lines(context),
     ]
     write_section("distill", "\n".join(lines))

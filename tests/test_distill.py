@@ -283,15 +283,23 @@ def test_bad_input_is_exit_2_and_changes_nothing(
     assert _stores(box) == before
 
 
-def test_a_base_that_is_not_gguf_is_refused(embed_home: Path, tmp_path: Path) -> None:
+def test_a_base_that_is_not_gguf_or_of_an_unknown_architecture_is_refused(
+    embed_home: Path, tmp_path: Path
+) -> None:
+    """MiniLM as ONNX (not a GGUF) and as llama.cpp's BERT GGUF (an architecture the LoRA
+    converter does not know): exit 2, nothing written."""
+    from clawctl.build.convert.recipes import pull_model
+
     home = copy_home(embed_home, tmp_path / "home")
+    pull_model(ModelStore(Paths.build(home, DOWNLOAD_CACHE)), "minilm-l6-gguf")
     data = examples_file(tmp_path / "ok.jsonl")
     with serve(home, tmp_path) as daemon:
         before = _stores(daemon)
-        result = clawctl(daemon, "distill", "train", "--base", "minilm-l6", "--name", "x",
-                         "--data", str(data))  # fmt: skip
-        assert result.returncode == 2
-        assert "not a GGUF model" in result.stderr
+        for base, message in (("minilm-l6", "not a GGUF model"), ("minilm-l6-gguf", "'bert'")):
+            result = clawctl(daemon, "distill", "train", "--base", base, "--name", "x",
+                             "--data", str(data))  # fmt: skip
+            assert result.returncode == 2, result.stderr
+            assert message in result.stderr
         assert _stores(daemon) == before
 
 

@@ -247,7 +247,8 @@ class ContextEvaluation(BaseModel):
 class DistillContextResult(BaseModel):
     trained: DistillTrainResult
     evaluation: ContextEvaluation
-    questions_written: int
+    passages: int  # asked about
+    questions_written: int  # two for each passage that got two distinct ones
     teacher: str
 
 

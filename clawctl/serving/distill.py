@@ -611,7 +611,8 @@ async def _context(services: Services, request: DistillContextRequest) -> AsyncI
         ),
     )
     result = DistillContextResult(
-        trained=trained, evaluation=evaluation, questions_written=2 * len(pairs),
+        trained=trained, evaluation=evaluation, passages=len(chosen),
+        questions_written=2 * len(pairs),
         teacher=teacher.label,
     )  # fmt: skip
     atomic_write(
