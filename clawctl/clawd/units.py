@@ -50,6 +50,7 @@ def render_units(
             "@CLAWCTL@": clawctl,
             "@POLICY@": distill_policy,
             "@STATE_LINES@": "",
+            "@CLIENT_ENVIRONMENT@": "",
             "@USER_LINES@": "",
             "@ENVIRONMENT@": "",
             "@SOCKET@": "%t/clawctl/clawd.sock",
@@ -63,9 +64,10 @@ def render_units(
             "@CLAWCTL@": clawctl,
             "@POLICY@": distill_policy,
             "@STATE_LINES@": "StateDirectory=clawd\nStateDirectoryMode=0750",
+            "@USER_LINES@": f"User={SERVICE_USER}\nGroup={SERVICE_USER}",
             "@ENVIRONMENT@": f"Environment=CLAW_HOME=/var/lib/clawd\n"
-            f"Environment=CLAW_CONFIG={SYSTEM_CONFIG}\n"
-            f"Environment=CLAW_SOCKET={SYSTEM_SOCKET}",
+            f"Environment=CLAW_CONFIG={SYSTEM_CONFIG}",
+            "@CLIENT_ENVIRONMENT@": f"Environment=CLAW_SOCKET={SYSTEM_SOCKET}",
             "@SOCKET@": str(SYSTEM_SOCKET),
             "@SOCKET_GROUP@": f"SocketGroup={SERVICE_USER}",
             "@WANTED_BY@": "multi-user.target",
