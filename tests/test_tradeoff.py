@@ -134,7 +134,7 @@ def test_audits_take_their_share_exactly_and_stop_at_the_daily_budget() -> None:
     assert not sampler.take("r", AuditSection(share=0.0), now=day)  # off by default
 
 
-def _adjusted_policy(threshold: float, **adjust: float) -> object:
+def _adjusted_policy(threshold: float, **adjust: float | None) -> object:
     from clawctl.schemas.policy import Policy
 
     return Policy.model_validate(
@@ -155,9 +155,9 @@ def _adjusted_policy(threshold: float, **adjust: float) -> object:
     )
 
 
-def _traffic(adjuster, policy, steps: int, seed: int = 0) -> list[float]:  # type: ignore[no-untyped-def]
-    """Requests whose window entropy is uniform on [0, 4): a tier escalates what reads above
-    its live threshold. Returns the live threshold after each request."""
+def _traffic(adjuster, policy, steps: int, seed: int = 0, cost: float = 0.0) -> list[float]:  # type: ignore[no-untyped-def]
+    """Requests whose window entropy is uniform on [0, 4), 100 a day: a tier escalates what
+    reads above its live threshold, at `cost` each. Returns the live threshold after each."""
     import random
 
     from clawctl.engines.meter import Thresholds
@@ -166,7 +166,7 @@ def _traffic(adjuster, policy, steps: int, seed: int = 0) -> list[float]:  # typ
     rng = random.Random(seed)
     tier = policy.tiers[0]
     seen = []
-    for _ in range(steps):
+    for step in range(steps):
         live = adjuster.thresholds(
             policy, tier, Thresholds(window_entropy=tier.escalate.window_entropy)
         )
@@ -175,7 +175,8 @@ def _traffic(adjuster, policy, steps: int, seed: int = 0) -> list[float]:  # typ
             tokens=8, mean_entropy=value, max_entropy=value, window_entropy=value, min_prob=0.5,
             first_margin=None,
         )  # fmt: skip
-        adjuster.observe(policy, tier, signals, escalated=value > live.window_entropy)
+        up = value > live.window_entropy
+        adjuster.observe(policy, tier, signals, up, cost if up else 0.0, now=step * 864.0)
         seen.append(
             adjuster.thresholds(policy, tier, Thresholds(window_entropy=2.0)).window_entropy
         )
@@ -195,6 +196,40 @@ def test_online_adjustment_converges_to_its_target_within_bounds_and_step() -> N
     (live,) = [row for row in adjuster.live(policy) if row.tier == "small"]
     assert live.remote_share == pytest.approx(0.2, abs=0.1)
     assert live.changes >= 5
+
+
+def test_online_adjustment_holds_a_spend_per_day() -> None:
+    """100 requests a day and 0.01 an escalation: 0.2 a day buys a 20% share (uniform: 3.2)."""
+    from clawctl.routing.adjust import ThresholdAdjuster
+
+    spend = {"target_remote_rate": None, "spend_per_day": 0.2, "max_step": 0.05}
+    policy = _adjusted_policy(2.0, **spend)
+    adjuster = ThresholdAdjuster()
+    path = _traffic(adjuster, policy, 1500, cost=0.01)
+    for before, after in zip([2.0, *path], path, strict=False):
+        assert abs(after - before) <= 0.05 * before + 1e-9
+    assert path[-1] == pytest.approx(3.2, abs=0.25)
+    (live,) = [row for row in adjuster.live(policy) if row.tier == "small"]
+    assert live.target == pytest.approx(0.2, abs=0.01)
+    assert live.spend_per_day == pytest.approx(0.2, abs=0.1)
+
+
+def test_a_spend_target_waits_for_a_price() -> None:
+    """Free escalations (no price) give no rate for a budget: the threshold stays written."""
+    from clawctl.routing.adjust import ThresholdAdjuster
+
+    policy = _adjusted_policy(2.0, target_remote_rate=None, spend_per_day=0.2)
+    path = _traffic(ThresholdAdjuster(), policy, 200, cost=0.0)
+    assert set(path) == {2.0}
+
+
+def test_adjust_needs_exactly_one_target() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="exactly one"):
+        _adjusted_policy(2.0, spend_per_day=0.2)
+    with pytest.raises(ValidationError, match="exactly one"):
+        _adjusted_policy(2.0, target_remote_rate=None)
 
 
 def test_online_adjustment_stays_inside_the_policy_bounds() -> None:

@@ -144,9 +144,15 @@ def _percent(value: float | None) -> str:
 def _render_live(found: PolicyDetail) -> None:
     """What clawd runs now: live thresholds, the share escalated, the audited error rate."""
     policy = found.policy
-    if policy.adjust is not None:
-        out.print(f"online adjustment: holding {policy.adjust.target_remote_rate:.0%} escalated")
-    grid = table("TIER", "SIGNAL", "WRITTEN", "LIVE", "ESCALATED", "REQUESTS", "LOCAL ERROR")
+    adjust = policy.adjust
+    if adjust is not None and adjust.spend_per_day is not None:
+        out.print(f"online adjustment: holding a spend of {adjust.spend_per_day:.4g} a day")
+    elif adjust is not None:
+        out.print(f"online adjustment: holding {_percent(adjust.target_remote_rate)} escalated")
+    grid = table(
+        "TIER", "SIGNAL", "WRITTEN", "LIVE", "ESCALATED", "TARGET", "SPEND/DAY", "REQUESTS",
+        "LOCAL ERROR",
+    )  # fmt: skip
     for live in found.live:
         grid.add_row(
             live.tier,
@@ -154,6 +160,8 @@ def _render_live(found: PolicyDetail) -> None:
             "-" if live.written is None else f"{live.written:.4g}",
             "-" if live.live is None else f"{live.live:.4g}",
             _percent(live.remote_share),
+            _percent(live.target),
+            "-" if live.spend_per_day is None else f"{live.spend_per_day:.4g}",
             str(live.requests),
             f"{_percent(live.local_error)} of {live.audits} audited",
         )

@@ -9,6 +9,12 @@ within `min_factor`..`max_factor` of the written threshold, so one odd burst of 
 swing routing and a bad target cannot push a tier to escalate everything. Each change is logged.
 Audited answers (`[audit]`) feed the measured local error rate that `clawctl route show`
 displays beside the live thresholds.
+
+A spend target (`spend_per_day`) becomes a share: the window's requests per day (from their
+times) and the mean remote cost of its escalated requests say what share of requests the budget
+pays for. The share is re-derived at every fit, so the thresholds follow the traffic's volume
+and price; until the window holds an escalation with a cost there is no price to go by, and the
+thresholds stay where they are.
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ import collections
 import dataclasses
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from clawctl.engines.meter import Thresholds
 from clawctl.routing.calibrate import threshold_for_rate
-from clawctl.schemas.policy import LiveTier, Policy, Tier
+from clawctl.schemas.policy import AdjustSection, LiveTier, Policy, Tier
 from clawctl.schemas.signals import SIGNALS, Signals
 
 log = logging.getLogger("clawd.routing")
@@ -41,8 +48,15 @@ class _TierState:
     live: float
     seen: collections.deque[tuple[float | None, bool]]
     audits: collections.deque[bool]
+    costs: collections.deque[tuple[float, float]]  # (time, remote cost) per request seen
     since_fit: int = 0
     changes: int = 0
+    target: float | None = None
+    spend: float | None = None  # per day at the window's rate, share and escalation cost
+
+    def share(self) -> float:
+        """The share of the window's requests that escalated."""
+        return sum(up for _, up in self.seen) / len(self.seen) if self.seen else 0.0
 
 
 @dataclass
@@ -62,7 +76,8 @@ class ThresholdAdjuster:
             window = policy.adjust.window
             state = _TierState(
                 signal, written, written, collections.deque(maxlen=window),
-                collections.deque(maxlen=window),
+                collections.deque(maxlen=window), collections.deque(maxlen=window),
+                target=policy.adjust.target_remote_rate,
             )  # fmt: skip
             self._states[key] = state
         return state
@@ -76,13 +91,18 @@ class ThresholdAdjuster:
             changed: dict[str, Any] = {state.signal: state.live}
             return dataclasses.replace(written, **changed)
 
-    def observe(self, policy: Policy, tier: Tier, signals: Signals, escalated: bool) -> None:
-        """One request `tier` ran: what its signal read and whether it handed over."""
+    def observe(
+        self, policy: Policy, tier: Tier, signals: Signals, escalated: bool,
+        cost: float = 0.0, now: float | None = None,
+    ) -> None:  # fmt: skip
+        """One request `tier` ran: what its signal read, whether it handed over, and what the
+        tiers after it cost (at the policy's prices)."""
         with self._lock:
             state = self._state(policy, tier)
             if state is None:
                 return
             state.seen.append((signals.value(state.signal), escalated))
+            state.costs.append((time.monotonic() if now is None else now, cost))
             state.since_fit += 1
             assert policy.adjust is not None
             if state.since_fit >= policy.adjust.every:
@@ -95,11 +115,29 @@ class ThresholdAdjuster:
             if state is not None:
                 state.audits.append(agreed)
 
+    def _target(self, adjust: AdjustSection, state: _TierState) -> float | None:
+        """The share to escalate: written, or what `spend_per_day` buys at the window's rate
+        of requests and cost per escalation."""
+        if adjust.spend_per_day is None:
+            return adjust.target_remote_rate
+        paid = [cost for (_, cost), (_, up) in zip(state.costs, state.seen, strict=True) if up]
+        paid = [cost for cost in paid if cost > 0]
+        span = state.costs[-1][0] - state.costs[0][0] if len(state.costs) > 1 else 0.0
+        if not paid or span <= 0:
+            return None
+        per_day = (len(state.costs) - 1) / span * 86_400
+        state.spend = per_day * state.share() * (sum(paid) / len(paid))
+        return min(1.0, adjust.spend_per_day / (per_day * sum(paid) / len(paid)))
+
     def _fit(self, policy: Policy, tier: Tier, state: _TierState) -> None:
         adjust = policy.adjust
         assert adjust is not None
+        target = self._target(adjust, state)
+        if target is None:
+            return
+        state.target = target
         values = [value for value, _ in state.seen]
-        desired = threshold_for_rate(state.signal, values, adjust.target_remote_rate)
+        desired = threshold_for_rate(state.signal, values, target)
         if desired is None:
             return
         step = adjust.max_step * abs(state.live)
@@ -114,7 +152,7 @@ class ThresholdAdjuster:
         log.info(
             "policy %s tier %s: %s threshold %.6g -> %.6g (escalated %.0f%% of the last %d, "
             "target %.0f%%)", policy.name, tier.name, state.signal, state.live, moved,
-            100 * share, len(state.seen), 100 * adjust.target_remote_rate,
+            100 * share, len(state.seen), 100 * target,
         )  # fmt: skip
         state.live = moved
         state.changes += 1
@@ -141,7 +179,8 @@ class ThresholdAdjuster:
                 rows.append(LiveTier(
                     tier=tier.name, signal=signal, written=written, live=state.live,
                     requests=len(seen), remote_share=share, audits=len(audits),
-                    local_error=error, changes=state.changes,
+                    local_error=error, changes=state.changes, target=state.target,
+                    spend_per_day=state.spend,
                 ))  # fmt: skip
         return rows
 

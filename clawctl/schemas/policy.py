@@ -224,17 +224,26 @@ class AuditSection(_Strict):
 
 
 class AdjustSection(_Strict):
-    """Hold a remote share online: every `every` requests clawd moves each local tier's
-    threshold toward the one that would have escalated `target_remote_rate` of its last `window`
-    requests, by at most `max_step` of its value per change and never outside `min_factor` to
-    `max_factor` times the threshold written in the policy (a tier with one armed signal)."""
+    """Hold a remote share, or a spend per day, online: every `every` requests clawd moves each
+    local tier's threshold toward the one that would have escalated the target share of its last
+    `window` requests, by at most `max_step` of its value per change and never outside
+    `min_factor` to `max_factor` times the threshold written in the policy (a tier with one armed
+    signal). With `spend_per_day` (the ledger's currency) the target share is what that budget
+    buys at the window's measured request rate and cost per escalation."""
 
-    target_remote_rate: float = Field(ge=0, le=1)
+    target_remote_rate: float | None = Field(None, ge=0, le=1)
+    spend_per_day: float | None = Field(None, ge=0)
     window: int = Field(200, ge=10, le=100_000)
     every: int = Field(20, ge=1)
     max_step: float = Field(0.1, gt=0, le=1)
     min_factor: float = Field(0.5, gt=0, le=1)
     max_factor: float = Field(2.0, ge=1)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> AdjustSection:
+        if (self.target_remote_rate is None) == (self.spend_per_day is None):
+            raise ValueError("[adjust] needs exactly one of target_remote_rate and spend_per_day")
+        return self
 
 
 class Policy(_Strict):
@@ -310,6 +319,8 @@ class LiveTier(BaseModel):
     audits: int  # audited answers of this tier in the window
     local_error: float | None  # share of audited answers the next tier disagreed with
     changes: int  # adjustments since clawd started
+    target: float | None = None  # the share it aims at (from spend_per_day: derived, live)
+    spend_per_day: float | None = None  # at the window's request rate and escalation cost
 
 
 class PolicyDetail(BaseModel):

@@ -519,7 +519,7 @@ class GenerationRun:
             for run in self.path.runs:
                 if run.tier.kind == "local" and run.signals is not None:
                     self.services.adjuster.observe(
-                        self.policy, run.tier, run.signals, run.handed_over
+                        self.policy, run.tier, run.signals, run.handed_over, self.path.cost
                     )
 
     def _audit(self, answered: TierRun) -> None:
