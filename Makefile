@@ -98,6 +98,7 @@ bench: model $(CONVERT_STAMP)
 	$(PY) bench/fleet.py
 	$(PY) bench/routing.py
 	$(PY) bench/distill.py
+	$(PY) bench/unseen.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build

@@ -102,7 +102,7 @@ class Box:
     env: dict[str, str]
 
 
-def start_box(stack: contextlib.ExitStack, tcp_port: int | None = None) -> Box:
+def start_box(stack: contextlib.ExitStack, tcp_port: int | None = None, **extra_env: str) -> Box:
     base = Path(tempfile.mkdtemp(prefix="claw-cascade-", dir="/tmp"))
     stack.callback(shutil.rmtree, base, True)
     source = load_paths().models_dir
@@ -110,6 +110,7 @@ def start_box(stack: contextlib.ExitStack, tcp_port: int | None = None) -> Box:
     sock = base / "c.sock"
     env = dict(os.environ, CLAW_HOME=str(base / "home"), CLAW_SOCKET=str(sock))
     env["CLAW_PROFILE"] = "x86-small"
+    env.update(extra_env)
     if tcp_port is not None:
         (base / "token").write_text("bench")
         config = base / "clawd.toml"
