@@ -119,7 +119,7 @@ def cell(answers: list[tuple[bool, bool]], escalation: bool = True) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--limit", type=int, default=80)
     args = parser.parse_args()
     from clawctl.config import load_paths
     from tests.conftest import free_port
