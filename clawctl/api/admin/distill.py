@@ -24,7 +24,7 @@ from clawctl.schemas.distill import (
     GateSettings,
 )
 from clawctl.services import Services
-from clawctl.serving import distill
+from clawctl.serving import distill, distill_context, distill_cycle
 
 router = APIRouter(prefix="/admin")
 
@@ -46,8 +46,8 @@ async def train(request: Request, body: DistillTrainRequest) -> StreamingRespons
 async def context(request: Request, body: DistillContextRequest) -> StreamingResponse:
     """A document into an adapter: questions written and answered by the teacher with the
     document, training without it, then the held-out questions three ways."""
-    distill.check_context(_services(request), body)
-    return ndjson(distill.context(_services(request), body))
+    distill_context.check_context(_services(request), body)
+    return ndjson(distill_context.context(_services(request), body))
 
 
 @router.post("/distill/evaluate")
@@ -61,7 +61,7 @@ async def evaluate(request: Request, body: DistillEvaluateRequest) -> StreamingR
 @router.post("/distill/prepare")
 async def prepare(request: Request, body: DistillPrepareRequest) -> DistillPrepared:
     """The off-peak worker's first step: the examples written, the job to train (or a skip)."""
-    return distill.prepare_cycle(_services(request), body)
+    return distill_cycle.prepare_cycle(_services(request), body)
 
 
 @router.post("/distill/cycles")
