@@ -160,6 +160,14 @@ def main() -> None:
         "shipped cascade (`[adjust]` 20%) |",
         "|---|---:|---:|---:|---:|---:|",
         *rows,
+        "",
+        "- Reading: `[adjust]` holds a share of escalations, not accuracy. It moves a threshold "
+        "by at most 10% per 20 requests, so in 80 requests by at most 1.46x: where the local "
+        "tier's unsureness sits far above the written threshold, the share hardly moves in that "
+        "time. Whether escalating pays at all (it does not where the remote is the weaker tier, "
+        "and holding a lower share costs accuracy where the local tier is never right) only the "
+        "next tier's answers can say: the shipped `[audit]` collects them (2% of local "
+        "answers) and `clawctl route calibrate --from-ledger` fits the policy on them.",
     ]
     write_section("unseen", "\n".join(lines))
 
