@@ -136,6 +136,22 @@ def start_box(stack: contextlib.ExitStack, tcp_port: int | None = None, **extra_
     return Box(stack.enter_context(client), env)
 
 
+def answer_graded(box: Box, model: str, example: dict[str, Any], app: str) -> tuple[bool, bool]:
+    """(right, escalated) for one Evals line asked greedily of `model` (a model or a policy),
+    with no answer cache."""
+    response = box.client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model, "messages": example["input"], "max_tokens": MAX_TOKENS,
+            "temperature": 0, "claw": {"cache": False, "app": app},
+        },
+    )  # fmt: skip
+    response.raise_for_status()
+    body = response.json()
+    text = body["choices"][0]["message"]["content"] or ""
+    return grade(text, example["ideal"]), bool(body["claw"].get("escalated"))
+
+
 def start_clawd(stack: contextlib.ExitStack, tcp_port: int | None = None) -> httpx.Client:
     return start_box(stack, tcp_port).client
 

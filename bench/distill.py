@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section
-from cascade import EVAL, MAX_TOKENS, REMOTE, Box, start_box
+from cascade import EVAL, MAX_TOKENS, REMOTE, Box, answer_graded, start_box
 from foundation import BIN, machine
 
 from clawctl.store.models import ModelStore
@@ -72,26 +72,13 @@ def clawctl(box: Box, *args: str) -> Any:
     return json.loads(done.stdout)
 
 
-def through_policy(box: Box, example: dict[str, Any]) -> bool:
-    """Ask the policy (no answer cache); whether it escalated."""
-    response = box.client.post(
-        "/v1/chat/completions",
-        json={
-            "model": POLICY, "messages": example["input"], "max_tokens": MAX_TOKENS,
-            "temperature": 0, "claw": {"cache": False, "app": "bench-distill"},
-        },
-    )  # fmt: skip
-    response.raise_for_status()
-    return bool(response.json()["claw"]["escalated"])
-
-
 def run_set(box: Box, name: str, limit: int | None, work: Path) -> dict[str, Any]:
     lines = (EVAL / f"{name}.jsonl").read_text().splitlines()
     examples = [json.loads(line) for line in lines if line.strip()][:limit]
     half = len(examples) // 2
     train, test = examples[:half], examples[half:]
     started = time.time()
-    escalated = sum(through_policy(box, e) for e in train)
+    escalated = sum(answer_graded(box, POLICY, e, "bench-distill")[1] for e in train)
     span = f"{int(time.time() - started) + 5}s"
     adapter = f"bd-{name.replace('_', '-')}"
     clock = time.monotonic()

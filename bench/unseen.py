@@ -32,11 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section
-from cascade import MAX_TOKENS, REMOTE, Box, start_box
+from cascade import MAX_TOKENS, REMOTE, Box, answer_graded, start_box
 from foundation import BIN, machine
 
 from clawctl.resources import bundled_dir
-from clawctl.routing.calibrate import grade
 from clawctl.store.models import ModelStore
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -65,18 +64,7 @@ def arithmetic(limit: int) -> list[dict[str, Any]]:
 
 
 def ask(box: Box, model: str, example: dict[str, Any]) -> tuple[bool, bool]:
-    """(right, escalated) for one request (no answer cache)."""
-    response = box.client.post(
-        "/v1/chat/completions",
-        json={
-            "model": model, "messages": example["input"], "max_tokens": MAX_TOKENS,
-            "temperature": 0, "claw": {"cache": False, "app": "bench-unseen"},
-        },
-    )  # fmt: skip
-    response.raise_for_status()
-    body = response.json()
-    text = body["choices"][0]["message"]["content"] or ""
-    return grade(text, example["ideal"]), bool(body["claw"].get("escalated"))
+    return answer_graded(box, model, example, "bench-unseen")
 
 
 def fixed_policy(work: Path) -> Path:
