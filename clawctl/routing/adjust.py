@@ -41,14 +41,24 @@ def armed_signal(tier: Tier) -> str | None:
     return armed[0] if len(armed) == 1 else None
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """One request a tier ran: its signal's reading, whether it handed over, when, and what the
+    tiers after it cost."""
+
+    value: float | None
+    escalated: bool
+    at: float
+    cost: float
+
+
 @dataclass
 class _TierState:
     signal: str
     written: float
     live: float
-    seen: collections.deque[tuple[float | None, bool]]
+    seen: collections.deque[_Seen]
     audits: collections.deque[bool]
-    costs: collections.deque[tuple[float, float]]  # (time, remote cost) per request seen
     since_fit: int = 0
     changes: int = 0
     target: float | None = None
@@ -56,7 +66,7 @@ class _TierState:
 
     def share(self) -> float:
         """The share of the window's requests that escalated."""
-        return sum(up for _, up in self.seen) / len(self.seen) if self.seen else 0.0
+        return sum(r.escalated for r in self.seen) / len(self.seen) if self.seen else 0.0
 
 
 @dataclass
@@ -76,7 +86,7 @@ class ThresholdAdjuster:
             window = policy.adjust.window
             state = _TierState(
                 signal, written, written, collections.deque(maxlen=window),
-                collections.deque(maxlen=window), collections.deque(maxlen=window),
+                collections.deque(maxlen=window),
                 target=policy.adjust.target_remote_rate,
             )  # fmt: skip
             self._states[key] = state
@@ -101,8 +111,8 @@ class ThresholdAdjuster:
             state = self._state(policy, tier)
             if state is None:
                 return
-            state.seen.append((signals.value(state.signal), escalated))
-            state.costs.append((time.monotonic() if now is None else now, cost))
+            at = time.monotonic() if now is None else now
+            state.seen.append(_Seen(signals.value(state.signal), escalated, at, cost))
             state.since_fit += 1
             assert policy.adjust is not None
             if state.since_fit >= policy.adjust.every:
@@ -120,12 +130,11 @@ class ThresholdAdjuster:
         of requests and cost per escalation."""
         if adjust.spend_per_day is None:
             return adjust.target_remote_rate
-        paid = [cost for (_, cost), (_, up) in zip(state.costs, state.seen, strict=True) if up]
-        paid = [cost for cost in paid if cost > 0]
-        span = state.costs[-1][0] - state.costs[0][0] if len(state.costs) > 1 else 0.0
+        paid = [r.cost for r in state.seen if r.escalated and r.cost > 0]
+        span = state.seen[-1].at - state.seen[0].at if len(state.seen) > 1 else 0.0
         if not paid or span <= 0:
             return None
-        per_day = (len(state.costs) - 1) / span * 86_400
+        per_day = (len(state.seen) - 1) / span * 86_400
         state.spend = per_day * state.share() * (sum(paid) / len(paid))
         return min(1.0, adjust.spend_per_day / (per_day * sum(paid) / len(paid)))
 
@@ -136,7 +145,7 @@ class ThresholdAdjuster:
         if target is None:
             return
         state.target = target
-        values = [value for value, _ in state.seen]
+        values = [r.value for r in state.seen]
         desired = threshold_for_rate(state.signal, values, target)
         if desired is None:
             return
@@ -148,7 +157,7 @@ class ThresholdAdjuster:
             moved = min(moved, 0.999999)
         if abs(moved - state.live) < 1e-12:
             return
-        share = sum(escalated for _, escalated in state.seen) / len(state.seen)
+        share = state.share()
         log.info(
             "policy %s tier %s: %s threshold %.6g -> %.6g (escalated %.0f%% of the last %d, "
             "target %.0f%%)", policy.name, tier.name, state.signal, state.live, moved,
@@ -173,12 +182,12 @@ class ThresholdAdjuster:
                         requests=0, remote_share=None, audits=0, local_error=None, changes=0,
                     ))  # fmt: skip
                     continue
-                seen, audits = list(state.seen), list(state.audits)
-                share = sum(e for _, e in seen) / len(seen) if seen else None
+                audits = list(state.audits)
+                share = state.share() if state.seen else None
                 error = 1 - sum(audits) / len(audits) if audits else None
                 rows.append(LiveTier(
                     tier=tier.name, signal=signal, written=written, live=state.live,
-                    requests=len(seen), remote_share=share, audits=len(audits),
+                    requests=len(state.seen), remote_share=share, audits=len(audits),
                     local_error=error, changes=state.changes, target=state.target,
                     spend_per_day=state.spend,
                 ))  # fmt: skip

@@ -159,9 +159,6 @@ class ArmScore(BaseModel):
     cost: float
     canary_correct: int
 
-    def accuracy(self, total: int) -> float:
-        return self.correct / total if total else 0.0
-
 
 class GateVerdict(BaseModel):
     passed: bool

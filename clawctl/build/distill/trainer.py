@@ -43,7 +43,6 @@ class Trained:
     """The PEFT model after training, with what the report needs."""
 
     model: Any
-    tokenizer: Any
     steps: int
     resumed_from: int
     tokens: int
@@ -153,7 +152,7 @@ class Checkpoint:
         save_file(weights, str(scratch / "adapter.safetensors"))
         saved = optimizer.state_dict()
         moments = {
-            f"{index}.{field}": value.detach().reshape(value.shape).contiguous()
+            f"{index}.{field}": value.detach().contiguous()
             for index, fields in saved["state"].items()
             for field, value in fields.items()
         }
@@ -258,6 +257,6 @@ def train(
     peft_model.eval()
     after = mean_loss(peft_model, test)
     return Trained(
-        peft_model, tokenizer, step, resumed_from, tokens, seconds,
+        peft_model, step, resumed_from, tokens, seconds,
         float(first or 0.0), last, before, after,
     )  # fmt: skip
