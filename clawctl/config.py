@@ -70,6 +70,9 @@ class TcpSection(_Strict):
 
 class SnapshotSection(_Strict):
     pool: bool = True
+    # While a client handles an answer, compute the prefix its next call is expected to start
+    # with (runtime/anticipation.py); costs idle CPU only.
+    anticipate: bool = True
     pool_min_tokens: int = Field(512, ge=16)
     block_tokens: int = Field(256, ge=16)
     budget_mb: int = Field(0, ge=0)

@@ -26,6 +26,7 @@ from clawctl.routing.audit import AuditSampler
 from clawctl.routing.policy_store import PolicyStore
 from clawctl.routing.remote import RemoteTier
 from clawctl.runtime.answer_cache import AnswerCache
+from clawctl.runtime.anticipation import Anticipator
 from clawctl.runtime.embeddings import EmbeddingService
 from clawctl.runtime.manager import ModelManager
 from clawctl.runtime.statekeeper import SnapshotWriter, StateKeeper
@@ -63,6 +64,7 @@ class Services:
     shipper: LedgerShipper | None = None
     audits: AuditSampler = field(default_factory=AuditSampler)
     adjuster: ThresholdAdjuster = field(default_factory=ThresholdAdjuster)
+    anticipator: Anticipator | None = None  # `[snapshots] anticipate`
     # Work started after a response (audits): finished or cancelled when clawd stops.
     background: set[asyncio.Task[None]] = field(default_factory=set)
     _remotes: dict[str, RemoteTier] = field(default_factory=dict)
@@ -123,6 +125,7 @@ class Services:
             fleet=fleet,
             uploader=uploader,
             shipper=shipper,
+            anticipator=Anticipator() if snap.anticipate else None,
         )
 
     @staticmethod

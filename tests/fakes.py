@@ -50,6 +50,9 @@ class FakeEngine:
     slots: dict[int, FakeSlot] = field(default_factory=dict)
     peak: int = 0  # most slots open at once
     stateful: bool = True  # False: no state keeper (the fake holds no llama.cpp state)
+    held: list[int] = field(default_factory=list)  # the memory sequence's tokens
+    prefills: list[int] = field(default_factory=list)  # lengths `prefill` was asked to hold
+    on_prefill: Callable[[], None] | None = None  # called after each prefill
 
     def __post_init__(self) -> None:
         self.threads.add(threading.get_ident())
@@ -93,6 +96,8 @@ class FakeEngine:
         freeze: object = None,
     ) -> int:
         self.threads.add(threading.get_ident())
+        if not self.slots:  # a generation on an idle context takes the memory sequence
+            self.held = list(prompt.tokens)
         slot = next(i for i in range(self.parallel) if i not in self.slots)
         words = [self.words[t] for t in prompt.tokens]
         limit = params.max_tokens or len(words)
@@ -149,6 +154,22 @@ class FakeEngine:
             )
             del self.slots[i]
         return events
+
+    def held_prefix(self, tokens: list[int]) -> int:
+        n = 0
+        for a, b in zip(self.held, tokens, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def prefill(self, tokens: list[int], reuse: bool = True) -> int:
+        keep = self.held_prefix(tokens) if reuse else 0
+        self.held = list(tokens)
+        self.prefills.append(len(tokens))
+        if self.on_prefill is not None:
+            self.on_prefill()
+        return len(tokens) - keep
 
     def memory_bytes(self) -> int:
         return self.memory

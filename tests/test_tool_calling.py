@@ -8,6 +8,7 @@ the text into OpenAI `tool_calls`.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +16,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, serve, wait_for
 
 pytestmark = pytest.mark.integration
 MODEL = "smollm2-135m"
@@ -308,3 +309,47 @@ def test_sdk_parse_gives_the_pydantic_model(daemon: Daemon) -> None:
     assert isinstance(parsed, CityFact)
     assert parsed.name
     assert parsed.country
+
+
+def test_the_call_after_a_tool_step_starts_from_an_anticipated_prefix(
+    fresh_home: Path, tmp_path: Path
+) -> None:
+    """OpenClaw's shape: a context message last, moved behind the new turns on the next call.
+    While the client runs its tool, clawd computes the call as the next request will render it,
+    so that request starts from a prefix longer than the whole first prompt (without
+    anticipation it would reuse only what came before the moved message)."""
+    context = {"role": "user", "content": "(It is Monday.)"}
+    with serve(fresh_home, tmp_path) as daemon, daemon.openai() as client:
+        first = client.chat.completions.create(
+            model=MODEL,
+            messages=[*ASK, context],  # type: ignore[list-item]
+            tools=[WEATHER],  # type: ignore[list-item]
+            tool_choice="required",
+            temperature=0,
+            max_tokens=64,
+        )
+        (call,) = first.choices[0].message.tool_calls or []
+        assert first.usage is not None
+
+        def anticipated() -> int:
+            with daemon.client() as http:
+                (model,) = http.get("/health").json()["loaded"]
+            return int(model["anticipated_tokens"])
+
+        wait_for("the next call's prefix to be computed", lambda: anticipated() > 0)
+        second = client.chat.completions.create(
+            model=MODEL,
+            messages=[  # type: ignore[list-item]
+                *ASK,
+                first.choices[0].message.model_dump(exclude_none=True),  # as a client sends it back
+                {"role": "tool", "tool_call_id": call.id, "content": "21 degrees, sunny"},
+                context,
+            ],
+            tools=[WEATHER],  # type: ignore[list-item]
+            temperature=0,
+            max_tokens=8,
+        )
+    saved = (second.model_extra or {})["claw"]["prefill_tokens_saved"]
+    assert saved > first.usage.prompt_tokens
+    assert second.usage is not None
+    assert saved < second.usage.prompt_tokens

@@ -462,9 +462,11 @@ async def _stream(
             elif isinstance(event, CallEnd):
                 yield call_line(_wire_call(parser.calls[event.index], event.index))
 
+    pieces: list[str] = []  # the text, for anticipating the next call (parsed: the parser's)
     try:
         async for piece in answer.text():
             if parser is None:
+                pieces.append(piece)
                 if piece:
                     yield token(piece)
                 continue
@@ -477,6 +479,10 @@ async def _stream(
         for line in lines(parser.finish()):
             yield line
     yield _line(final())
+    if parser is None:
+        answer.anticipate("".join(pieces), ())
+    else:
+        answer.anticipate(parser.content, parser.calls)
 
 
 @router.post("/chat", response_model=None)
@@ -530,14 +536,17 @@ async def chat(
         )
     text = await answer.answer()
     calls: list[ToolCall] | None = None
+    made: list[CoreCall] = []
     if use.parses_calls:
         parsed = parse_tool_calls(text, use.names, answer.id)
-        text = parsed.content
+        text, made = parsed.content, parsed.calls
         calls = [_wire_call(call, index) for index, call in enumerate(parsed.calls)] or None
-    return JSONResponse(
+    reply = JSONResponse(
         final(text, calls).model_dump(mode="json", exclude_none=True),
         headers=answer_headers(answer),
     )
+    answer.anticipate(text, made)
+    return reply
 
 
 @router.post("/generate", response_model=None)

@@ -149,12 +149,13 @@ async def chat_completions(
     text = await answer.answer()
     finish: Any = answer.finish_reason
     message = AssistantMessage(content=text)
+    calls: list[ToolCall] = []
     if use.parses_calls:
         # Whole, every call is checked before it is returned: a call the token limit cut
         # stays text (streamed, it went out as far as it got; see `_chat_stream`).
         parsed = parse_tool_calls(text, use.names, answer.id)
         if parsed.calls:
-            finish = "tool_calls"
+            finish, calls = "tool_calls", parsed.calls
             message = AssistantMessage(
                 content=parsed.content or None,
                 tool_calls=[
@@ -176,7 +177,9 @@ async def chat_completions(
         usage=answer.usage(),
         claw=answer.info(),
     )
-    return JSONResponse(completion.model_dump(mode="json"), headers=answer_headers(answer))
+    response = JSONResponse(completion.model_dump(mode="json"), headers=answer_headers(answer))
+    answer.anticipate(message.content or "", calls)
+    return response
 
 
 def _logprobs(entries: Sequence[TokenLogprob]) -> ChoiceLogprobs:
@@ -249,9 +252,11 @@ async def _chat_stream(
             yield frame(chunk(ChunkDelta(tool_calls=[delta])))
 
     yield frame(chunk(ChunkDelta(role="assistant", content="")))
+    pieces: list[str] = []  # the text, for anticipating the next call (parsed: the parser's)
     try:
         async for piece in run.text():
             if parser is None:
+                pieces.append(piece)
                 yield token(piece)
             else:
                 for data in frames(parser.feed(piece)):
@@ -260,12 +265,15 @@ async def _chat_stream(
         yield error_frame(exc)
         return
     finish: Any = run.finish_reason
+    content, calls = "".join(pieces), []
     if parser is not None:
         for data in frames(parser.finish()):
             yield data
         if parser.calls and parser.partial is None:
             finish = "tool_calls"
+        content, calls = parser.content, parser.calls
     yield frame(chunk(ChunkDelta(), finish_reason=finish, claw=run.info()))
+    run.anticipate(content, calls)
     if include_usage:
         yield frame(
             ChatCompletionChunk(

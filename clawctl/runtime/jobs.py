@@ -67,6 +67,17 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+@dataclass(frozen=True)
+class Anticipation:
+    """Idle-time work for a model's thread: make the memory sequence hold the prefix the next
+    request of a conversation is expected to start with (see `ModelWorker._anticipate`).
+    `prompts` are two renderings of that request with different last turns: the prefix is what
+    they share, the expected turns up to where the unknown one begins."""
+
+    prompts: tuple[Prompt, Prompt]
+    adapters: tuple[AdapterSpec, ...] = ()
+
+
 def emit_all(deliveries: list[tuple[Job, JobEvent]]) -> None:
     """Hand one decode step's events to their jobs with one wake-up of each event loop, not one
     per token: on a 2-core box every wake-up takes a core from the decoding threads."""

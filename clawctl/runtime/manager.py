@@ -17,7 +17,7 @@ from clawctl.engines.meter import Thresholds
 from clawctl.errors import EngineError, Overloaded
 from clawctl.profiles import EdgeProfile
 from clawctl.runtime.fit import MIB, ManifestLookup, MemoryFit
-from clawctl.runtime.jobs import Job
+from clawctl.runtime.jobs import Anticipation, Job
 from clawctl.runtime.statekeeper import StateKeeper, StateRequest
 from clawctl.runtime.worker import JobHandle, ModelWorker
 from clawctl.schemas.admin import LoadedModel
@@ -134,6 +134,12 @@ class ModelManager:
         worker.submit(job)
         return JobHandle(job, worker, self._job_done)
 
+    def anticipate(self, model: str, work: Anticipation) -> None:
+        """Offer idle-time work to a loaded model (never loads one for it)."""
+        worker = self._workers.get(model)
+        if worker is not None and not worker.failed:
+            worker.anticipate(work)
+
     @property
     def per_caller_limit(self) -> int:
         return self.max_queue - self.max_queue // 4
@@ -191,6 +197,7 @@ class ModelManager:
                 active_requests=w.running,
                 queued_requests=max(0, w.outstanding - w.running),
                 draft=self.drafts.get(w.name) if w.settings.draft_path is not None else None,
+                anticipated_tokens=w.anticipated_tokens,
             )
             for w in self._workers.values()
         ]

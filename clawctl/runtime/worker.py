@@ -27,12 +27,30 @@ from clawctl.engines.base import (
 )
 from clawctl.errors import BadInput, ClawError, ContextOverflow, EngineError
 from clawctl.runtime.fair_queue import FairQueue
-from clawctl.runtime.jobs import NO_STATE, Failed, Job, JobEvent, Started, emit_all
+from clawctl.runtime.jobs import (
+    NO_STATE,
+    Anticipation,
+    Failed,
+    Job,
+    JobEvent,
+    Started,
+    emit_all,
+)
 from clawctl.runtime.preparer import LONG_PROMPT_CHARS, Preparer, prompt_chars
 from clawctl.runtime.statekeeper import StateKeeper, StateOutcome
 from clawctl.schemas.models import ModelManifest
+from clawctl.schemas.state import common_prefix
 
 log = logging.getLogger("clawd.worker")
+
+# Anticipation computes at most this many tokens (a turn the client is expected to send back),
+# in chunks between which a waiting job takes over: a chunk at 12k tokens of depth costs about
+# as long as a request waits for it (~0.7 s for 32 tokens on a 2-core x86 box, Qwen2.5-0.5B).
+ANTICIPATE_MAX = 256
+ANTICIPATE_CHUNK = 32
+# ... and only on top of a prefix the memory sequence holds already: re-anticipating a whole
+# conversation the context no longer holds is what the prefix pool is for.
+ANTICIPATE_MIN_HELD = 64
 
 
 class ModelWorker:
@@ -60,6 +78,7 @@ class ModelWorker:
         self.outstanding_by_caller: dict[str, int] = {}
         self.load_seconds = 0.0
         self.failed = False
+        self.anticipated_tokens = 0  # computed before the requests that were expected to need them
         self._running: dict[int, Job] = {}  # by the engine's generation id
         self._adapters: tuple[AdapterSpec, ...] = ()
         self._exclusive = False  # the open generation needs the context to itself
@@ -83,6 +102,10 @@ class ModelWorker:
 
     def submit(self, job: Job) -> None:
         self._jobs.put(job)
+
+    def anticipate(self, work: Anticipation) -> None:
+        """Offer idle-time work (replacing any not yet done); jobs always come first."""
+        self._jobs.anticipate(work)
 
     def stop(self) -> None:
         self._jobs.stop()
@@ -142,8 +165,47 @@ class ModelWorker:
             if engine.active:
                 self._step(engine)
                 self.kv_cells = engine.kv_cells()
+            elif waiting is None and (work := self._jobs.take_idle()) is not None:
+                self._anticipate(engine, work)
+                self.kv_cells = engine.kv_cells()
             elif waiting is None and not (self._preparer and self._preparer.wait_idle()):
                 return  # stopped, and every job is done (none is still being tokenized)
+
+    def _anticipate(self, engine: Engine, work: Anticipation) -> None:
+        """Make the idle memory sequence hold the prefix the next request is expected to
+        start with, so that request computes only what is new in it.
+
+        An agent's next call re-sends the conversation with the answer just given appended as
+        the template renders it, which is not token for token what was generated (and OpenClaw
+        also moves its last turn behind the new ones), so without this the answer's tokens are
+        computed again, at the full depth of the context, while the caller waits. Computing
+        them while the caller runs its tool costs nothing it waits for: a job arriving meanwhile
+        takes over between chunks, and what was computed so far is still a longer prefix."""
+        if not engine.stateful or work.adapters != self._adapters:
+            return  # switching adapters would drop the cells this would build on
+        try:
+            first, second = (engine.prepare(p).tokens for p in work.prompts)
+            target = first[: common_prefix(first, second)]
+            held = engine.held_prefix(target)
+            if held < ANTICIPATE_MIN_HELD or not 0 < len(target) - held <= ANTICIPATE_MAX:
+                return
+            if len(target) >= engine.n_ctx:
+                return
+            started, done = time.perf_counter(), held
+            while done < len(target) and not self._jobs.has_jobs():
+                done = min(len(target), done + ANTICIPATE_CHUNK)
+                engine.prefill(target[:done])
+        except ClawError as exc:  # the template refused the expected turn: nothing to do
+            log.debug("no anticipation on %s: %s", self.name, exc.message)
+            return
+        except Exception:
+            log.exception("anticipation failed on %s", self.name)
+            return
+        self.anticipated_tokens += done - held
+        log.info(
+            "model %s: anticipated %d tokens after a prefix of %d in %.2fs", self.name,
+            done - held, held, time.perf_counter() - started,
+        )  # fmt: skip
 
     def _hand_off(self, engine: Engine, job: Job) -> bool:
         """Send a long, untokenized prompt to the preparer thread, if the engine allows it."""

@@ -23,6 +23,9 @@ class LoadedModel(BaseModel):
     active_requests: int
     queued_requests: int
     draft: str | None = None  # the draft model loaded with it for speculative decoding
+    # Prompt tokens computed while idle, ahead of the calls expected to start with them
+    # (runtime/anticipation.py), since the model loaded.
+    anticipated_tokens: int = 0
 
 
 class CacheStatus(BaseModel):

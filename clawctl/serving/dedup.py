@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from clawctl.engines.base import FinishReason, TokenLogprob
+from clawctl.engines.base import FinishReason, TokenLogprob, ToolCall
 from clawctl.errors import ClawError
 from clawctl.runtime.answer_cache import CacheKey, Hit, StoredAnswer, deterministic, request_key
 from clawctl.schemas.openai import ClawInfo, Timings, Usage
@@ -67,6 +67,11 @@ class Answer(Protocol):
     def info(self) -> ClawInfo: ...
 
     def logprobs(self) -> Sequence[TokenLogprob]: ...
+
+    def anticipate(self, content: str, calls: Sequence[ToolCall]) -> None:
+        """Called by the route once the whole answer (`content` and the parsed `calls`) went
+        out: lets the model that generated it prepare the conversation's next call."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -327,6 +332,10 @@ class FlightView:
     def logprobs(self) -> Sequence[TokenLogprob]:
         return ()  # requests asking for logprobs are never shared (see `_plan`)
 
+    def anticipate(self, content: str, calls: Sequence[ToolCall]) -> None:
+        if self.leader:  # one offer per generation, from the request that started it
+            self.flight.run.anticipate(content, calls)
+
     def info(self) -> ClawInfo:
         if self.leader:
             return self.flight.run.info()
@@ -376,6 +385,9 @@ class Reused:
 
     def logprobs(self) -> Sequence[TokenLogprob]:
         return ()  # requests asking for logprobs are never shared (see `_plan`)
+
+    def anticipate(self, content: str, calls: Sequence[ToolCall]) -> None:
+        """Nothing ran: the model's context holds nothing of this answer to build on."""
 
     def info(self) -> ClawInfo:
         return _reused_info(self.run, self.hit.answer, self.hit.kind, self.hit.similarity)

@@ -25,19 +25,21 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import replace
 
 from clawctl.engines.base import (
+    AdapterSpec,
     Finished,
     FinishReason,
     Prompt,
     SamplingParams,
     TokenEvent,
     TokenLogprob,
+    ToolCall,
 )
 from clawctl.engines.meter import Thresholds
 from clawctl.errors import BadInput, ClawError, NotFound, RemoteTierError
 from clawctl.ledger import DistillExample, LedgerRow
 from clawctl.routing.policy import Route, RouteInput, escalation_thresholds, route
 from clawctl.routing.remote import RemoteDone, RemoteFailure, RemoteRequest
-from clawctl.runtime.jobs import Failed, Started
+from clawctl.runtime.jobs import Anticipation, Failed, Started
 from clawctl.runtime.statekeeper import StateRequest
 from clawctl.runtime.worker import JobHandle
 from clawctl.schemas.openai import (
@@ -110,11 +112,14 @@ class GenerationRun:
         self._errored = False
         self._stops = False
         self._answer: list[str] = []  # what the client got, for distillation data
+        self._adapters: tuple[AdapterSpec, ...] = ()  # the running local tier's
 
     # --- starting -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Route the request and start its first tier (raising its 4xx/5xx errors now)."""
+        if self.services.anticipator is not None:
+            self.services.anticipator.learn(self.model, self.prompt)
         try:
             self._route()
             await self._start_tier(self._index)
@@ -206,7 +211,7 @@ class GenerationRun:
             save=snapshot.save if snapshot else None,
             session=self.claw.session,
         )
-        adapters = self.services.adapter_specs(model, self._adapter_choices(tier))
+        adapters = self._adapters = self.services.adapter_specs(model, self._adapter_choices(tier))
         watch = self._watch(index, stop)
         self._stops = watch.armed and watch.stop  # a trigger ends the tier: escalate
         self._handle = self.services.manager.submit(
@@ -426,6 +431,20 @@ class GenerationRun:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+    def anticipate(self, content: str, calls: Sequence[ToolCall]) -> None:
+        """Once the answer has gone out: offer the local model that gave it the prefix the
+        conversation's next call is expected to start with (runtime/anticipation.py)."""
+        anticipator = self.services.anticipator
+        if anticipator is None or not self._done or self.prompt.chat is None:
+            return
+        answered = self.path.last
+        if answered.tier.kind == "remote":
+            return
+        expected = anticipator.expected(self.model, self.prompt, content, calls)
+        if expected is not None:
+            work = Anticipation(expected, self._adapters)
+            self.services.manager.anticipate(answered.model, work)
 
     async def aclose(self) -> None:
         await self._close_job()
