@@ -240,3 +240,26 @@ def test_online_adjustment_stays_inside_the_policy_bounds() -> None:
     path = _traffic(ThresholdAdjuster(), policy, 600)
     assert max(path) == pytest.approx(2.5)
     assert min(path) >= 2.0 * 0.5
+
+
+def test_a_tier_never_right_still_escalates_its_target_share() -> None:
+    """No signal has an AUROC when every local answer is wrong; the plain window entropy stands
+    in, and the handover on it escalates the share allowed (every escalation can only help)."""
+    from clawctl.routing.calibrate import report_tier
+
+    n = 10
+    observed: list[dict[str, float | None]] = [
+        {"window_entropy": 1.0 + i / 10, "max_entropy": 2.0 + i / 10} for i in range(n)
+    ]
+    report = report_tier("small", "m", observed, [False] * n, 0.3, None)
+    best = report.best
+    assert best is not None
+    assert best.signal == "window_entropy"
+    assert best.auroc is None
+    fitted = fit_handover(
+        "small", "remote", best.unsure(), [False] * n, [0.0] * n, [True] * n, [1.0] * n,
+        Target(remote_rate=0.3),
+    )  # fmt: skip
+    assert fitted.handover.rate == pytest.approx(0.3)
+    assert fitted.cut is not None
+    assert best.threshold_at(fitted.cut) == pytest.approx(1.6)  # 1.7, 1.8, 1.9 go

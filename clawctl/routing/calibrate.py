@@ -55,6 +55,7 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _YES_NO = re.compile(r"\b(yes|no|y|n)\b", re.IGNORECASE)
 _YES = {"yes", "y"}
 _WORDS = re.compile(r"\w+")
+ONE_CLASS_SIGNAL = "window_entropy"  # the cut's signal where labels tell no answers apart
 SHORT_REFERENCE = 24  # characters: a reference this short is graded as a label
 AGREEMENT_F1 = 0.5
 
@@ -142,8 +143,15 @@ class TierReport:
 
     @property
     def best(self) -> SignalReport | None:
+        """The signal with the best AUROC. Where the tier was always wrong (or always right)
+        no signal has one, but a cut is still worth placing (always wrong: every escalation
+        within the target lifts accuracy), so the meter's plainest signal, `window_entropy`,
+        stands in."""
         scored = [s for s in self.signals if s.auroc is not None and s.threshold is not None]
-        return max(scored, key=lambda s: s.auroc or 0.0) if scored else None
+        if scored:
+            return max(scored, key=lambda s: s.auroc or 0.0)
+        plain = (s for s in self.signals if s.signal == ONE_CLASS_SIGNAL)
+        return next((s for s in plain if s.threshold is not None), None)
 
 
 def threshold_for_rate(signal: str, values: list[float | None], rate: float) -> float | None:
