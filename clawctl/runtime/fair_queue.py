@@ -45,6 +45,11 @@ class FairQueue:
         with self._ready:
             return bool(self._waiting)
 
+    @property
+    def stopped(self) -> bool:
+        with self._ready:
+            return self._stopped
+
     def stop(self) -> None:
         """Wake the consumer with None once the jobs already queued are taken."""
         with self._ready:

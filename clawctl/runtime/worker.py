@@ -165,11 +165,12 @@ class ModelWorker:
             if engine.active:
                 self._step(engine)
                 self.kv_cells = engine.kv_cells()
-            elif waiting is None and (work := self._jobs.take_idle()) is not None:
-                self._anticipate(engine, work)
-                self.kv_cells = engine.kv_cells()
-            elif waiting is None and not (self._preparer and self._preparer.wait_idle()):
-                return  # stopped, and every job is done (none is still being tokenized)
+            elif waiting is None:
+                if (work := self._jobs.take_idle()) is not None:
+                    self._anticipate(engine, work)
+                    self.kv_cells = engine.kv_cells()
+                elif self._jobs.stopped and not (self._preparer and self._preparer.wait_idle()):
+                    return  # stopped, and every job is done (none is still being tokenized)
 
     def _anticipate(self, engine: Engine, work: Anticipation) -> None:
         """Make the idle memory sequence hold the prefix the next request is expected to
