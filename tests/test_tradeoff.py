@@ -155,9 +155,13 @@ def _adjusted_policy(threshold: float, **adjust: float | None) -> object:
     )
 
 
-def _traffic(adjuster, policy, steps: int, seed: int = 0, cost: float = 0.0) -> list[float]:  # type: ignore[no-untyped-def]
+def _traffic(
+    adjuster, policy, steps: int, seed: int = 0, cost: float = 0.0, censored: bool = False
+) -> list[float]:  # type: ignore[no-untyped-def]
     """Requests whose window entropy is uniform on [0, 4), 100 a day: a tier escalates what
-    reads above its live threshold, at `cost` each. Returns the live threshold after each."""
+    reads above its live threshold, at `cost` each. Returns the live threshold after each.
+    `censored`: an escalated request reads just past the live threshold, as the real meter does
+    (it stops reading when it fires)."""
     import random
 
     from clawctl.engines.meter import Thresholds
@@ -176,10 +180,14 @@ def _traffic(adjuster, policy, steps: int, seed: int = 0, cost: float = 0.0) -> 
             first_margin=None,
         )  # fmt: skip
         up = value > live.window_entropy
+        if censored and up:
+            read = live.window_entropy + 0.01
+            signals = signals.model_copy(
+                update={"window_entropy": read, "max_entropy": read, "mean_entropy": read}
+            )
         adjuster.observe(policy, tier, signals, up, cost if up else 0.0, now=step * 864.0)
-        seen.append(
-            adjuster.thresholds(policy, tier, Thresholds(window_entropy=2.0)).window_entropy
-        )
+        written = Thresholds(window_entropy=tier.escalate.window_entropy)
+        seen.append(adjuster.thresholds(policy, tier, written).window_entropy)
     return seen
 
 
@@ -263,3 +271,20 @@ def test_a_tier_never_right_still_escalates_its_target_share() -> None:
     assert fitted.handover.rate == pytest.approx(0.3)
     assert fitted.cut is not None
     assert best.threshold_at(fitted.cut) == pytest.approx(1.6)  # 1.7, 1.8, 1.9 go
+
+
+def test_online_adjustment_is_not_slowed_by_the_meter_stopping_early() -> None:
+    """An escalated request's reading stops just past the live threshold, so the window's
+    quantile cannot say how far to move; the adjuster then steps in proportion to the excess
+    share and reaches the target about as fast as its limit allows."""
+    from clawctl.routing.adjust import ThresholdAdjuster
+
+    policy = _adjusted_policy(1.0, max_step=0.25, max_factor=4.0)  # 75% escalate at first
+    adjuster = ThresholdAdjuster()
+    path = _traffic(adjuster, policy, 300, censored=True)
+    for before, after in zip([1.0, *path], path, strict=False):
+        assert abs(after - before) <= 0.25 * before + 1e-9
+    # the target's threshold is 3.2; 1.25^5 = 3.05: reachable in 50 requests, near it by 100
+    assert 2.4 <= path[99] <= 4.0
+    (live,) = [row for row in adjuster.live(policy) if row.tier == "small"]
+    assert live.remote_share == pytest.approx(0.2, abs=0.1)

@@ -4,9 +4,11 @@ A threshold calibrated on one set escalates a different share of another (on uns
 shipped cascade escalated 92-100%). With `[adjust]` in a policy, clawd keeps, per local tier, the
 meter's reading of its armed signal and whether it escalated for the last `window` requests;
 every `every` requests it computes the threshold that would have escalated the target share of
-them and moves the live threshold toward it, by at most `max_step` of its value per change and
-within `min_factor`..`max_factor` of the written threshold, so one odd burst of traffic cannot
-swing routing and a bad target cannot push a tier to escalate everything. Each change is logged.
+them (where more escalated than the target, at least a step in proportion to the excess: the
+readings of escalated requests stop where the meter fired) and moves the live threshold toward
+it, by at most `max_step` of its value per change and within `min_factor`..`max_factor` of the
+written threshold, so one odd burst of traffic cannot swing routing and a bad target cannot push
+a tier to escalate everything. Each change is logged.
 Audited answers (`[audit]`) feed the measured local error rate that `clawctl route show`
 displays beside the live thresholds.
 
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +34,7 @@ from typing import Any
 from clawctl.engines.meter import Thresholds
 from clawctl.routing.calibrate import threshold_for_rate
 from clawctl.schemas.policy import AdjustSection, LiveTier, Policy, Tier
-from clawctl.schemas.signals import SIGNALS, Signals
+from clawctl.schemas.signals import LOW_IS_UNSURE, SIGNALS, Signals
 
 log = logging.getLogger("clawd.routing")
 
@@ -50,6 +54,7 @@ class _Seen:
     escalated: bool
     at: float
     cost: float
+    live: float  # the threshold it ran with
 
 
 @dataclass
@@ -112,7 +117,8 @@ class ThresholdAdjuster:
             if state is None:
                 return
             at = time.monotonic() if now is None else now
-            state.seen.append(_Seen(signals.value(state.signal), escalated, at, cost))
+            value = signals.value(state.signal)
+            state.seen.append(_Seen(value, escalated, at, cost, state.live))
             state.since_fit += 1
             assert policy.adjust is not None
             if state.since_fit >= policy.adjust.every:
@@ -145,11 +151,26 @@ class ThresholdAdjuster:
         if target is None:
             return
         state.target = target
-        values = [r.value for r in state.seen]
-        desired = threshold_for_rate(state.signal, values, target)
+        # The requests run at the live threshold say where it stands; within the noise of
+        # their count (one binomial standard error) of the target, it holds.
+        tail = list(itertools.takewhile(lambda r: r.live == state.live, reversed(state.seen)))
+        now = sum(r.escalated for r in tail) / len(tail) if tail else state.share()
+        if tail and abs(now - target) <= math.sqrt(target * (1 - target) / len(tail)):
+            return
+        desired = threshold_for_rate(state.signal, [r.value for r in state.seen], target)
         if desired is None:
             return
         step = adjust.max_step * abs(state.live)
+        if now > target:
+            # An escalated request's reading stops where the meter fired, just past the live
+            # threshold, so how far above it the request would have read is unknown and the
+            # quantile understates how far to move: step toward escalating less in proportion
+            # to the excess (the whole step at twice the target), or further if it says so.
+            push = step * min(1.0, (now - target) / max(target, 1e-9))
+            if state.signal in LOW_IS_UNSURE:
+                desired = min(desired, state.live - push)
+            else:
+                desired = max(desired, state.live + push)
         low, high = state.written * adjust.min_factor, state.written * adjust.max_factor
         moved = min(max(desired, state.live - step), state.live + step)
         moved = min(max(moved, low), high)
@@ -157,11 +178,10 @@ class ThresholdAdjuster:
             moved = min(moved, 0.999999)
         if abs(moved - state.live) < 1e-12:
             return
-        share = state.share()
         log.info(
             "policy %s tier %s: %s threshold %.6g -> %.6g (escalated %.0f%% of the last %d, "
             "target %.0f%%)", policy.name, tier.name, state.signal, state.live, moved,
-            100 * share, len(state.seen), 100 * target,
+            100 * now, len(tail), 100 * target,
         )  # fmt: skip
         state.live = moved
         state.changes += 1
