@@ -105,6 +105,13 @@ def _wait(condition: object, what: str) -> None:
         time.sleep(0.01)
 
 
+def _expected(history: str, answer_words: int) -> Anticipation:
+    """The history, an answer of `answer_words` words, then an unknown turn ("p" or "q")."""
+    turns = (ChatTurn("user", history), ChatTurn("assistant", _words(answer_words, "a")))
+    first, second = (Prompt(chat=(*turns, ChatTurn("user", tail))) for tail in ("p", "q"))
+    return Anticipation((first, second))
+
+
 def test_the_worker_computes_the_expected_prefix_in_chunks() -> None:
     loader = FakeLoader()
     history = _words(80, "h")  # the fake engine: one token per word
@@ -112,19 +119,15 @@ def test_the_worker_computes_the_expected_prefix_in_chunks() -> None:
     async def scenario() -> None:
         mgr = manager(loader, ["a"])
         await collect(mgr, "a", history, max_tokens=1)  # the memory sequence holds the history
-        expected = tuple(
-            Prompt(chat=(ChatTurn("user", history), ChatTurn("assistant", _words(40, "a")),
-                         ChatTurn("user", tail)))
-            for tail in ("p", "q")
-        )  # fmt: skip
-        mgr.anticipate("a", Anticipation(expected))  # type: ignore[arg-type]
+        expected = _expected(history, 40)
+        mgr.anticipate("a", expected)
         await asyncio.to_thread(
             _wait, lambda: mgr.loaded()[0].anticipated_tokens == 40, "the anticipation"
         )
         [engine] = loader.engines
         assert engine.prefills == [80 + ANTICIPATE_CHUNK, 120]  # "p"/"q" left out
         assert len(engine.threads) == 1  # on the model's own thread
-        mgr.anticipate("missing", Anticipation(expected))  # type: ignore[arg-type]
+        mgr.anticipate("missing", expected)
         assert [m.name for m in mgr.loaded()] == ["a"]  # never loads a model for it
         await mgr.stop()
 
@@ -149,12 +152,7 @@ def test_a_waiting_job_interrupts_the_anticipation() -> None:
                 _wait(lambda: mgr.loaded()[0].queued_requests > 0, "the request to queue")
 
         engine.on_prefill = job_arrives
-        expected = tuple(
-            Prompt(chat=(ChatTurn("user", history), ChatTurn("assistant", _words(100, "a")),
-                         ChatTurn("user", tail)))
-            for tail in ("p", "q")
-        )  # fmt: skip
-        mgr.anticipate("a", Anticipation(expected))  # type: ignore[arg-type]
+        mgr.anticipate("a", _expected(history, 100))
         await asyncio.to_thread(_wait, lambda: bool(arrived), "the request")
         events = await asyncio.wrap_future(arrived[0])
         assert events
