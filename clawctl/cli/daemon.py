@@ -69,8 +69,9 @@ def register(app: typer.Typer) -> None:
             emit_json(loaded)
             return
         grid = table(
-            "NAME", "MEMORY", "CTX", "KV CELLS", "ACTIVE", "QUEUED", "UNLOADS IN", "LOADED"
-        )
+            "NAME", "MEMORY", "CTX", "KV CELLS", "ACTIVE", "QUEUED", "AHEAD", "UNLOADS IN",
+            "LOADED",
+        )  # fmt: skip
         for m in loaded:
             expires = "busy" if m.expires_in is None else f"{m.expires_in:.0f}s"
             since = time.strftime("%H:%M:%S", time.localtime(m.loaded_at))
@@ -81,6 +82,7 @@ def register(app: typer.Typer) -> None:
                 f"{m.kv_cells_used}/{m.kv_cells} {m.kv_layout}",
                 str(m.active_requests),
                 str(m.queued_requests),
+                str(m.anticipated_tokens),
                 expires,
                 since,
             )
