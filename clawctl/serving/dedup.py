@@ -227,29 +227,33 @@ class Flight:
         wake.set()
 
     async def _pump(self) -> None:
+        complete = False
         try:
             async for piece in self.run.text():
                 self.pieces.append(piece)
                 self._notify()
+            complete = True
         except ClawError as exc:
             self.error = exc
         except asyncio.CancelledError:
             self.error = ClawError("the shared generation was cancelled")  # nobody waits
         finally:
+            # Stored for exact hits before anyone hears it is done: the same request sent
+            # the moment the answer arrives must find it (embedding it comes after).
+            stored = self._stored() if complete else None
             self.done = True
             if self.flights.running.get(self.plan.key.exact) is self:
                 del self.flights.running[self.plan.key.exact]
             self._notify()
-        if self.error is None:
-            await self._remember()
+        if stored is not None and self.vector is None:
+            await self._embed_stored(stored)
 
-    async def _remember(self) -> None:
+    def _stored(self) -> StoredAnswer | None:
+        """Put the finished answer in the cache (with the prompt's vector if the lookup already
+        computed it); None when it is not worth keeping."""
         run = self.run
         if run.degraded or run.finish_reason == "cancelled":
-            return  # a fallback answer is not the answer this request deserves next time
-        vector = self.vector
-        if vector is None and (model := _semantic_model(run)) is not None:
-            vector = await _embed(run, model, self.plan.key.text)
+            return None  # a fallback answer is not the answer this request deserves next time
         usage = run.usage()
         stored = StoredAnswer(
             text="".join(self.pieces),
@@ -260,7 +264,16 @@ class Flight:
             request_id=run.id,
             tier=run.tier_name,
         )
-        run.services.answers.put(self.plan.key, stored, vector)
+        run.services.answers.put(self.plan.key, stored, self.vector)
+        return stored
+
+    async def _embed_stored(self, stored: StoredAnswer) -> None:
+        """Add the prompt's vector to a stored answer, for semantic hits."""
+        run = self.run
+        if (model := _semantic_model(run)) is not None:
+            vector = await _embed(run, model, self.plan.key.text)
+            if vector is not None:
+                run.services.answers.put(self.plan.key, stored, vector)
 
     async def stream(self) -> AsyncIterator[str]:
         index = 0
