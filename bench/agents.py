@@ -44,6 +44,10 @@ N_CTX = 32768
 THREADS = 2
 SESSION = Path(__file__).resolve().parent / "data" / "openclaw_session.jsonl"
 TOKEN = "bench-token"
+# Client time before a call, the same for both servers: the user reading the answer and typing
+# the next message. The call after a tool step follows at once (a fast tool such as `read`:
+# the least time a server gets to prepare for it).
+PAUSE = {"next turn": 5.0}
 JSON_PROMPT = [
     {"role": "user", "content": "List eight European capitals with their countries, as JSON."}
 ]
@@ -72,6 +76,7 @@ class Call:
     decode_tps: float  # the server's own decode speed
     tool_calls: int
     prefill: float  # the server's own time to the first token (its prompt processing), s
+    computed: int  # prompt tokens the server computed (the rest it reused)
 
 
 def session() -> list[tuple[str, dict[str, Any]]]:
@@ -113,7 +118,7 @@ class Server:
         first: float | None = None
         usage: dict[str, Any] = {}
         decode = prefill = 0.0
-        calls = 0
+        calls = computed = saved = 0
         url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
         with httpx.stream("POST", url, json=full, headers=headers, timeout=3600) as response:
             response.raise_for_status()
@@ -131,9 +136,11 @@ class Server:
                     timings = chunk["claw"]["timings"]
                     decode = timings.get("decode_tokens_per_s") or 0.0
                     prefill = (timings["queue_ms"] + timings["prompt_ms"]) / 1000
+                    saved = chunk["claw"].get("prefill_tokens_saved") or 0
                 if chunk.get("timings"):  # llama-server's own
                     decode = chunk["timings"].get("predicted_per_second") or decode
                     prefill = chunk["timings"].get("prompt_ms", 0.0) / 1000
+                    computed = int(chunk["timings"].get("prompt_n") or 0)
         done = time.perf_counter() - started
         return Call(
             first if first is not None else done,
@@ -143,6 +150,7 @@ class Server:
             float(decode),
             calls,
             float(prefill),
+            computed or int(usage.get("prompt_tokens", 0)) - saved,
         )
 
     def warm(self) -> None:
@@ -209,6 +217,7 @@ def measure(runs: int, models: Path, binary: Path, work: Path) -> tuple[Rows, di
         try:
             clawd.warm()
             for name, body in calls:
+                time.sleep(PAUSE.get(name, 0.0))
                 add(name, "clawd", clawd.call(body, {"claw": {"cache": False}}))
             clawd.stop()
             clawd.start()
@@ -228,6 +237,7 @@ def measure(runs: int, models: Path, binary: Path, work: Path) -> tuple[Rows, di
         try:
             server.warm()
             for name, body in calls:
+                time.sleep(PAUSE.get(name, 0.0))
                 add(name, "llama-server", server.call(body))
         finally:
             server.stop()
@@ -285,11 +295,14 @@ def write_results(rows: Rows, grammar: dict[str, Any], runs: int) -> None:
         "processing: clawd's `claw.timings`, llama-server's `timings.prompt_ms`); "
         '"first delta": the first streamed text or tool-call delta the client saw; "done": '
         "the answer finished (a complete tool call where there is one); decode: the server's "
-        "own tokens/s",
+        "own tokens/s; computed: prompt tokens the server evaluated (clawd: prompt tokens less "
+        "`claw.prefill_tokens_saved`; llama-server: `timings.prompt_n`). Client pauses, the "
+        "same for both: none before the call after a tool step (a fast tool), "
+        f"{PAUSE['next turn']:.0f} s before the next turn (the user reads and types)",
         "",
-        "| request | server | prompt tokens | first token s | first delta s | done s "
+        "| request | server | prompt tokens | computed | first token s | first delta s | done s "
         "| decode tok/s | tool calls | first token vs llama-server |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     anchor_first = {row: median(by["llama-server"], "prefill")
                     for row, by in rows.items() if "llama-server" in by}  # fmt: skip
@@ -300,7 +313,8 @@ def write_results(rows: Rows, grammar: dict[str, Any], runs: int) -> None:
             anchor = anchor_first.get(row) or 0.0
             ratio = f"{anchor / first:.2f}x" if server == "clawd" and first else "1.00x"
             lines.append(
-                f"| {row} | {server} | {int(median(calls, 'prompt_tokens'))} | {first:.2f} "
+                f"| {row} | {server} | {int(median(calls, 'prompt_tokens'))} "
+                f"| {int(median(calls, 'computed'))} | {first:.2f} "
                 f"| {median(calls, 'first_delta'):.2f} "
                 f"| {median(calls, 'done'):.2f} | {median(calls, 'decode_tps'):.2f} "
                 f"| {int(median(calls, 'tool_calls'))} | {ratio} |"

@@ -6,9 +6,11 @@ labelled by computing). SmolLM2-135M is the local tier, Qwen2.5-Coder-0.5B the r
 second clawd, reached through the policy's `CLAW_REMOTE_BASE_URL`), greedy, 32 tokens. Each task
 runs on a fresh clawd, in order, as one user's traffic:
 
-- the shipped `cascade` (window entropy 1.4, `[adjust]` holding 20% escalated);
-- the anchor: the same policy with `[adjust]` removed (the threshold as written, what the
-  previous shipped policy did);
+- the shipped `cascade` (its window-entropy threshold fitted by asking every tier on the
+  development sets, `[adjust]` holding 20% escalated);
+- the same policy with `[adjust]` removed (the threshold as written);
+- the anchor: the policy shipped before (window entropy 1.4, chosen on the local meter alone,
+  no `[adjust]`);
 - each model alone.
 
 Reported per task: accuracy and the share escalated, over all requests and over the second half
@@ -23,6 +25,7 @@ import argparse
 import contextlib
 import json
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,7 @@ from cascade import MAX_TOKENS, REMOTE, Box, answer_graded, start_box
 from foundation import BIN, machine
 
 from clawctl.resources import bundled_dir
+from clawctl.routing.policy import load_policy
 from clawctl.store.models import ModelStore
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -67,25 +71,37 @@ def ask(box: Box, model: str, example: dict[str, Any]) -> tuple[bool, bool]:
     return answer_graded(box, model, example, "bench-unseen")
 
 
-def fixed_policy(work: Path) -> Path:
-    """The shipped cascade without its online adjustment: the anchor."""
+# The shipped policy's threshold before it was fitted by asking every tier (and before
+# `[adjust]`): what a new user got, the anchor.
+PREVIOUS_THRESHOLD = "1.4"
+
+
+def fixed_policy(work: Path, name: str, threshold: str | None = None) -> Path:
+    """The shipped cascade without its online adjustment (and with another written threshold,
+    if given), installed under another name."""
     text = (bundled_dir("daemon") / "policies" / "cascade.toml").read_text()
     start, end = text.index("[adjust]"), text.index("[audit]")
     text = text[:start] + text[end:]
-    text = text.replace('name = "cascade"', 'name = "cascade-fixed"', 1)
-    path = work / "cascade-fixed.toml"
+    text = text.replace('name = "cascade"', f'name = "{name}"', 1)
+    if threshold is not None:
+        text = re.sub(r"(?m)^window_entropy = [0-9.]+", f"window_entropy = {threshold}", text)
+    path = work / f"{name}.toml"
     path.write_text(text)
     return path
+
+
+VARIANTS = {"cascade-previous": PREVIOUS_THRESHOLD, "cascade-fixed": None}
 
 
 def run(name: str, examples: list[dict[str, Any]], port: int, work: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     env = {"CLAW_REMOTE_BASE_URL": f"http://127.0.0.1:{port}/v1", "CLAW_REMOTE_API_KEY": "bench"}
-    for policy in ("cascade", "cascade-fixed"):
+    for policy in ("cascade", *VARIANTS):
         with contextlib.ExitStack() as stack:
             box = start_box(stack, **env)
-            if policy == "cascade-fixed":
-                subprocess.run([str(BIN / "clawctl"), "route", "apply", str(fixed_policy(work))],
+            if policy in VARIANTS:
+                path = fixed_policy(work, policy, VARIANTS[policy])
+                subprocess.run([str(BIN / "clawctl"), "route", "apply", str(path)],
                                env=box.env, check=True, capture_output=True)  # fmt: skip
             results[policy] = [ask(box, policy, e) for e in examples]
     with contextlib.ExitStack() as stack:
@@ -128,10 +144,15 @@ def main() -> None:
             remote_alone = [ask(remote, REMOTE, e) for e in examples]
             rows.append(
                 f"| {name} | {len(examples)} | {cell(results['local'], False)} | "
-                f"{cell(remote_alone, False)} | {cell(results['cascade-fixed'])} | "
+                f"{cell(remote_alone, False)} | {cell(results['cascade-previous'])} | "
+                f"{cell(results['cascade-fixed'])} | "
                 f"{cell(results['cascade'])} |"
             )
             print(rows[-1], flush=True)
+    shipped = load_policy(bundled_dir("daemon") / "policies" / "cascade.toml")
+    adjust = shipped.adjust
+    assert adjust is not None
+    reach = (1 + adjust.max_step) ** (args.limit // adjust.every)
     lines = [
         "## The shipped cascade on unseen work",
         "",
@@ -140,22 +161,23 @@ def main() -> None:
         f"- Command: `make bench` (`python bench/unseen.py --limit {args.limit}`); "
         f"{time.monotonic() - started:.0f} s",
         f"- Local tier {LOCAL} (Q4_1), remote {REMOTE} (Q4_K_M, a second clawd), greedy, "
-        f"{MAX_TOKENS} tokens, each task on a fresh clawd. Anchor: the shipped policy's threshold "
-        "as written (no `[adjust]`), what the previous shipped policy did. Cells: accuracy "
-        "(share escalated over the task, and over its second half).",
+        f"{MAX_TOKENS} tokens, each task on a fresh clawd. Anchor: the policy shipped before "
+        f"(window entropy {PREVIOUS_THRESHOLD}, fitted on the local meter alone, no `[adjust]`). "
+        "Cells: accuracy (share escalated over the task, and over its second half).",
         "",
-        "| task | n | local alone | remote alone | threshold as written (anchor) | "
-        "shipped cascade (`[adjust]` 20%) |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| task | n | local alone | remote alone | previous policy ({PREVIOUS_THRESHOLD}, "
+        "anchor) | shipped threshold, no `[adjust]` | shipped cascade (`[adjust]` 20%) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        "- Reading: `[adjust]` holds a share of escalations, not accuracy. It moves a threshold "
-        "by at most 10% per 20 requests, so in 80 requests by at most 1.46x: where the local "
-        "tier's unsureness sits far above the written threshold, the share hardly moves in that "
-        "time. Whether escalating pays at all (it does not where the remote is the weaker tier, "
-        "and holding a lower share costs accuracy where the local tier is never right) only the "
-        "next tier's answers can say: the shipped `[audit]` collects them (2% of local "
-        "answers) and `clawctl route calibrate --from-ledger` fits the policy on them.",
+        f"- Reading: `[adjust]` holds a share of escalations, not accuracy. It moves a threshold "
+        f"by at most {adjust.max_step:.0%} per {adjust.every} requests, so in {args.limit} "
+        f"requests by at most {reach:.2f}x (and within {adjust.min_factor:g}x-"
+        f"{adjust.max_factor:g}x of the written value). Whether escalating pays at all (it does "
+        "not where the remote is the weaker tier, and holding a lower share costs accuracy where "
+        "the local tier is never right) only the next tier's answers can say: the shipped "
+        "`[audit]` collects them (2% of local answers) and `clawctl route calibrate "
+        "--from-ledger` fits the policy on them.",
     ]
     write_section("unseen", "\n".join(lines))
 
