@@ -3,7 +3,9 @@
 The requests are a real OpenClaw session (`openclaw agent --local`, openclaw@2026.9.6, default
 workspace), recorded with bench/capture_proxy.py into bench/data/openclaw_session.jsonl: its first
 call (system prompt ~40k characters, 12 tools, ~12k tokens), the call after its `read` tool step,
-and a next user turn of the same session. Both servers run Qwen2.5-Coder-0.5B Q4_K_M with a 32k
+and a next user turn of the same session. Each call carries clawd's own earlier answers in place
+of the recorded ones (`Echo`), as OpenClaw sends back what it got; llama-server gets exactly the
+requests clawd got. Both servers run Qwen2.5-Coder-0.5B Q4_K_M with a 32k
 context, one sequence, 2 threads, greedy; llama-server with `--jinja` and its prompt cache (on
 by default). Per row: time to the first streamed delta (text or tool call), time to the end of
 the answer (the complete tool call), prompt tokens, decode speed at that depth.
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +79,64 @@ class Call:
     tool_calls: int
     prefill: float  # the server's own time to the first token (its prompt processing), s
     computed: int  # prompt tokens the server computed (the rest it reused)
+    answer: dict[str, Any] = field(default_factory=dict)  # the assistant message it streamed
 
 
 def session() -> list[tuple[str, dict[str, Any]]]:
     rows = [json.loads(line) for line in SESSION.read_text().splitlines() if line.strip()]
     return [(row["name"], row["body"]) for row in rows]
+
+
+def _message(text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """A streamed answer as the assistant message a client sends back."""
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        message["tool_calls"] = [
+            {"id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": c["args"]}}
+            for c in calls
+        ]  # fmt: skip
+    return message
+
+
+class Echo:
+    """The recorded session as a client sends it to one server: the assistant turn each call
+    answered is replaced by that server's own answer in every later call (and the tool results
+    name its call ids), as OpenClaw does. Only where the answer is of the recorded kind (a call
+    of the same tools, or text): otherwise the recorded turn stays, so the session can go on."""
+
+    def __init__(self) -> None:
+        self.swaps: dict[str, dict[str, Any]] = {}
+        self.ids: dict[str, str] = {}
+        self.previous: list[dict[str, Any]] = []
+
+    def body(self, recorded: dict[str, Any], answer: dict[str, Any] | None) -> dict[str, Any]:
+        messages = recorded["messages"]
+        new = next(
+            (m for m in messages if m["role"] == "assistant" and m not in self.previous), None
+        )
+        if answer and new is not None and _kind(new) == _kind(answer):
+            self.swaps[json.dumps(new, sort_keys=True)] = answer
+            old = [c["id"] for c in new.get("tool_calls") or ()]
+            self.ids.update(
+                zip(old, [c["id"] for c in answer.get("tool_calls") or ()], strict=True)
+            )
+        self.previous = messages
+        return {**recorded, "messages": [self._swap(m) for m in messages]}
+
+    def _swap(self, message: dict[str, Any]) -> dict[str, Any]:
+        swapped = self.swaps.get(json.dumps(message, sort_keys=True))
+        if swapped is not None:
+            return swapped
+        if message["role"] == "tool" and message.get("tool_call_id") in self.ids:
+            return {**message, "tool_call_id": self.ids[message["tool_call_id"]]}
+        return message
+
+
+def _kind(message: dict[str, Any]) -> tuple[str, ...]:
+    """The tools a message calls, or ("text",) for a text answer."""
+    calls = message.get("tool_calls") or ()
+    return tuple(c["function"]["name"] for c in calls) if calls else ("text",)
 
 
 class Server:
@@ -119,6 +174,8 @@ class Server:
         usage: dict[str, Any] = {}
         decode = prefill = 0.0
         calls = computed = saved = 0
+        text: list[str] = []
+        made: dict[int, dict[str, Any]] = {}  # streamed tool calls by index
         url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
         with httpx.stream("POST", url, json=full, headers=headers, timeout=3600) as response:
             response.raise_for_status()
@@ -131,6 +188,13 @@ class Server:
                     if first is None and (delta.get("content") or delta.get("tool_calls")):
                         first = time.perf_counter() - started
                     calls += sum(1 for c in delta.get("tool_calls") or () if c.get("id"))
+                    text.append(delta.get("content") or "")
+                    for piece in delta.get("tool_calls") or ():
+                        call = made.setdefault(piece["index"], {"id": "", "name": "", "args": ""})
+                        call["id"] = piece.get("id") or call["id"]
+                        function = piece.get("function") or {}
+                        call["name"] = function.get("name") or call["name"]
+                        call["args"] += function.get("arguments") or ""
                 usage = chunk.get("usage") or usage
                 if chunk.get("claw"):
                     timings = chunk["claw"]["timings"]
@@ -151,6 +215,7 @@ class Server:
             calls,
             float(prefill),
             computed or int(usage.get("prompt_tokens", 0)) - saved,
+            _message("".join(text), [made[i] for i in sorted(made)]),
         )
 
     def warm(self) -> None:
@@ -216,9 +281,14 @@ def measure(runs: int, models: Path, binary: Path, work: Path) -> tuple[Rows, di
         clawd.start()
         try:
             clawd.warm()
-            for name, body in calls:
+            echo, answer, sent = Echo(), None, []
+            for name, recorded in calls:
+                body = echo.body(recorded, answer)
+                sent.append((name, body))
                 time.sleep(PAUSE.get(name, 0.0))
-                add(name, "clawd", clawd.call(body, {"claw": {"cache": False}}))
+                call = clawd.call(body, {"claw": {"cache": False}})
+                add(name, "clawd", call)
+                answer = call.answer
             clawd.stop()
             clawd.start()
             clawd.warm()
@@ -236,7 +306,7 @@ def measure(runs: int, models: Path, binary: Path, work: Path) -> tuple[Rows, di
         server.start()
         try:
             server.warm()
-            for name, body in calls:
+            for name, body in sent:  # the same requests clawd got
                 time.sleep(PAUSE.get(name, 0.0))
                 add(name, "llama-server", server.call(body))
         finally:
@@ -287,7 +357,9 @@ def write_results(rows: Rows, grammar: dict[str, Any], runs: int) -> None:
         "- Requests: a real OpenClaw session (openclaw@2026.9.6, default workspace, 12 tools, "
         "`tool_choice: auto`) recorded with bench/capture_proxy.py "
         "(bench/data/openclaw_session.jsonl), sent as OpenClaw sends them (streaming, usage), "
-        "temperature 0; Qwen2.5-Coder-0.5B Q4_K_M, 32k context, one sequence, 2 threads",
+        "temperature 0, each call carrying clawd's own earlier answers where the recording had "
+        "the same kind of answer (as OpenClaw sends back what it got; llama-server gets the same "
+        "requests); Qwen2.5-Coder-0.5B Q4_K_M, 32k context, one sequence, 2 threads",
         "- llama-server: the llama.cpp llama-cpp-python vendors, `--jinja -c 32768 -np 1 -t 2`, "
         "prompt cache on; clawd: profile x86-small over TCP with a token, answer cache off",
         f"- Median of {runs} runs; each run starts both servers with nothing computed. "
@@ -319,6 +391,10 @@ def write_results(rows: Rows, grammar: dict[str, Any], runs: int) -> None:
                 f"| {median(calls, 'done'):.2f} | {median(calls, 'decode_tps'):.2f} "
                 f"| {int(median(calls, 'tool_calls'))} | {ratio} |"
             )
+
+    def computed(row: str, server: str) -> int:
+        return int(median(rows[row][server], "computed"))
+
     cold = median(rows["first call"]["clawd"], "prefill")
     second = median(rows["after a tool step"]["clawd"], "prefill")
     lines += [
@@ -363,13 +439,16 @@ def write_results(rows: Rows, grammar: dict[str, Any], runs: int) -> None:
         "- llama-server returned every call as text in `content` (0 `tool_calls`), and after the "
         "tool step, unconstrained, wrote on until its token limit; clawd's grammar-held call "
         'was complete in the time shown under "done".',
-        "- What the warm rows are made of (profiled once on 2026-12-07 with py-spy and per-step "
-        "timing, this machine): clawd's "
-        "model thread spends 99% of the call in `llama_decode`; after the tool step the 134 new "
-        "tokens at 12k depth take one 2.92 s step (llama-server: 135 in 2.97 s). clawd's time "
+        f"- Computing less: while the client is away clawd computes the answer it gave as the "
+        f"next call will render it (anticipation, docs/agents.md). Before the next turn, after "
+        f"the user's pause, clawd computed {computed('next turn', 'clawd')} prompt tokens and "
+        f"llama-server {computed('next turn', 'llama-server')}; the call after the tool step, "
+        f"sent at once, found no time for it ({computed('after a tool step', 'clawd')} vs "
+        f"{computed('after a tool step', 'llama-server')}: it takes over within one 32-token "
+        "chunk). For the same tokens both are level: profiled on 2026-12-07, clawd's model thread "
+        "spends 99% of such a call in `llama_decode` with llama-server's kernels; clawd's time "
         "also counts tokenizing the 12k-token prompt (~20 ms) and queueing, which llama-server's "
-        "`prompt_ms` does not. Both compute the same tokens with the same kernels, so the rows "
-        "are level; being ahead means computing less (docs/agents.md).",
+        "`prompt_ms` does not.",
         "- Decode at depth (measured once on 2026-12-07): one token at 12k depth costs ~95 ms "
         "in llama.cpp here, whether the "
         "KV is one pool or a stream (measured); clawd's own per-token work is ~1% of its model "
