@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 
 from clawctl.engines.base import ChatTurn, Prompt, SamplingParams, ToolCall, ToolSpec
@@ -86,7 +87,7 @@ def test_the_queue_offers_idle_work_only_when_no_job_waits() -> None:
     assert queue.take_idle() is None
     job = Job(Prompt(text="x"), SamplingParams(), asyncio.new_event_loop(), asyncio.Queue())
     queue.put(job)
-    queue.anticipate(old)
+    queue.anticipate(old)  # offered while a job waits (it would not be, but to be sure)
     assert queue.has_jobs()
     assert queue.take_idle() is None  # a job waits: the idle work is dropped
     assert queue.take(wait=False) is job
@@ -161,3 +162,22 @@ def test_a_waiting_job_interrupts_the_anticipation() -> None:
         await mgr.stop()
 
     asyncio.run(scenario())
+
+
+def test_idle_work_after_a_call_waits_for_the_next_request_first() -> None:
+    """After an answer that calls tools the work is due only later: a job arriving meanwhile
+    is taken first and outdates it; one that does not arrive leaves it to run once due."""
+    queue = FairQueue()
+    loop = asyncio.new_event_loop()
+    prompts = (Prompt(text="a"), Prompt(text="b"))
+    queue.anticipate(Anticipation(prompts, (), time.monotonic() + 60))
+    assert queue.take_idle() is None  # not due: kept
+    job = Job(Prompt(text="x"), SamplingParams(), loop, asyncio.Queue())
+    threading.Timer(0.05, queue.put, (job,)).start()
+    assert queue.take(wait=True) is job  # the request came back first
+    assert queue._idle is None  # ...and outdated the work
+    due = Anticipation(prompts, (), time.monotonic() + 0.05)
+    queue.anticipate(due)
+    assert queue.take(wait=True) is None  # woken once it is due
+    assert queue.take_idle() is due
+    loop.close()

@@ -29,6 +29,11 @@ from dataclasses import dataclass
 
 from clawctl.engines.base import ChatTurn, Prompt, ToolCall
 
+# After an answer that calls tools, the computing waits this long for the next call first: an
+# agent's fast tool (OpenClaw's `read`) brings it back within a few hundred milliseconds, and a
+# chunk at 12k tokens of depth the call would wait for costs it more than the chunk saves. A
+# slower tool (a shell command, a web fetch) leaves the time; after a text answer, a person reads.
+AFTER_CALLS_SECONDS = 0.5
 # Conversations remembered (one fingerprint list each, a few KB at most): an agent's sessions
 # come and go; the oldest are forgotten first.
 CONVERSATIONS = 64

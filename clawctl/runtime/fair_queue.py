@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 from clawctl.runtime.jobs import Anticipation, Job
@@ -14,7 +15,8 @@ class FairQueue:
     that sends a burst waits behind itself, not in front of everybody else.
 
     Besides jobs it holds at most one `Anticipation`, the newest (an older one is outdated by
-    it): idle-time work the consumer takes only when no job is waiting."""
+    it): idle-time work the consumer takes only when no job is waiting, and not before its
+    `not_before`."""
 
     def __init__(self) -> None:
         self._ready = threading.Condition()
@@ -24,8 +26,11 @@ class FairQueue:
         self._idle: Anticipation | None = None
 
     def put(self, job: Job) -> None:
+        """Queue a job; it outdates idle-time work not yet taken (the context it would build
+        on is about to change)."""
         with self._ready:
             self._waiting.setdefault(job.caller, deque()).append(job)
+            self._idle = None
             self._ready.notify()
 
     def anticipate(self, work: Anticipation) -> None:
@@ -35,9 +40,12 @@ class FairQueue:
             self._ready.notify()
 
     def take_idle(self) -> Anticipation | None:
-        """The idle-time work, if no job is waiting and the queue is not stopped."""
+        """The idle-time work, if it is due, no job is waiting and the queue is not stopped."""
         with self._ready:
-            work, self._idle = self._idle, None
+            work = self._idle
+            if work is not None and work.not_before > time.monotonic():
+                return None  # not due yet: kept
+            self._idle = None
             return None if self._waiting or self._stopped else work
 
     def has_jobs(self) -> bool:
@@ -58,12 +66,18 @@ class FairQueue:
 
     def take(self, wait: bool) -> Job | None:
         """The next job; None when the queue is empty and `wait` is false, once stopped, or
-        when idle-time work is waiting (`take_idle`)."""
+        when idle-time work is due (`take_idle`)."""
         with self._ready:
             while not self._waiting:
-                if self._stopped or not wait or self._idle is not None:
+                if self._stopped or not wait:
                     return None
-                self._ready.wait()
+                if self._idle is None:
+                    self._ready.wait()
+                    continue
+                delay = self._idle.not_before - time.monotonic()
+                if delay <= 0:
+                    return None
+                self._ready.wait(delay)
             caller = min(self._waiting, key=lambda c: self._served.get(c, 0))
             jobs = self._waiting[caller]
             job = jobs.popleft()

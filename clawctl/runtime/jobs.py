@@ -76,6 +76,7 @@ class Anticipation:
 
     prompts: tuple[Prompt, Prompt]
     adapters: tuple[AdapterSpec, ...] = ()
+    not_before: float = 0.0  # `time.monotonic()` before which it waits for a job to come first
 
 
 def emit_all(deliveries: list[tuple[Job, JobEvent]]) -> None:

@@ -39,6 +39,7 @@ from clawctl.errors import BadInput, ClawError, NotFound, RemoteTierError
 from clawctl.ledger import DistillExample, LedgerRow
 from clawctl.routing.policy import Route, RouteInput, escalation_thresholds, route
 from clawctl.routing.remote import RemoteDone, RemoteFailure, RemoteRequest
+from clawctl.runtime.anticipation import AFTER_CALLS_SECONDS
 from clawctl.runtime.jobs import Anticipation, Failed, Started
 from clawctl.runtime.statekeeper import StateRequest
 from clawctl.runtime.worker import JobHandle
@@ -443,7 +444,8 @@ class GenerationRun:
             return
         expected = anticipator.expected(self.model, self.prompt, content, calls)
         if expected is not None:
-            work = Anticipation(expected, self._adapters)
+            wait = AFTER_CALLS_SECONDS if calls else 0.0
+            work = Anticipation(expected, self._adapters, time.monotonic() + wait)
             self.services.manager.anticipate(answered.model, work)
 
     async def aclose(self) -> None:
