@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clawctl.engines.decoding import NgramIndex, TextStream
+from clawctl.engines.decoding import DraftPacer, NgramIndex, StepCosts, TextStream
 
 
 def stream(pieces: list[bytes], stops: tuple[str, ...] = ()) -> tuple[list[str], str, bool]:
@@ -81,3 +81,89 @@ def test_ngram_never_matches_the_tail_itself() -> None:
     fresh = NgramIndex()
     fresh.extend([1, 2])
     assert fresh.draft(3) == []
+
+
+def measured(one: float, per_extra: float, depth: int = 0, longest: int = 9) -> StepCosts:
+    """Step costs as a box would measure them: `one` second for a step of one token and
+    `per_extra` for each further token in the step."""
+    costs = StepCosts()
+    for n in range(1, longest + 1):
+        costs.observe(depth, n, one + per_extra * (n - 1))
+    return costs
+
+
+def test_step_costs_are_measured_per_depth_and_fall_back_to_the_prior() -> None:
+    costs = measured(0.1, 0.01, depth=12_000)
+    assert abs(costs.ratio(12_000, 5) - 1.4) < 1e-9
+    assert costs.ratio(100, 5) == 3.05  # nothing measured that shallow: the prior curve
+    assert costs.ratio(100, 3) > costs.ratio(100, 2) > 1.0
+    assert costs.ratio(12_000, 1) == 1.0
+    costs.observe(12_000, 5, 0.05)  # a noisy step cannot make drafts cheaper than free
+    costs.observe(12_000, 5, 0.05)
+    assert costs.ratio(12_000, 5) >= 1.0
+
+
+def test_cheap_verify_steps_draft_long_and_compute_bound_ones_draft_nothing_unproven() -> None:
+    flat = DraftPacer(measured(0.1, 0.002))  # memory-bound: a 9-token step costs 1.16 steps
+    assert flat.length(0, 8) == 8
+    linear = DraftPacer(measured(0.1, 0.1))  # every token costs a whole step: never pays
+    assert linear.length(0, 8) == 0
+
+
+def test_misses_stop_drafting_and_probes_back_off() -> None:
+    pacer = DraftPacer(StepCosts())  # the prior curve: a compute-bound small CPU
+    assert pacer.length(0, 8) > 0
+    probes = []
+    for _ in range(6):
+        steps = 0
+        while (length := pacer.length(0, 8)) == 0:
+            steps += 1
+            assert steps < 1000
+        probes.append(steps)
+        pacer.record(length, 0)  # free text: the draft never holds
+    assert probes[0] == 0
+    assert probes[1:] == sorted(probes[1:])
+    assert probes[-1] >= 4 * probes[1] > 0
+
+
+def next_draft(pacer: DraftPacer) -> int:
+    """The length of the next step that drafts (steps that do not are skipped)."""
+    for _ in range(1000):
+        if length := pacer.length(0, 8):
+            return length
+    raise AssertionError("the pacer never drafts again")
+
+
+def test_drafts_that_hold_grow_and_a_held_probe_resumes_drafting() -> None:
+    pacer = DraftPacer(StepCosts())
+    for _ in range(3):
+        pacer.record(next_draft(pacer), 0)
+    probe = next_draft(pacer)
+    assert probe == DraftPacer.PROBE
+    lengths = []
+    for _ in range(6):  # copying the context: every draft holds
+        length = pacer.length(0, 8)
+        lengths.append(length)
+        pacer.record(length, length)
+    assert all(n > 0 for n in lengths)
+    assert lengths[-1] == 8
+    assert pacer.acceptance > 0.9
+
+
+def test_a_draft_model_as_costly_as_its_target_is_not_worth_drafting_with() -> None:
+    costs = measured(0.1, 0.002)  # verify steps nearly free (memory-bound)
+    pacer = DraftPacer(costs)
+    assert pacer.length(0, 8, by_model=True) == 8  # the draft model's cost not timed yet
+    costs.observe_draft(0.1)  # as slow per token as the target
+    assert pacer.length(0, 8, by_model=True) == 0
+    assert pacer.length(0, 8) == 8  # prompt-lookup drafts cost nothing to make
+    cheap = measured(0.1, 0.002)
+    cheap.observe_draft(0.01)  # a draft model ten times faster per token
+    assert DraftPacer(cheap).length(0, 8, by_model=True) > 0
+
+
+def test_a_generation_that_always_drafts_still_weighs_its_draft_model() -> None:
+    costs = StepCosts()
+    costs.observe(0, 5, 0.305)  # only verify steps timed: one token would take ~0.1 s
+    costs.observe_draft(0.1)
+    assert 0.9 < costs.draft_ratio(0) < 1.1

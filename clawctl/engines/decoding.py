@@ -10,6 +10,7 @@ that have reliably followed the history's latest n-grams (prompt-lookup drafting
 from __future__ import annotations
 
 import codecs
+import itertools
 from dataclasses import dataclass
 
 
@@ -130,3 +131,140 @@ class DraftRequest:
     seq: int
     history: list[int]
     limit: int
+
+
+# What a verify step of n tokens costs against a step of one, until this box has measured it:
+# the curve measured on a 2-core x86 CPU with SmolLM2-135M (bench/RESULTS.md, speculative
+# decoding). A small CPU is compute-bound, so there a draft pays only when most of a long one
+# holds; where steps are memory-bound (GPUs, larger models) the measured curve is flatter and
+# the pacer drafts more.
+PRIOR_STEP_COST = ((1, 1.0), (2, 1.88), (5, 3.05), (9, 4.10), (13, 5.69))
+
+
+class StepCosts:
+    """Seconds per decode step, by the tokens in it and the depth of the context it attends to,
+    as this box measures them (a moving average per cell), for the draft pacer's arithmetic.
+
+    Depth is bucketed because a step at 12k tokens of context costs several times one at 100
+    (attention reads every cell), and the ratio of an n-token step to a one-token step is only
+    meaningful between steps at about the same depth."""
+
+    DEPTH_BUCKET = 2048
+    SMOOTHING = 0.2
+
+    def __init__(self) -> None:
+        self._seconds: dict[tuple[int, int], float] = {}
+        self._draft_step: float | None = None  # a draft model's step, seconds
+
+    def observe(self, depth: int, tokens: int, seconds: float) -> None:
+        self._seconds[(depth // self.DEPTH_BUCKET, tokens)] = self._smooth(
+            self._seconds.get((depth // self.DEPTH_BUCKET, tokens)), seconds
+        )
+
+    def observe_draft(self, seconds_per_step: float) -> None:
+        """A draft model's run: its time per drafted position (its steps are batched across
+        the requests it drafts for)."""
+        self._draft_step = self._smooth(self._draft_step, seconds_per_step)
+
+    def _smooth(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.SMOOTHING * (new - old)
+
+    def draft_ratio(self, depth: int) -> float:
+        """A draft model's token in steps of one target token (0 until both are measured):
+        what drafting d tokens with it adds to their verify step's cost."""
+        if self._draft_step is None:
+            return 0.0
+        bucket = depth // self.DEPTH_BUCKET
+        one = self._seconds.get((bucket, 1))
+        if one is None:  # a generation that always drafts: judge by its verify steps
+            one = next(
+                (t / _prior_cost(n) for (b, n), t in self._seconds.items() if b == bucket), None
+            )
+        return self._draft_step / one if one else 0.0
+
+    def ratio(self, depth: int, tokens: int) -> float:
+        """Cost of a step of `tokens` tokens in steps of one (at least 1)."""
+        if tokens <= 1:
+            return 1.0
+        bucket = depth // self.DEPTH_BUCKET
+        one, many = self._seconds.get((bucket, 1)), self._seconds.get((bucket, tokens))
+        if one and many:
+            return max(1.0, many / one)
+        return _prior_cost(tokens)
+
+
+def _prior_cost(tokens: int) -> float:
+    points = PRIOR_STEP_COST
+    for (n0, c0), (n1, c1) in itertools.pairwise(points):
+        if tokens <= n1:
+            return c0 + (c1 - c0) * (tokens - n0) / (n1 - n0)
+    (n0, c0), (n1, c1) = points[-2], points[-1]
+    return c1 + (c1 - c0) * (tokens - n1) / (n1 - n0)
+
+
+class DraftPacer:
+    """How many draft tokens one greedy generation verifies in its next step.
+
+    A verify step of 1+d tokens yields the accepted drafts plus one token and costs
+    `StepCosts.ratio(1+d)` plain steps, so the pacer picks the d that maximizes expected tokens
+    per cost, and drafts nothing when no d beats a plain step (expected tokens per cost <= 1).
+    Each draft token is taken to hold with probability p, estimated from this generation's
+    recent drafts (decayed counts, so a run of copied JSON and the free text after it are told
+    apart); a d-token draft is then expected to yield sum(p^k, k=0..d) tokens.
+
+    Once p says no, a short probe (PROBE tokens) now and then finds out whether the generation
+    has turned to copying its context; the wait between probes doubles with every probe that
+    misses (free text: a lost step every few hundred tokens) and ends at the first that holds."""
+
+    PRIOR_HELD = 4.0  # a prior of 4 held draft tokens to 1 miss: p = 0.8
+    PRIOR_MISSED = 1.0
+    MEMORY = 0.8  # weight of the counts so far at each new outcome
+    PROBE = 2
+    FIRST_WAIT = 8  # declined steps before the first probe after a miss
+    LONGEST_WAIT = 256
+
+    def __init__(self, costs: StepCosts) -> None:
+        self._costs = costs
+        self._held = self.PRIOR_HELD
+        self._missed = self.PRIOR_MISSED
+        self._wait = 0  # declined steps left before the next probe
+        self._misses = 0  # probes (or drafts) missed in a row
+
+    @property
+    def acceptance(self) -> float:
+        return self._held / (self._held + self._missed)
+
+    def length(self, depth: int, available: int, by_model: bool = False) -> int:
+        """The draft length worth verifying now, at most `available` (0: none this step);
+        `by_model`: the drafts would come from a draft model, whose own steps cost too."""
+        extra = self._costs.draft_ratio(depth) if by_model else 0.0
+        paying = self._best(self.acceptance, depth, available, extra)
+        if paying > 0:
+            return paying
+        if self._wait > 0:
+            self._wait -= 1
+            return 0
+        prior = self.PRIOR_HELD / (self.PRIOR_HELD + self.PRIOR_MISSED)
+        return min(self.PROBE, self._best(prior, depth, available, extra))
+
+    def _best(self, p: float, depth: int, available: int, per_draft: float) -> int:
+        best, best_gain = 0, 1.0
+        expected, term = 1.0, 1.0
+        for d in range(1, available + 1):
+            term *= p
+            expected += term
+            gain = expected / (self._costs.ratio(depth, 1 + d) + d * per_draft)
+            if gain > best_gain:
+                best, best_gain = d, gain
+        return best
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """A verify step's outcome: `accepted` of `drafted` tokens held (a miss unless all)."""
+        missed = accepted < drafted
+        self._held = self.MEMORY * self._held + accepted
+        self._missed = self.MEMORY * self._missed + (1.0 if missed else 0.0)
+        if not missed or accepted > 0:
+            self._misses, self._wait = 0, 0
+        else:
+            self._misses += 1
+            self._wait = min(self.LONGEST_WAIT, self.FIRST_WAIT << min(self._misses - 1, 8))

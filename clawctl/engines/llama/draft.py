@@ -15,6 +15,7 @@ Runs on the target model's thread (one thread per model: see scheduler.py).
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import llama_cpp
@@ -55,6 +56,9 @@ class DraftModel:
         self.n_batch = settings.n_batch
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._held: dict[int, list[int]] = {}  # per sequence: tokens whose cells it holds
+        # The last `draft` call's seconds per drafting step (one token per sequence; catching
+        # up with a prompt excluded), None if it drafted past no first token.
+        self.step_seconds: float | None = None
 
     @staticmethod
     def _check_vocabulary(path: Path, target: llama_cpp.Llama) -> None:
@@ -105,9 +109,12 @@ class DraftModel:
         # the last token of each history is decoded with logits: the first draft follows it.
         firsts = self._decode_pending(pending)
         going = self._accept(firsts, drafts, limits)
+        started, steps = time.perf_counter(), 0
         while going:
             tokens = {seq: [drafts[seq][-1]] for seq in going}
             going = self._accept(self._decode_pending(tokens), drafts, limits)
+            steps += 1
+        self.step_seconds = (time.perf_counter() - started) / steps if steps else None
         return drafts
 
     def _sync(self, seq: int, history: list[int]) -> list[int]:

@@ -56,7 +56,7 @@ from clawctl.engines.base import (
     TokenLogprob,
     finish_events,
 )
-from clawctl.engines.decoding import DraftRequest, NgramIndex, TextStream
+from clawctl.engines.decoding import DraftPacer, DraftRequest, NgramIndex, StepCosts, TextStream
 from clawctl.engines.llama.constrained import CandidateSampler
 from clawctl.engines.meter import EntropyMeter, Thresholds
 from clawctl.errors import EngineError
@@ -80,10 +80,6 @@ MIXED_PREFILL = 64
 # Cells a pool keeps free per running generation for what it will generate next: admission
 # leaves this much beside each, and a suspended generation resumes only with this much spare.
 GROWTH = 256
-# Steps without drafting after a short draft was rejected outright.
-DRAFT_COOLDOWN = 4
-# Drafts per step never adapt below this: a lone draft token costs nearly a whole step.
-MIN_DRAFT = 2
 
 
 @dataclass
@@ -107,8 +103,7 @@ class Slot:
     sampled: int = 0
     drafted: int = 0
     accepted: int = 0
-    draft_len: int = 4  # drafts per step now (adapted to how many were accepted)
-    cooldown: int = 0  # steps without drafting left
+    pacer: DraftPacer | None = None  # how far to draft (greedy generations only)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet carried by an event
     suspended: bool = False  # its cells were given back to a full pool; `pending` holds them
     freeze: FreezePoint | None = None  # capture the state at this prompt length on the way
@@ -161,6 +156,7 @@ class SlotBatch:
         self._idle: dict[int, list[int]] = {}  # ended generations' sequences: tokens they hold
         self._memory_cold = False  # see `mark_memory_cold`
         self._candidates = CandidateSampler(self._n_vocab)
+        self._costs = StepCosts()  # what verify steps cost here, for the slots' draft pacers
 
     def close(self) -> None:
         for slot in self.slots.values():
@@ -347,6 +343,7 @@ class SlotBatch:
             text=TextStream((*prompt.stop, *params.stop)),
             meter=meter,
             ngrams=ngrams,
+            pacer=None if ngrams is None else DraftPacer(self._costs),
             max_tokens=self._max_new(len(tokens), params),
             shared=shared,
             opened=opened,
@@ -494,8 +491,12 @@ class SlotBatch:
             return events
         self._fit_step()
         plan = self._plan()
+        started = time.perf_counter()
         if (code := self._decode(plan)) != 0:
             raise EngineError(f"llama_decode failed ({code})")
+        if len(plan) == 1 and not plan[0].prefill:  # one generation's step: a clean measurement
+            seconds, only = time.perf_counter() - started, plan[0]
+            self._costs.observe(len(only.slot.held), len(only.tokens), seconds)
         for part in plan:
             events.extend(self._advance(part))
         return events
@@ -536,7 +537,8 @@ class SlotBatch:
 
     def _all_drafts(self, decoding: list[Slot], budget: int) -> dict[int, list[int]]:
         """Prompt-lookup drafts where the history repeats itself; the draft model's (if one is
-        configured) for the other speculating slots, all in one batched run of it."""
+        configured) for the other speculating slots, all in one batched run of it. Each slot's
+        pacer decides how many are worth verifying."""
         drafts: dict[int, list[int]] = {}
         wanted: list[DraftRequest] = []
         for slot in decoding:
@@ -544,40 +546,34 @@ class SlotBatch:
             if limit <= 0:
                 continue
             assert slot.ngrams is not None
+            assert slot.pacer is not None
             assert slot.last is not None
             found = slot.ngrams.draft(limit)
+            if not found and self._drafter is None:
+                continue
             if found:
-                drafts[slot.seq] = found
-                budget -= len(found)
-            elif self._drafter is not None:
-                wanted.append(DraftRequest(slot.seq, [*slot.held, slot.last], limit))
-                budget -= limit
+                length = slot.pacer.length(len(slot.held), len(found))
+            else:
+                length = slot.pacer.length(len(slot.held), limit, by_model=True)
+            if length <= 0:
+                continue
+            if found:
+                drafts[slot.seq] = found[:length]
+            else:
+                wanted.append(DraftRequest(slot.seq, [*slot.held, slot.last], length))
+            budget -= length
         if wanted:
             assert self._drafter is not None
             drafts.update(self._drafter.draft(wanted))
+            if self._drafter.step_seconds is not None:
+                self._costs.observe_draft(self._drafter.step_seconds)
         return drafts
 
     def _draft_limit(self, slot: Slot, budget: int) -> int:
         if slot.ngrams is None or budget <= 0:
             return 0
-        if slot.cooldown > 0:
-            slot.cooldown -= 1
-            return 0
         left = slot.max_tokens - slot.sampled - 1
-        return max(0, min(slot.draft_len, budget, left, self.n_ctx - len(slot.held) - 2))
-
-    def _adapt(self, slot: Slot, drafted: int, accepted: int) -> None:
-        """Draft as far as drafts have been paying off: a verify step of 1+d tokens costs
-        nearly 1+d single steps on a small CPU (here: 2 tokens ~2x, 5 ~3x, 9 ~4x), so a draft
-        pays only when most of a long one holds."""
-        if accepted == drafted:
-            slot.draft_len = min(self.draft_max, slot.draft_len * 2)
-        elif accepted > 0:
-            slot.draft_len = max(MIN_DRAFT, accepted + 1)
-        elif slot.draft_len > MIN_DRAFT:
-            slot.draft_len //= 2
-        else:
-            slot.cooldown = DRAFT_COOLDOWN  # this stretch does not repeat: pause a little
+        return max(0, min(self.draft_max, budget, left, self.n_ctx - len(slot.held) - 2))
 
     def _decode(self, plan: list[Planned]) -> int:
         batch = self._batch
@@ -642,8 +638,8 @@ class SlotBatch:
             if len(keep) < len(decoded):
                 llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, len(slot.held), -1)
             slot.accepted += len(sampled) - 1
-            if drafts:
-                self._adapt(slot, len(drafts), len(sampled) - 1)
+            if drafts and slot.pacer is not None:
+                slot.pacer.record(len(drafts), len(sampled) - 1)
         for k, token in enumerate(sampled):
             reason = self._emit(slot, token, indexes[k], events)
             if reason is not None:
