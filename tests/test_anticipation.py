@@ -164,6 +164,26 @@ def test_a_waiting_job_interrupts_the_anticipation() -> None:
     asyncio.run(scenario())
 
 
+def test_a_stop_interrupts_the_anticipation() -> None:
+    """Unloading the model (or clawd stopping) does not wait for idle-time work to finish."""
+    loader = FakeLoader()
+    history = _words(80, "h")
+
+    async def scenario() -> None:
+        mgr = manager(loader, ["a"])
+        await collect(mgr, "a", history, max_tokens=1)
+        [engine] = loader.engines
+        worker = mgr._workers["a"]
+        engine.on_prefill = worker.stop  # the stop comes while the first chunk is computed
+        mgr.anticipate("a", _expected(history, 100))
+        await asyncio.to_thread(_wait, lambda: not worker.is_alive(), "the model thread to end")
+        assert engine.prefills == [80 + ANTICIPATE_CHUNK]  # no chunk after the stop
+        assert engine.closed
+        await mgr.stop()
+
+    asyncio.run(scenario())
+
+
 def test_idle_work_after_a_call_waits_for_the_next_request_first() -> None:
     """After an answer that calls tools the work is due only later: a job arriving meanwhile
     is taken first and outdates it; one that does not arrive leaves it to run once due."""

@@ -21,7 +21,7 @@ import ollama
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.conftest import WEATHER_TOOL, Daemon, serve, tcp_config
+from tests.conftest import WEATHER_TOOL, Daemon, serve, tcp_config, wait_for
 
 pytestmark = pytest.mark.integration
 MODEL = "smollm2-135m"
@@ -274,6 +274,48 @@ def test_tool_result_round_trip(client: ollama.Client) -> None:
     again = client.chat(model=MODEL, messages=typed, tools=[WEATHER], options=GREEDY)
     assert again.message.content == reply.message.content
     assert again.prompt_eval_count == reply.prompt_eval_count
+
+
+def test_the_next_turn_starts_from_the_answer_computed_ahead(
+    fresh_home: Path, tmp_path: Path
+) -> None:
+    """OpenClaw's `ollama` provider shape (a context message last, moved behind the new turns
+    on the next call): after a whole answer clawd computes it as the next request will render
+    it, so that request reuses more than the whole first prompt, the answer included."""
+    context = {"role": "user", "content": "(Monday.)"}
+    ask = [  # an agent's preamble is long: short prompts are not worth computing ahead
+        {"role": "system", "content": " ".join(["You are a careful, friendly writer."] * 12)},
+        {"role": "user", "content": "Write two sentences about the sea."},
+    ]
+    config, port = tcp_config(tmp_path, TOKEN)
+    with serve(fresh_home, tmp_path, CLAW_CONFIG=str(config)) as daemon:
+        face = Served(daemon, port)
+        with face.client() as client:
+            first = client.chat(model=MODEL, messages=[*ask, context], options=GREEDY)
+            assert first.message.content
+
+            def anticipated() -> int:
+                with daemon.client() as http:
+                    loaded = http.get("/health").json()["loaded"]
+                return sum(int(m["anticipated_tokens"]) for m in loaded)
+
+            wait_for("the next turn's prefix to be computed", lambda: anticipated() > 0)
+            second = client.chat(
+                model=MODEL,
+                messages=[
+                    *ask,
+                    {"role": "assistant", "content": first.message.content},
+                    {"role": "user", "content": "And one about rivers?"},
+                    context,
+                ],
+                options=GREEDY,
+            )
+        with daemon.client() as http:
+            exported = http.get("/admin/ledger/export", params={"format": "json"})
+    assert exported.status_code == 200, exported.text
+    (last,) = [r for r in exported.json() if r["prompt_tokens"] == second.prompt_eval_count]
+    assert last["prefill_tokens_saved"] > (first.prompt_eval_count or 0)
+    assert last["prefill_tokens_saved"] < last["prompt_tokens"]
 
 
 # --- format ---------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from clawctl.api.peer import peer_of
 from clawctl.api.sse import NDJSON_LINE, TokenFrames
-from clawctl.api.wire import answer_headers, json_body
+from clawctl.api.wire import answer_headers, anticipate_after, json_body
 from clawctl.engines.base import ChatTurn, Grammar, Prompt, SamplingParams
 from clawctl.engines.base import ToolCall as CoreCall
 from clawctl.errors import BadInput, ClawError, ModelNotFound
@@ -541,12 +541,11 @@ async def chat(
         parsed = parse_tool_calls(text, use.names, answer.id)
         text, made = parsed.content, parsed.calls
         calls = [_wire_call(call, index) for index, call in enumerate(parsed.calls)] or None
-    reply = JSONResponse(
+    return JSONResponse(
         final(text, calls).model_dump(mode="json", exclude_none=True),
         headers=answer_headers(answer),
+        background=anticipate_after(answer, text, made),
     )
-    answer.anticipate(text, made)
-    return reply
 
 
 @router.post("/generate", response_model=None)

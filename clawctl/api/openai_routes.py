@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from clawctl.api.peer import peer_of
 from clawctl.api.sse import DONE, TokenFrames, error_frame, frame
-from clawctl.api.wire import answer_headers, json_body
+from clawctl.api.wire import answer_headers, anticipate_after, json_body
 from clawctl.engines.base import (
     ChatTurn,
     Grammar,
@@ -177,9 +177,11 @@ async def chat_completions(
         usage=answer.usage(),
         claw=answer.info(),
     )
-    response = JSONResponse(completion.model_dump(mode="json"), headers=answer_headers(answer))
-    answer.anticipate(message.content or "", calls)
-    return response
+    return JSONResponse(
+        completion.model_dump(mode="json"),
+        headers=answer_headers(answer),
+        background=anticipate_after(answer, message.content or "", calls),
+    )
 
 
 def _logprobs(entries: Sequence[TokenLogprob]) -> ChoiceLogprobs:

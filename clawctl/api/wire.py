@@ -5,18 +5,21 @@ OpenAI's and Ollama's servers all parse it as JSON anyway), validated by the fac
 model, with validation errors raised as `BadInput` so api/errors.py gives them the face's error
 shape. FastAPI cannot see such bodies, so each face lists its models in a `BODIES` table that
 `api/openapi.py` adds to the OpenAPI document. Answers carry the tier that gave them in
-`x-claw-tier`, and streams ask proxies not to buffer them.
+`x-claw-tier`, and streams ask proxies not to buffer them. A whole (non-streamed) answer offers
+anticipation only after its last byte went out (`anticipate_after`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
 
 from clawctl.api.errors import validation_error
+from clawctl.engines.base import ToolCall
 from clawctl.serving.dedup import Answer
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -41,3 +44,14 @@ def answer_headers(answer: Answer, streamed: bool = False) -> dict[str, str]:
     if answer.tier_name is not None:
         headers["x-claw-tier"] = answer.tier_name
     return headers
+
+
+def anticipate_after(answer: Answer, content: str, calls: Sequence[ToolCall]) -> BackgroundTask:
+    """A response's background task offering the answer's anticipation: it runs after the
+    response is sent, so computing ahead never delays delivering it, and on the event loop
+    (a coroutine), like the streaming faces' offers, not in Starlette's thread pool."""
+
+    async def offer() -> None:
+        answer.anticipate(content, calls)
+
+    return BackgroundTask(offer)

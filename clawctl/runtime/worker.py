@@ -181,7 +181,9 @@ class ModelWorker:
         also moves its last turn behind the new ones), so without this the answer's tokens are
         computed again, at the full depth of the context, while the caller waits. Computing
         them while the caller runs its tool costs nothing it waits for: a job arriving meanwhile
-        takes over between chunks, and what was computed so far is still a longer prefix."""
+        takes over between chunks, and what was computed so far is still a longer prefix. A
+        stop (an unload, clawd shutting down) ends it between chunks too: nobody waits for it
+        then, and a service manager waits for the stop."""
         if not engine.stateful or work.adapters != self._adapters:
             return  # switching adapters would drop the cells this would build on
         try:
@@ -193,7 +195,7 @@ class ModelWorker:
             if len(target) >= engine.n_ctx:
                 return
             started, done = time.perf_counter(), held
-            while done < len(target) and not self._jobs.has_jobs():
+            while done < len(target) and not (self._jobs.has_jobs() or self._jobs.stopped):
                 done = min(len(target), done + ANTICIPATE_CHUNK)
                 engine.prefill(target[:done])
         except ClawError as exc:  # the template refused the expected turn: nothing to do
