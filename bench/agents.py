@@ -49,7 +49,11 @@ TOKEN = "bench-token"
 # Client time before a call, the same for both servers: the user reading the answer and typing
 # the next message. The call after a tool step follows at once (a fast tool such as `read`:
 # the least time a server gets to prepare for it).
-PAUSE = {"next turn": 5.0}
+PAUSE = {"next turn": 5.0, "turn after a text answer": 5.0}
+# The session's last turn is followed by one more, built here from the answer clawd gave to it
+# (the recording ends there): the turn in which anticipation can show, since the call carries
+# exactly what clawd answered.
+FOLLOW_UP = "[Sun 2026-12-06 21:10 UTC] Good. What was the name of the file you read?"
 JSON_PROMPT = [
     {"role": "user", "content": "List eight European capitals with their countries, as JSON."}
 ]
@@ -131,6 +135,19 @@ class Echo:
         if message["role"] == "tool" and message.get("tool_call_id") in self.ids:
             return {**message, "tool_call_id": self.ids[message["tool_call_id"]]}
         return message
+
+
+def follow_up(body: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any] | None:
+    """The next turn after `body`'s call was answered with `answer`, as OpenClaw sends it: the
+    answer, a new user message with the same runtime line, then the internal-context message
+    moved to the end again. None when the answer was not text (the session would need a tool
+    result first)."""
+    if _kind(answer) != ("text",) or not answer.get("content"):
+        return None
+    *history, user, internal = body["messages"]
+    runtime = user["content"].partition("\n\nRuntime:")[2]
+    asked = {"role": "user", "content": f"{FOLLOW_UP}\n\nRuntime:{runtime}"}
+    return {**body, "messages": [*history, user, answer, asked, internal]}
 
 
 def _kind(message: dict[str, Any]) -> tuple[str, ...]:
@@ -289,6 +306,12 @@ def measure(runs: int, models: Path, binary: Path, work: Path) -> tuple[Rows, di
                 call = clawd.call(body, {"claw": {"cache": False}})
                 add(name, "clawd", call)
                 answer = call.answer
+            last = follow_up(sent[-1][1], answer) if answer else None
+            if last is not None:
+                name = "turn after a text answer"
+                sent.append((name, last))
+                time.sleep(PAUSE[name])
+                add(name, "clawd", clawd.call(last, {"claw": {"cache": False}}))
             clawd.stop()
             clawd.start()
             clawd.warm()
@@ -347,6 +370,37 @@ def median(calls: list[Call], field: str) -> float:
     return statistics.median(float(getattr(c, field)) for c in calls)
 
 
+def anticipation_note(rows: Rows) -> str:
+    """What computing ahead saved, where the session lets it show."""
+    row = "turn after a text answer"
+
+    def computed(name: str, server: str) -> int:
+        return int(median(rows[name][server], "computed"))
+
+    head = (
+        "- Computing less: while the client is away clawd computes the answer it gave as the "
+        "next call will render it (anticipation, docs/agents.md). "
+    )
+    if row not in rows:
+        return head + (
+            "It could not show in this run: clawd's answer to the last recorded turn was not "
+            "text, so no follow-up turn carrying it was sent."
+        )
+    return head + (
+        f"The turn after a text answer carries clawd's own answer: clawd computed "
+        f"{computed(row, 'clawd')} prompt tokens, llama-server {computed(row, 'llama-server')} "
+        f"(its cache ends where its last prompt ended, before the answer). The recorded rows "
+        f"carry the recording's text where clawd answered otherwise (the next turn: "
+        f"{computed('next turn', 'clawd')} vs {computed('next turn', 'llama-server')}), and the "
+        f"call after a tool step comes back at once, before the half second anticipation waits "
+        f"after a call ({computed('after a tool step', 'clawd')} vs "
+        f"{computed('after a tool step', 'llama-server')}). For the same tokens both are level: "
+        "profiled on 2026-12-07, clawd's model thread spends 99% of such a call in "
+        "`llama_decode` with llama-server's kernels; clawd's time also counts tokenizing the "
+        "12k-token prompt (~20 ms) and queueing, which llama-server's `prompt_ms` does not."
+    )
+
+
 def write_results(rows: Rows, grammar: dict[str, Any], runs: int) -> None:
     lines = [
         "## Agents: OpenClaw's requests, clawd vs llama-server",
@@ -392,9 +446,6 @@ def write_results(rows: Rows, grammar: dict[str, Any], runs: int) -> None:
                 f"| {int(median(calls, 'tool_calls'))} | {ratio} |"
             )
 
-    def computed(row: str, server: str) -> int:
-        return int(median(rows[row][server], "computed"))
-
     cold = median(rows["first call"]["clawd"], "prefill")
     second = median(rows["after a tool step"]["clawd"], "prefill")
     lines += [
@@ -406,7 +457,10 @@ def write_results(rows: Rows, grammar: dict[str, Any], runs: int) -> None:
         f"| clawd: call after a tool step >= 20x faster to first token than the first call "
         f"| {cold / second:.0f}x | {'yes' if cold / second >= 20 else 'no'} |",
     ]
-    for row in ("first call", "after a tool step", "next turn", "first call after a restart"):
+    for row in ("first call", "after a tool step", "next turn", "turn after a text answer",
+                "first call after a restart"):  # fmt: skip
+        if row not in rows or row not in anchor_first:
+            continue
         mine = median(rows[row]["clawd"], "prefill")
         theirs = anchor_first[row]
         lines.append(
@@ -439,18 +493,7 @@ def write_results(rows: Rows, grammar: dict[str, Any], runs: int) -> None:
         "- llama-server returned every call as text in `content` (0 `tool_calls`), and after the "
         "tool step, unconstrained, wrote on until its token limit; clawd's grammar-held call "
         'was complete in the time shown under "done".',
-        f"- Computing less: while the client is away clawd computes the answer it gave as the "
-        f"next call will render it (anticipation, docs/agents.md). Here it could not show: "
-        f"clawd answered the call after the tool step with another call where the recording "
-        f"has text, so the next turn carries the recorded text, not clawd's answer (clawd "
-        f"computed {computed('next turn', 'clawd')} prompt tokens, llama-server "
-        f"{computed('next turn', 'llama-server')}); and the call after the tool step comes back "
-        f"at once, before the half second anticipation waits after a call "
-        f"({computed('after a tool step', 'clawd')} vs "
-        f"{computed('after a tool step', 'llama-server')}). For the same tokens both are level: "
-        "profiled on 2026-12-07, clawd's model thread spends 99% of such a call in "
-        "`llama_decode` with llama-server's kernels; clawd's time also counts tokenizing the "
-        "12k-token prompt (~20 ms) and queueing, which llama-server's `prompt_ms` does not.",
+        anticipation_note(rows),
         "- Decode at depth (measured once on 2026-12-07): one token at 12k depth costs ~95 ms "
         "in llama.cpp here, whether the "
         "KV is one pool or a stream (measured); clawd's own per-token work is ~1% of its model "
