@@ -19,6 +19,7 @@ from clawctl.envvars import ENV_VARS, EnvVar
 from clawctl.errors import BadInput
 from clawctl.paths import SYSTEM_SOCKET, Paths
 from clawctl.resources import default_daemon_config
+from clawctl.schemas.openai import KEEP_LOADED_SECONDS
 
 __all__ = ["ENV_VARS", "EnvVar", "load_client_config", "load_daemon_config", "load_paths"]
 
@@ -43,7 +44,7 @@ class DaemonSection(_Strict):
     socket_group: str = ""
     profile: str = "auto"
     default_model: str = "smollm2-135m"
-    keep_alive_seconds: float = Field(300.0, ge=0)
+    keep_alive_seconds: float = Field(300.0, ge=0, le=KEEP_LOADED_SECONDS)
     graceful_timeout_seconds: float = Field(30.0, ge=0)
     max_queue: int = Field(64, ge=1)
     # Largest request body clawd reads (413 beyond it); uploads stream to disk and are exempt.

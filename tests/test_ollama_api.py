@@ -141,6 +141,22 @@ def test_ps_lists_a_loaded_model(client: ollama.Client) -> None:
     assert timedelta(minutes=9) < left <= timedelta(minutes=10)  # keep_alive "10m"
 
 
+def test_keep_alive_forever_is_a_date_and_past_any_date_is_refused(served: Served) -> None:
+    """A keep_alive beyond any representable expiry (the fuzz test found 1e300 made /api/ps
+    fail) is a 400; the longest one, "always", lists with an expiry decades ahead."""
+    body: dict[str, Any] = {"model": MODEL, "messages": HI, "max_tokens": 1}
+    with served.http() as http:
+        bad = http.post("/v1/chat/completions", json={**body, "claw": {"keep_alive": 1e300}})
+        assert bad.status_code == 400, bad.text
+        assert "keep_alive" in bad.json()["error"]["message"]
+        kept = http.post("/v1/chat/completions", json={**body, "claw": {"keep_alive": 2**31}})
+        assert kept.status_code == 200, kept.text
+        listed = http.get("/api/ps")
+    assert listed.status_code == 200, listed.text
+    (model,) = [m for m in listed.json()["models"] if m["name"] == MODEL]
+    assert datetime.fromisoformat(model["expires_at"]).year > datetime.now(timezone.utc).year + 60
+
+
 def test_preload_without_messages(client: ollama.Client) -> None:
     reply = client.chat(model=MODEL, messages=[])
     assert reply.done

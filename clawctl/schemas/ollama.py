@@ -17,12 +17,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from clawctl.errors import BadInput
-from clawctl.schemas.openai import TOOL_NAME, ClawRequest, FunctionSpec
+from clawctl.schemas.openai import KEEP_LOADED_SECONDS, TOOL_NAME, ClawRequest, FunctionSpec
 
 # The Ollama release whose API this face follows (clients compare it to enable features).
 OLLAMA_API_VERSION = "0.12.0"
-# What a negative keep_alive ("keep loaded") becomes: finite, so it serializes everywhere.
-KEEP_LOADED_SECONDS = float(2**31)
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 

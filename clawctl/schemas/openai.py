@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from clawctl.schemas.signals import Signals
 
+# The longest keep_alive (~68 years: "keep loaded"), what Ollama's negative keep_alive becomes
+# too: finite, so an expiry time stays a date every platform can represent and serialize.
+KEEP_LOADED_SECONDS = float(2**31)
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -65,7 +69,10 @@ class ClawRequest(_Strict):
         "normal", description="How much a wrong answer costs; routing policies match on it."
     )
     keep_alive: float | None = Field(
-        None, ge=0, description="Seconds to keep the model loaded after this request."
+        None,
+        ge=0,
+        le=KEEP_LOADED_SECONDS,
+        description="Seconds to keep the model loaded after this request (2147483648: always).",
     )
     speculative: bool = Field(
         True,
