@@ -34,6 +34,7 @@ from clawctl.engines.base import (
 from clawctl.engines.llama.draft import DraftModel
 from clawctl.engines.llama.load import load_llama, uses_flash_attn
 from clawctl.engines.llama.slots import MEMORY_SEQ, SlotBatch, seq_state
+from clawctl.engines.llama.tokens import Overflow, PieceTokenizer
 from clawctl.engines.meter import Thresholds
 from clawctl.engines.toolprompt import (
     dumps,
@@ -84,6 +85,7 @@ class LlamaEngine:
         self._formatter = self._build_formatter()
         self._n_vocab = int(self._llama.n_vocab())
         self._max_token_bytes: int | None = None  # found on the first long prompt
+        self._pieces = PieceTokenizer(self._llama._model.vocab, self._n_vocab)
 
     def _build_formatter(self) -> Jinja2ChatFormatter:
         llama = self._llama
@@ -159,16 +161,18 @@ class LlamaEngine:
         return self.prepare(prompt)
 
     def _tokenize(self, text: bytes, add_bos: bool, special: bool, param: str) -> list[int]:
+        """Chat prompts (special tokens parsed) by pieces, remembering an agent's repeated
+        turns (engines/llama/tokens.py); plain text whole."""
         n_ctx = self.n_ctx
         floor = self._min_tokens(text)
         if floor >= n_ctx:
             raise self._overflow(f"at least {floor} tokens ({len(text)} bytes)", param)
-        ids = (llama_cpp.llama_token * n_ctx)()
-        vocab = self._llama._model.vocab
-        count = int(llama_cpp.llama_tokenize(vocab, text, len(text), ids, n_ctx, add_bos, special))
-        if count < 0:  # llama.cpp counted them all but writes only what fits
-            raise self._overflow(f"{-count} tokens", param)
-        return list(ids[:count])
+        try:
+            if special:
+                return self._pieces.tokenize(text, add_bos, n_ctx)
+            return self._pieces.plain(text, add_bos, n_ctx)
+        except Overflow as exc:
+            raise self._overflow(f"{exc.tokens} tokens", param) from None
 
     def _min_tokens(self, text: bytes) -> int:
         """A lower bound on the tokens of `text`: each token stands for at most
