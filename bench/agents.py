@@ -495,12 +495,12 @@ def write_results(rows: Rows, grammar: dict[str, Any], runs: int) -> None:
         'was complete in the time shown under "done".',
         anticipation_note(rows),
         "- Decode at depth (measured once on 2026-12-07): one token at 12k depth costs ~95 ms "
-        "in llama.cpp here, whether the "
-        "KV is one pool or a stream (measured); clawd's own per-token work is ~1% of its model "
-        "thread. Prompt-lookup drafts pay where the answer copies the context (after the tool "
-        "step) and cost where they miss: the first call's bare call decoded at 9.7 tok/s with "
-        "`claw.speculative: false` in a single separate run, 8.7 with drafts (run-to-run "
-        "spread here: about 0.4 tok/s).",
+        "in llama.cpp on an AMD EPYC host, whether the KV is one pool or a stream; clawd's own "
+        "per-token work is ~1% of its model thread. Prompt-lookup drafts are paced by the step "
+        "costs clawd measures at each depth (docs/api.md): they run where the answer copies the "
+        "context (after the tool step) and back off where they miss (free text). The first "
+        "call's row is not like for like: clawd's answer is a grammar-held tool call, "
+        "llama-server's text.",
     ]
     write_section("agents", "\n".join(lines))
 
