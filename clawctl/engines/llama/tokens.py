@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from array import array
 from collections import OrderedDict
 from typing import Any
 
@@ -27,9 +28,10 @@ log = logging.getLogger("clawd.engine")
 
 # Prompts tokenized both ways before the pieces are trusted alone.
 CHECKED_PROMPTS = 3
-# Pieces remembered (a turn each) and their text in all: an agent's session, several sessions.
+# Pieces remembered (a turn each) and their text in all: OpenClaw's prompt is ~50 KB, so this
+# keeps dozens of sessions' turns in a few MB (tokens as 4-byte ints, not Python objects).
 MAX_PIECES = 1024
-MAX_PIECE_BYTES = 16 << 20
+MAX_PIECE_BYTES = 4 << 20
 
 
 class Overflow(Exception):
@@ -48,7 +50,7 @@ class PieceTokenizer:
     def __init__(self, vocab: Any, n_vocab: int) -> None:
         self._vocab = vocab
         self._cut = _control_pattern(vocab, n_vocab)
-        self._pieces: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
+        self._pieces: OrderedDict[bytes, array[int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._checked = 0
@@ -83,13 +85,13 @@ class PieceTokenizer:
                 self._pieces.move_to_end(piece)
                 self.reused += 1
         if found is None:
-            found = tuple(self._whole(piece, False, max(limit, 0)))
+            found = array("i", self._whole(piece, False, max(limit, 0)))
             self._remember(piece, found)
         if len(found) > limit:
             raise Overflow(len(found))
-        return list(found)
+        return found.tolist()
 
-    def _remember(self, piece: bytes, tokens: tuple[int, ...]) -> None:
+    def _remember(self, piece: bytes, tokens: array[int]) -> None:
         if len(piece) > MAX_PIECE_BYTES // 4:
             return
         with self._lock:
