@@ -19,7 +19,6 @@ from clawctl.envvars import ENV_VARS, EnvVar
 from clawctl.errors import BadInput
 from clawctl.paths import SYSTEM_SOCKET, Paths
 from clawctl.resources import default_daemon_config
-from clawctl.schemas.openai import KEEP_LOADED_SECONDS
 
 __all__ = ["ENV_VARS", "EnvVar", "load_client_config", "load_daemon_config", "load_paths"]
 
@@ -36,6 +35,11 @@ DEFAULT_MAX_BODY_BYTES = 16 << 20
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# The longest keep_alive (~68 years: "keep loaded"), what Ollama's negative keep_alive becomes
+# too: finite, so an expiry time stays a date every platform can represent and serialize.
+KEEP_LOADED_SECONDS = float(2**31)
 
 
 class DaemonSection(_Strict):

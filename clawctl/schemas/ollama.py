@@ -16,8 +16,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
+from clawctl.config import KEEP_LOADED_SECONDS
 from clawctl.errors import BadInput
-from clawctl.schemas.openai import KEEP_LOADED_SECONDS, TOOL_NAME, ClawRequest, FunctionSpec
+from clawctl.schemas.openai import TOOL_NAME, ClawRequest, FunctionSpec
 
 # The Ollama release whose API this face follows (clients compare it to enable features).
 OLLAMA_API_VERSION = "0.12.0"

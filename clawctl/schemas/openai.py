@@ -11,11 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from clawctl.config import KEEP_LOADED_SECONDS
 from clawctl.schemas.signals import Signals
-
-# The longest keep_alive (~68 years: "keep loaded"), what Ollama's negative keep_alive becomes
-# too: finite, so an expiry time stays a date every platform can represent and serialize.
-KEEP_LOADED_SECONDS = float(2**31)
 
 
 class _Lenient(BaseModel):
