@@ -13,8 +13,9 @@ from clawctl.engines.base import ChatTurn, Prompt, SamplingParams, ToolCall, Too
 from clawctl.runtime.anticipation import Anticipator, guessed_drop
 from clawctl.runtime.fair_queue import FairQueue
 from clawctl.runtime.jobs import Anticipation, Job, JobEvent
+from clawctl.runtime.manager import ModelManager
 from clawctl.runtime.worker import ANTICIPATE_CHUNK
-from tests.fakes import FakeLoader
+from tests.fakes import FakeEngine, FakeLoader
 from tests.test_scheduler import collect, manager
 
 SYSTEM = ChatTurn("system", "You are an agent.")
@@ -135,14 +136,20 @@ def test_the_worker_computes_the_expected_prefix_in_chunks() -> None:
     asyncio.run(scenario())
 
 
+async def _holding(loader: FakeLoader, history: str) -> tuple[ModelManager, FakeEngine]:
+    """Model "a" loaded, its memory sequence holding `history` (one token per word)."""
+    mgr = manager(loader, ["a"])
+    await collect(mgr, "a", history, max_tokens=1)
+    [engine] = loader.engines
+    return mgr, engine
+
+
 def test_a_waiting_job_interrupts_the_anticipation() -> None:
     loader = FakeLoader()
     history = _words(80, "h")
 
     async def scenario() -> None:
-        mgr = manager(loader, ["a"])
-        await collect(mgr, "a", history, max_tokens=1)
-        [engine] = loader.engines
+        mgr, engine = await _holding(loader, history)
         loop = asyncio.get_running_loop()
         arrived: list[concurrent.futures.Future[list[JobEvent]]] = []
 
@@ -170,9 +177,7 @@ def test_a_stop_interrupts_the_anticipation() -> None:
     history = _words(80, "h")
 
     async def scenario() -> None:
-        mgr = manager(loader, ["a"])
-        await collect(mgr, "a", history, max_tokens=1)
-        [engine] = loader.engines
+        mgr, engine = await _holding(loader, history)
         worker = mgr._workers["a"]
         engine.on_prefill = worker.stop  # the stop comes while the first chunk is computed
         mgr.anticipate("a", _expected(history, 100))
